@@ -1,0 +1,141 @@
+//! The tenant record: who a tenant is, which GitLab projects and branches drive which
+//! environments, and how its webhooks authenticate.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Persisted;
+use crate::event::RepoKind;
+use crate::id::{Domain, Environment, TenantId};
+use crate::machine::Settings;
+use crate::time::Timestamp;
+
+/// How a tenant's webhooks authenticate. The secret token itself is never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookAuth {
+    /// Lowercase hex SHA-256 of the current `X-Gitlab-Token` secret.
+    pub token_sha256: String,
+    /// Hash of the previous secret, accepted until `previous_valid_until` after a rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_token_sha256: Option<String>,
+    /// End of the previous secret's grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_valid_until: Option<Timestamp>,
+    /// Standard Webhooks signing secret (`whsec_…`), when the tenant signs its webhooks. An
+    /// HMAC key must be kept to verify signatures, so unlike the token it is stored as is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<String>,
+}
+
+/// A registered tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Tenant {
+    /// The shape's version; see [`Persisted`].
+    pub schema_version: u32,
+    /// The tenant's id.
+    pub id: TenantId,
+    /// Environments are served at `<env>.<domain>`.
+    pub domain: Domain,
+    /// GitLab project id of the infrastructure repository.
+    pub infra_project: u64,
+    /// GitLab project id of the application repository.
+    pub app_project: u64,
+    /// Branch name (without `refs/heads/`) to environment.
+    pub branches: BTreeMap<String, Environment>,
+    /// Production runs wait for `approve` before rolling out.
+    pub production_approval: bool,
+    /// Webhook authentication.
+    pub webhook: WebhookAuth,
+    /// When it was registered.
+    pub created_at: Timestamp,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+}
+
+impl Persisted for Tenant {
+    const KIND: &'static str = "tenant record";
+    const SCHEMA_VERSION: u32 = 1;
+    fn schema_version(&self) -> u32 {
+        self.schema_version
+    }
+}
+
+impl Tenant {
+    /// The default branch map: `dev`, `staging`, and `master` or `main` to production.
+    pub fn default_branches() -> BTreeMap<String, Environment> {
+        [
+            ("dev", Environment::Dev),
+            ("staging", Environment::Staging),
+            ("master", Environment::Production),
+            ("main", Environment::Production),
+        ]
+        .into_iter()
+        .map(|(b, e)| (b.to_owned(), e))
+        .collect()
+    }
+
+    /// The environment a push to `git_ref` deploys, if the branch is mapped. Tags and other
+    /// refs map to nothing.
+    pub fn environment_for_ref(&self, git_ref: &str) -> Option<Environment> {
+        let branch = git_ref.strip_prefix("refs/heads/")?;
+        self.branches.get(branch).copied()
+    }
+
+    /// Which of the tenant's repositories GitLab project `project` is.
+    pub fn repo_for_project(&self, project: u64) -> Option<RepoKind> {
+        if project == self.infra_project {
+            Some(RepoKind::Infra)
+        } else if project == self.app_project {
+            Some(RepoKind::App)
+        } else {
+            None
+        }
+    }
+
+    /// The settings its workflows run with.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            production_approval: self.production_approval,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refs_map_through_the_branch_map() {
+        let tenant = Tenant {
+            schema_version: 1,
+            id: TenantId::new("acme").expect("valid"),
+            domain: Domain::new("acme.example").expect("valid"),
+            infra_project: 1,
+            app_project: 2,
+            branches: Tenant::default_branches(),
+            production_approval: false,
+            webhook: WebhookAuth {
+                token_sha256: "00".repeat(32),
+                previous_token_sha256: None,
+                previous_valid_until: None,
+                signing_secret: None,
+            },
+            created_at: Timestamp::EPOCH,
+            updated_at: Timestamp::EPOCH,
+        };
+        assert_eq!(
+            tenant.environment_for_ref("refs/heads/main"),
+            Some(Environment::Production)
+        );
+        assert_eq!(
+            tenant.environment_for_ref("refs/heads/dev"),
+            Some(Environment::Dev)
+        );
+        assert_eq!(tenant.environment_for_ref("refs/heads/feature"), None);
+        assert_eq!(tenant.environment_for_ref("refs/tags/main"), None);
+        assert_eq!(tenant.repo_for_project(2), Some(RepoKind::App));
+        assert_eq!(tenant.repo_for_project(3), None);
+    }
+}
