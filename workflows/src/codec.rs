@@ -80,21 +80,23 @@ fn check_version<T: Persisted>(found: u64) -> Result<(), Error> {
             found: v,
             supported: T::SCHEMA_VERSION,
         }),
-        v if v < u64::from(T::SCHEMA_VERSION) => {
-            Err(Error::UnsupportedVersion { kind: T::KIND, found: v })
-        }
+        v if v < u64::from(T::SCHEMA_VERSION) => Err(Error::UnsupportedVersion {
+            kind: T::KIND,
+            found: v,
+        }),
         _ => Ok(()),
     }
 }
 
 fn explain<T: Persisted>(bytes: &[u8]) -> Error {
     // A newer writer may have changed any field: report the version, not the field.
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) {
-        if let Some(found) = value.get("schema_version").and_then(serde_json::Value::as_u64) {
-            if let Err(e) = check_version::<T>(found) {
-                return e;
-            }
-        }
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes)
+        && let Some(found) = value
+            .get("schema_version")
+            .and_then(serde_json::Value::as_u64)
+        && let Err(e) = check_version::<T>(found)
+    {
+        return e;
     }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     match serde_path_to_error::deserialize::<_, T>(de) {

@@ -43,7 +43,7 @@ pub struct StepTask {
 #[serde(rename_all = "snake_case")]
 pub enum Command {
     /// Send a step message that makes a worker invoke the step's activity.
-    RunStep(StepTask),
+    RunStep(Box<StepTask>),
     /// Send a delayed message that delivers [`crate::Event::Timer`] after `delay`.
     ScheduleTimer {
         /// The event to deliver.

@@ -22,7 +22,7 @@ pub enum Body {
     /// Apply an event to the workflow.
     Event(Event),
     /// Invoke a step's activity and apply its report.
-    Step(StepTask),
+    Step(Box<StepTask>),
 }
 
 /// One queued message.

@@ -440,7 +440,10 @@ mod tests {
 
     #[test]
     fn environments_parse_and_name_the_rule() {
-        assert_eq!("production".parse::<Environment>(), Ok(Environment::Production));
+        assert_eq!(
+            "production".parse::<Environment>(),
+            Ok(Environment::Production)
+        );
         let err = "prod".parse::<Environment>().expect_err("prod");
         assert_eq!(
             err.to_string(),
@@ -460,7 +463,10 @@ mod tests {
         let back: WorkflowKey = serde_json::from_str(&json).expect("decode");
         assert_eq!(back, key);
         let err = serde_json::from_str::<WorkflowKey>("\"acme#qa\"").expect_err("bad env");
-        assert!(err.to_string().contains("invalid environment \"qa\""), "{err}");
+        assert!(
+            err.to_string().contains("invalid environment \"qa\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -490,7 +496,10 @@ mod tests {
         assert!(EventId::new("has space").is_err());
         assert!(EventId::new("x".repeat(129)).is_err());
         let long = EventId::new("é".repeat(200)).expect_err("non-ascii");
-        assert!(long.to_string().contains('…'), "long values are cut: {long}");
+        assert!(
+            long.to_string().contains('…'),
+            "long values are cut: {long}"
+        );
     }
 
     #[test]

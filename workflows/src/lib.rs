@@ -20,6 +20,8 @@ pub mod record;
 pub mod retry;
 pub mod step;
 pub mod tenant;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod time;
 
 pub use codec::{Persisted, decode, encode};

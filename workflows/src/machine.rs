@@ -297,7 +297,13 @@ impl Run {
     fn end(&mut self, how: RunEnd, now: Timestamp) {
         self.ended = Some(how);
         self.finished_at = Some(now);
-        // Whatever was outstanding is now stale: reports for an ended run are dropped.
+        // Reports for an ended run are dropped anyway; this keeps `outstanding` truthful.
+        self.pause_outstanding();
+    }
+
+    /// Puts back to pending every step with a message or timer outstanding, whose reports
+    /// become stale; `retry` (or nothing, for an ended run) dispatches them again.
+    fn pause_outstanding(&mut self) {
         for step in &mut self.steps {
             if step.is_outstanding() {
                 step.status = StepStatus::Pending;
@@ -439,7 +445,12 @@ impl Workflow {
                     .into_iter()
                     .flatten()
                 {
-                    supersede(push, trigger, "the environment is being decommissioned", ctx);
+                    supersede(
+                        push,
+                        trigger,
+                        "the environment is being decommissioned",
+                        ctx,
+                    );
                 }
                 self.desired = Release::default();
                 (
@@ -541,7 +552,11 @@ impl Workflow {
 
     fn on_step_report(&mut self, report: &StepReport, ctx: &mut Ctx) -> Outcome<State> {
         let now = ctx.now;
-        let Some(run) = self.run.as_mut().filter(|r| r.is_active() && r.id == report.run) else {
+        let Some(run) = self
+            .run
+            .as_mut()
+            .filter(|r| r.is_active() && r.id == report.run)
+        else {
             return ctx.stale(format!("run {} is not active", report.run));
         };
         let Some(i) = run.step_index(report.step).filter(|&i| {
@@ -573,14 +588,7 @@ impl Workflow {
                 note,
             } => {
                 run.steps[i].note = Some(note.clone());
-                dispatch(
-                    run,
-                    i,
-                    &self.resources,
-                    Attempt::Same,
-                    *recheck_after,
-                    ctx,
-                );
+                dispatch(run, i, &self.resources, Attempt::Same, *recheck_after, ctx);
             }
             StepOutcome::Retryable {
                 error,
@@ -624,7 +632,11 @@ impl Workflow {
     }
 
     fn on_timer(&mut self, timer: &TimerFired, ctx: &mut Ctx) -> Outcome<State> {
-        let Some(run) = self.run.as_mut().filter(|r| r.is_active() && r.id == timer.run) else {
+        let Some(run) = self
+            .run
+            .as_mut()
+            .filter(|r| r.is_active() && r.id == timer.run)
+        else {
             return ctx.stale(format!("run {} is not active", timer.run));
         };
         let Some(i) = run.step_index(timer.step).filter(|&i| {
@@ -635,14 +647,7 @@ impl Workflow {
                 timer.step, timer.token
             ));
         };
-        dispatch(
-            run,
-            i,
-            &self.resources,
-            Attempt::Next,
-            Duration::ZERO,
-            ctx,
-        );
+        dispatch(run, i, &self.resources, Attempt::Next, Duration::ZERO, ctx);
         Handled
     }
 
@@ -664,7 +669,9 @@ impl Workflow {
                     let token = run.take_token();
                     let step = &mut run.steps[i];
                     step.token = token;
-                    let delay = step.next_attempt_at.map_or(Duration::ZERO, |t| t.since(now));
+                    let delay = step
+                        .next_attempt_at
+                        .map_or(Duration::ZERO, |t| t.since(now));
                     ctx.commands.push(Command::ScheduleTimer {
                         timer: TimerFired {
                             run: run.id,
@@ -697,14 +704,8 @@ impl Workflow {
             };
         };
         if run.failed_step().is_some() {
-            // The run pauses as a whole: other outstanding steps are abandoned and resumed
-            // by `retry` (their late reports are stale).
-            for step in &mut run.steps {
-                if step.is_outstanding() {
-                    step.status = StepStatus::Pending;
-                    step.next_attempt_at = None;
-                }
-            }
+            // The run pauses as a whole: `retry` resumes the other outstanding steps too.
+            run.pause_outstanding();
             return State::Failed;
         }
         if run.kind == RunKind::Decommission {
@@ -729,10 +730,10 @@ impl Workflow {
                 continue;
             }
             preparing = true;
-            let ready = kind.dependencies().iter().all(|dep| {
-                run.step(*dep)
-                    .is_none_or(|s| s.is_complete())
-            });
+            let ready = kind
+                .dependencies()
+                .iter()
+                .all(|dep| run.step(*dep).is_none_or(|s| s.is_complete()));
             if ready && run.steps[i].status == StepStatus::Pending {
                 dispatch(run, i, &self.resources, Attempt::Next, Duration::ZERO, ctx);
             }
@@ -816,7 +817,7 @@ fn dispatch(
         step.attempt = step.attempt.saturating_add(1);
     }
     let first_attempt_at = *step.first_attempt_at.get_or_insert(ctx.now);
-    ctx.commands.push(Command::RunStep(StepTask {
+    ctx.commands.push(Command::RunStep(Box::new(StepTask {
         run: run.id,
         step: step.kind,
         token,
@@ -825,7 +826,7 @@ fn dispatch(
         delay,
         release: run.release.clone(),
         resources: resources.clone(),
-    }));
+    })));
 }
 
 fn supersede(push: Push, by: &EventId, reason: &str, ctx: &mut Ctx) {
@@ -846,3 +847,6 @@ pub(crate) struct MachineDoc {
     /// The current leaf state.
     state: State,
 }
+
+#[cfg(test)]
+mod tests;

@@ -25,7 +25,7 @@ use crate::time::Timestamp;
 pub const DEDUP_WINDOW: usize = 64;
 
 /// The persisted form of one workflow.
-#[derive(Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Serialize, Deserialize, JsonSchema)]
 pub struct WorkflowRecord {
     /// The shape's version; see [`Persisted`].
     pub schema_version: u32,
@@ -143,6 +143,21 @@ impl WorkflowRecord {
             run: self.workflow().run.as_ref().map(|r| r.id),
             commands: applied.commands.clone(),
         }
+    }
+}
+
+/// Equal when they hold the same data and state, whether or not statig has initialized the
+/// machine yet (a decoded machine is initialized lazily by its first event).
+impl PartialEq for WorkflowRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.schema_version == other.schema_version
+            && self.key == other.key
+            && self.version == other.version
+            && self.created_at == other.created_at
+            && self.updated_at == other.updated_at
+            && self.applied == other.applied
+            && self.state() == other.state()
+            && self.workflow() == other.workflow()
     }
 }
 

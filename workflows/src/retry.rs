@@ -56,7 +56,12 @@ impl RetryPolicy {
     /// The delay before the attempt after `failed_attempt` (counting from 1), or `None` when the
     /// policy is exhausted. `elapsed` is the time since the first attempt started; `jitter` is
     /// a sample from `[0, 1)` (ignored without full jitter).
-    pub fn next_delay(&self, failed_attempt: u32, elapsed: Duration, jitter: f64) -> Option<Duration> {
+    pub fn next_delay(
+        &self,
+        failed_attempt: u32,
+        elapsed: Duration,
+        jitter: f64,
+    ) -> Option<Duration> {
         if failed_attempt == 0 || failed_attempt >= self.max_attempts {
             return None;
         }
@@ -107,9 +112,17 @@ mod tests {
     #[test]
     fn attempts_and_elapsed_time_are_bounded() {
         let p = policy();
-        assert_eq!(p.next_delay(6, Duration::ZERO, 0.5), None, "6 attempts in all");
+        assert_eq!(
+            p.next_delay(6, Duration::ZERO, 0.5),
+            None,
+            "6 attempts in all"
+        );
         assert_eq!(p.next_delay(0, Duration::ZERO, 0.5), None);
-        assert_eq!(p.next_delay(3, Duration::from_secs(57), 0.5), None, "57 + 4 > 60");
+        assert_eq!(
+            p.next_delay(3, Duration::from_secs(57), 0.5),
+            None,
+            "57 + 4 > 60"
+        );
         assert!(p.next_delay(3, Duration::from_secs(56), 0.5).is_some());
     }
 
@@ -120,8 +133,13 @@ mod tests {
             ..policy()
         };
         assert_eq!(p.next_delay(3, Duration::ZERO, 0.0), Some(Duration::ZERO));
-        assert_eq!(p.next_delay(3, Duration::ZERO, 0.25), Some(Duration::from_secs(1)));
-        let top = p.next_delay(3, Duration::ZERO, 0.999_999).expect("within budget");
+        assert_eq!(
+            p.next_delay(3, Duration::ZERO, 0.25),
+            Some(Duration::from_secs(1))
+        );
+        let top = p
+            .next_delay(3, Duration::ZERO, 0.999_999)
+            .expect("within budget");
         assert!(top < Duration::from_secs(4));
     }
 

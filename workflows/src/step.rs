@@ -397,14 +397,23 @@ mod tests {
             image_id: "ami-1".into(),
         });
         assert!(res.satisfies(StepKind::Image, &release));
-        assert!(res.satisfies(StepKind::SourceInfra, &release), "built image needs no source");
+        assert!(
+            res.satisfies(StepKind::SourceInfra, &release),
+            "built image needs no source"
+        );
         let newer = Release {
             infra: Some(sha('c')),
             app: None,
         };
         assert!(!res.satisfies(StepKind::Image, &newer));
-        assert!(res.satisfies(StepKind::SourceApp, &newer), "no app commit, nothing to fetch");
-        assert!(res.satisfies(StepKind::Image, &Release::default()), "base image");
+        assert!(
+            res.satisfies(StepKind::SourceApp, &newer),
+            "no app commit, nothing to fetch"
+        );
+        assert!(
+            res.satisfies(StepKind::Image, &Release::default()),
+            "base image"
+        );
     }
 
     #[test]

@@ -39,7 +39,9 @@ impl Timestamp {
 
     /// How long after `earlier` this instant is (zero if it is not after it).
     pub fn since(self, earlier: Timestamp) -> Duration {
-        let ms = self.as_unix_millis().saturating_sub(earlier.as_unix_millis());
+        let ms = self
+            .as_unix_millis()
+            .saturating_sub(earlier.as_unix_millis());
         Duration::from_millis(u64::try_from(ms).unwrap_or(0))
     }
 }
