@@ -24,7 +24,8 @@ pub enum Error {
     Invalid {
         /// What was being decoded.
         kind: &'static str,
-        /// Where in the document, for example `machine.shared_storage.run.steps[2].status`.
+        /// Where in the document, for example `machine.shared_storage.run.steps[2].status`
+        /// (`.` is the root, `?` a place the parser could not reach: the document ended early).
         path: String,
         /// What is wrong there.
         message: String,

@@ -16,6 +16,7 @@ use crate::time::Timestamp;
 /// What an activity needs to invoke one step, carried in the step message so that a worker
 /// can run the activity without reading the workflow record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StepTask {
     /// The run.
     pub run: RunId,
@@ -40,6 +41,7 @@ pub struct StepTask {
 
 /// A command for the engine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "snake_case")]
 pub enum Command {
     /// Send a step message that makes a worker invoke the step's activity.

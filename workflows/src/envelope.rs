@@ -27,6 +27,7 @@ pub enum Body {
 
 /// One queued message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Envelope {
     /// The shape's version; see [`Persisted`].
     pub schema_version: u32,

@@ -37,6 +37,7 @@ impl fmt::Display for RepoKind {
 
 /// A push to a mapped branch, as the ingress accepted it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Push {
     /// Idempotency key, GitLab event UUID or digest (see the ingress).
     pub event_id: EventId,
@@ -85,6 +86,7 @@ impl fmt::Display for Signal {
 
 /// How one invocation of an activity ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "snake_case")]
 pub enum StepOutcome {
     /// The step is finished; here is what it produced.
@@ -125,6 +127,7 @@ pub enum StepOutcome {
 
 /// The result of one activity invocation for the step message `(run, step, token)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StepReport {
     /// The run the step message belonged to.
     pub run: RunId,
@@ -138,6 +141,7 @@ pub struct StepReport {
 
 /// A timer set by the machine came due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TimerFired {
     /// The run that set it.
     pub run: RunId,
@@ -149,6 +153,7 @@ pub struct TimerFired {
 
 /// Everything that can happen to a workflow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "snake_case")]
 pub enum Event {
     /// A push to a mapped branch of the tenant's infra or app repository.

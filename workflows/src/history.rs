@@ -15,6 +15,7 @@ use crate::time::Timestamp;
 
 /// One applied event of one workflow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct HistoryEntry {
     /// The shape's version; see [`Persisted`].
     pub schema_version: u32,

@@ -37,6 +37,7 @@ use crate::time::Timestamp;
 
 /// The tenant's settings that shape a workflow, supplied by the engine with every event.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Production runs wait for an `approve` signal before rolling out.
     pub production_approval: bool,
@@ -236,6 +237,7 @@ pub enum RunEnd {
 
 /// One attempt to bring the environment to a release (or to release everything).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Run {
     /// The run's number.
     pub id: RunId,
@@ -315,6 +317,7 @@ impl Run {
 
 /// The newest push of each repository that arrived while a run was busy (newest wins).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Pending {
     /// Newest pending infrastructure push.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -347,6 +350,7 @@ impl Pending {
 
 /// What is serving.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Deployed {
     /// The release serving.
     pub release: Release,
@@ -358,6 +362,7 @@ pub struct Deployed {
 
 /// The workflow's data: statig's shared storage, persisted in the workflow record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Workflow {
     /// Whose workflow.
     pub key: WorkflowKey,

@@ -26,6 +26,7 @@ pub const DEDUP_WINDOW: usize = 64;
 
 /// The persisted form of one workflow.
 #[derive(Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct WorkflowRecord {
     /// The shape's version; see [`Persisted`].
     pub schema_version: u32,

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// How a step is retried after a retryable failure.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Delay before the second attempt (before jitter).
     #[serde(rename = "initial_delay_ms", with = "crate::time::duration_ms")]

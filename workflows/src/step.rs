@@ -135,6 +135,7 @@ pub enum StepStatus {
 
 /// The progress of one step in a run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StepProgress {
     /// Which step.
     pub kind: StepKind,
@@ -191,6 +192,7 @@ impl StepProgress {
 /// infrastructure commit the base image is rolled out as it is, without an application commit
 /// no application artifact is installed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Release {
     /// Commit of the infrastructure repository (the image's provisioning scripts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -211,6 +213,7 @@ impl fmt::Display for Release {
 
 /// Security groups of one environment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NetworkOutput {
     /// Admits traffic to the instances from the load balancer only.
     pub instance_security_group: String,
@@ -220,6 +223,7 @@ pub struct NetworkOutput {
 
 /// A source artifact in the artifact store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SourceOutput {
     /// The commit packed.
     pub sha: GitSha,
@@ -229,6 +233,7 @@ pub struct SourceOutput {
 
 /// A built machine image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ImageOutput {
     /// The infrastructure commit the image was built from.
     pub infra_sha: GitSha,
@@ -238,6 +243,7 @@ pub struct ImageOutput {
 
 /// The environment's database. Credentials are never here: only where they live.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseOutput {
     /// The database instance identifier.
     pub instance_id: String,
@@ -249,6 +255,7 @@ pub struct DatabaseOutput {
 
 /// Routing of `<env>.<domain>` to the environment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RoutingOutput {
     /// The host name the listener rule matches.
     pub host: String,
@@ -262,6 +269,7 @@ pub struct RoutingOutput {
 
 /// The Auto Scaling group currently serving.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct DeploymentOutput {
     /// The Auto Scaling group's name.
     pub group_name: String,
@@ -295,6 +303,7 @@ pub enum StepOutput {
 
 /// Everything the environment holds, as far as finished steps have reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Resources {
     /// Security groups.
     #[serde(default, skip_serializing_if = "Option::is_none")]

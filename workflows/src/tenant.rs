@@ -14,6 +14,7 @@ use crate::time::Timestamp;
 
 /// How a tenant's webhooks authenticate. The secret token itself is never stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct WebhookAuth {
     /// Lowercase hex SHA-256 of the current `X-Gitlab-Token` secret.
     pub token_sha256: String,
@@ -31,6 +32,7 @@ pub struct WebhookAuth {
 
 /// A registered tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Tenant {
     /// The shape's version; see [`Persisted`].
     pub schema_version: u32,
