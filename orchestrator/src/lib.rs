@@ -1,6 +1,7 @@
-//! The runtime of the orchestrator: the `Queue` and `Store` ports and their adapters (SQLite,
-//! SQS, DynamoDB), the engine, the GitLab ingress, configuration and telemetry, and the
+//! The runtime of the orchestrator: the `Queue`, `Store` and `Journal` ports and their
+//! adapters (SQLite now; SQS and DynamoDB later), the engine, configuration, and the
 //! `orchestrator` and `wfctl` binaries.
-//!
-//! Not built yet: the engine issue adds the ports, the SQLite adapters, the engine and the
-//! first binaries. Until then this crate holds nothing.
+
+pub mod clock;
+pub mod ports;
+pub mod sqlite;

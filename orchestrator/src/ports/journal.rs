@@ -1,0 +1,76 @@
+//! The `Journal` port: what handling one message changes, committed as one unit.
+//!
+//! A commit is the record write (if the event changed the record), the messages its commands
+//! send, and the acknowledgement of the message that was handled. The SQLite backend commits all
+//! three in one transaction and groups the commits of different workflows into one fsync (an
+//! atomic outbox). [`Sequential`] commits them one after the other on any `Store` and `Queue`,
+//! which is what SQS and DynamoDB allow: a crash between the steps leaves the message
+//! unacknowledged, and its redelivery finds the event applied and sends its commands again.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use super::queue::{Outgoing, Queue, QueueKind, Receipt};
+use super::store::{RecordWrite, Store, WriteError};
+
+/// What handling one message changes.
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    /// The record write, if the event changed the record.
+    pub write: Option<RecordWrite>,
+    /// Messages the event's commands send.
+    pub send: Vec<Outgoing>,
+    /// The handled message.
+    pub ack: Option<(QueueKind, Receipt)>,
+}
+
+/// Commits handled messages.
+pub trait Journal: Send + Sync + 'static {
+    /// Commits each of `commits`; one result per commit, in order. A commit whose write
+    /// conflicts changes nothing (nothing sent, nothing acknowledged).
+    fn commit(
+        &self,
+        commits: Vec<Commit>,
+    ) -> impl Future<Output = Vec<Result<(), WriteError>>> + Send;
+}
+
+/// A journal over a separate store and queue: write, then send, then acknowledge.
+#[derive(Debug)]
+pub struct Sequential<S, Q> {
+    store: Arc<S>,
+    queue: Arc<Q>,
+}
+
+impl<S, Q> Sequential<S, Q> {
+    /// A journal writing to `store` and sending to `queue`.
+    pub fn new(store: Arc<S>, queue: Arc<Q>) -> Self {
+        Self { store, queue }
+    }
+}
+
+impl<S: Store, Q: Queue> Journal for Sequential<S, Q> {
+    async fn commit(&self, commits: Vec<Commit>) -> Vec<Result<(), WriteError>> {
+        let mut results = Vec::with_capacity(commits.len());
+        for commit in commits {
+            results.push(self.commit_one(commit).await);
+        }
+        results
+    }
+}
+
+impl<S: Store, Q: Queue> Sequential<S, Q> {
+    async fn commit_one(&self, commit: Commit) -> Result<(), WriteError> {
+        if let Some(write) = commit.write {
+            self.store.write(write).await?;
+        }
+        if !commit.send.is_empty() {
+            self.queue.send(commit.send).await?;
+        }
+        if let Some((queue, receipt)) = commit.ack {
+            // A receipt that is no longer current means the message was delivered again;
+            // that delivery will find the event applied. Nothing is lost.
+            self.queue.ack(queue, vec![receipt]).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,196 @@
+//! The `Store` port: workflow records with their history, tenants, and allocations.
+//!
+//! Records are written only by the engine, with one conditional write per transition: the
+//! record at version `v + 1` together with its history entry, accepted only over version `v`.
+//! Everything else here is read by `wfctl` and the ingress.
+
+use std::future::Future;
+
+use serde::Serialize;
+use workflows::{
+    Environment, EventId, HistoryEntry, State, Tenant, TenantId, Timestamp, WorkflowKey,
+    WorkflowRecord,
+};
+
+use super::Error;
+
+/// A record write: the new record and its history entry, conditional on the previous version.
+#[derive(Debug, Clone)]
+pub struct RecordWrite {
+    /// The workflow.
+    pub key: WorkflowKey,
+    /// The version the stored record must have (0: it must not exist yet).
+    pub expected_version: u64,
+    /// The new version (`expected_version + 1`).
+    pub version: u64,
+    /// The new state, kept beside the record for listing by status.
+    pub state: State,
+    /// When the record changed.
+    pub updated_at: Timestamp,
+    /// The encoded record.
+    pub record: Vec<u8>,
+    /// The history entry's event id, for finding an applied event's commands again.
+    pub event_id: EventId,
+    /// The encoded history entry.
+    pub history: Vec<u8>,
+}
+
+impl RecordWrite {
+    /// The write of `record` (already applied, so at its new version) with `entry`.
+    pub fn new(record: &WorkflowRecord, entry: &HistoryEntry) -> Self {
+        Self {
+            key: record.key.clone(),
+            expected_version: record.version.saturating_sub(1),
+            version: record.version,
+            state: record.state(),
+            updated_at: record.updated_at,
+            record: workflows::encode(record),
+            event_id: entry.event.id(),
+            history: workflows::encode(entry),
+        }
+    }
+}
+
+/// Why a conditional write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The stored version is not the expected one: another writer was first.
+    #[error("version conflict on {key}: expected {expected}, found {found}")]
+    Conflict {
+        /// The workflow.
+        key: WorkflowKey,
+        /// The version the write expected.
+        expected: u64,
+        /// The version stored (0: none).
+        found: u64,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+impl WriteError {
+    /// Conflicts are resolved by reloading and re-applying; store failures by the error's rule.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            WriteError::Conflict { .. } => true,
+            WriteError::Store(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// A workflow as listed: enough for a table, without decoding the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkflowSummary {
+    /// The workflow.
+    pub key: WorkflowKey,
+    /// Its state as of its last write.
+    pub state: State,
+    /// Its record version.
+    pub version: u64,
+    /// When it last changed.
+    pub updated_at: Timestamp,
+    /// Why the engine stopped it, when its record does not decode.
+    pub corrupt: Option<String>,
+}
+
+/// Which workflows to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkflowFilter {
+    /// Only in this state.
+    pub state: Option<State>,
+    /// Only of this environment.
+    pub env: Option<Environment>,
+    /// Only of this tenant.
+    pub tenant: Option<TenantId>,
+    /// Only those not changed since this instant (for `--stuck`).
+    pub updated_before: Option<Timestamp>,
+}
+
+/// The store.
+pub trait Store: Send + Sync + 'static {
+    /// The record of `key`, if any. A record that does not decode is `Error::Corrupt`.
+    fn workflow(
+        &self,
+        key: &WorkflowKey,
+    ) -> impl Future<Output = Result<Option<WorkflowRecord>, Error>> + Send;
+
+    /// Writes a record and its history entry as one atomic, conditional step.
+    fn write(&self, write: RecordWrite) -> impl Future<Output = Result<(), WriteError>> + Send;
+
+    /// Marks the workflow as stopped because its record does not decode (`reason`), so that
+    /// listings show it; the record itself is left as it is for an operator to inspect.
+    fn mark_corrupt(
+        &self,
+        key: &WorkflowKey,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Up to `limit` workflows matching `filter`, ordered by key, after `after`.
+    fn workflows(
+        &self,
+        filter: &WorkflowFilter,
+        after: Option<&WorkflowKey>,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<WorkflowSummary>, Error>> + Send;
+
+    /// History entries of `key` with versions after `after_version`, oldest first, at most
+    /// `limit`.
+    fn history(
+        &self,
+        key: &WorkflowKey,
+        after_version: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<HistoryEntry>, Error>> + Send;
+
+    /// The history entry that applied `event_id` to `key`, if any.
+    fn history_of_event(
+        &self,
+        key: &WorkflowKey,
+        event_id: &EventId,
+    ) -> impl Future<Output = Result<Option<HistoryEntry>, Error>> + Send;
+
+    /// Creates or replaces a tenant. With `create_only`, an existing tenant with that id or
+    /// either project id is `Error::AlreadyExists`.
+    fn put_tenant(
+        &self,
+        tenant: &Tenant,
+        create_only: bool,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The tenant `id`.
+    fn tenant(&self, id: &TenantId) -> impl Future<Output = Result<Option<Tenant>, Error>> + Send;
+
+    /// The tenant owning GitLab project `project`.
+    fn tenant_by_project(
+        &self,
+        project: u64,
+    ) -> impl Future<Output = Result<Option<Tenant>, Error>> + Send;
+
+    /// Every tenant, ordered by id.
+    fn tenants(&self) -> impl Future<Output = Result<Vec<Tenant>, Error>> + Send;
+
+    /// Takes `value` of `pool` for `owner` if it is free (or already `owner`'s). Returns
+    /// whether `owner` holds it now. Two owners can never hold the same value.
+    fn allocate(
+        &self,
+        pool: &str,
+        value: u64,
+        owner: &str,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+
+    /// Frees `value` of `pool` if `owner` holds it.
+    fn release(
+        &self,
+        pool: &str,
+        value: u64,
+        owner: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The value of `pool` that `owner` holds, if any.
+    fn allocation_of(
+        &self,
+        pool: &str,
+        owner: &str,
+    ) -> impl Future<Output = Result<Option<u64>, Error>> + Send;
+}
