@@ -1,6 +1,63 @@
 //! The side effects of the orchestrator: one idempotent reconciler per activity kind
-//! (network, source, image, database, routing, rollout, decommission), behind traits, with
-//! AWS implementations and a simulated cloud.
+//! (network, source, image, database, routing, rollout, decommission), behind the
+//! [`Activities`] trait.
 //!
-//! Not built yet: the engine issue adds the reconciler traits and the simulated cloud, the AWS
-//! activities issue the AWS implementations. Until then this crate holds nothing.
+//! A reconciler is not a long call: each invocation observes the world, takes at most one
+//! action, and says where things stand ([`Outcome`]): done with an output, progressing (look
+//! again later), failed retryably or failed terminally. Waiting for an image or a database is a
+//! chain of delayed step messages, so a worker holds no state between invocations and any
+//! worker can continue any step. Every invocation is safe to repeat: resources are named
+//! deterministically from tenant, environment and release and looked up before they are
+//! created.
+//!
+//! Implementations: [`simulated`] (in-memory resources persisted in SQLite, AWS-like latencies
+//! scaled down, fault injection); the AWS implementations come with the AWS activities issue.
+
+use std::future::Future;
+use std::time::Duration;
+
+use workflows::{Domain, RetryPolicy, StepKind, StepOutput, StepTask, WorkflowKey};
+
+pub mod clock;
+pub mod simulated;
+
+/// Where a step stands after one invocation of its reconciler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Finished; here is what it produced.
+    Done(StepOutput),
+    /// Under way (an image is pending); invoke again after `recheck_after`.
+    Progress {
+        /// When to look again.
+        recheck_after: Duration,
+        /// What is being waited for, for people.
+        note: String,
+    },
+    /// Failed in a way that may pass (throttling, a 5xx); the step's retry policy decides.
+    Retryable(String),
+    /// Failed in a way that retrying will not fix.
+    Terminal(String),
+}
+
+/// One invocation: which workflow, which tenant domain, which step message.
+#[derive(Debug, Clone, Copy)]
+pub struct Invocation<'a> {
+    /// The workflow (tenant and environment).
+    pub key: &'a WorkflowKey,
+    /// The tenant's domain; routing serves `<env>.<domain>`.
+    pub domain: &'a Domain,
+    /// The step message: run, step, attempt, release, resources.
+    pub task: &'a StepTask,
+}
+
+/// The reconcilers of every activity kind.
+pub trait Activities: Send + Sync + 'static {
+    /// Runs the reconciler of `invocation.task.step` once.
+    fn invoke(&self, invocation: Invocation<'_>) -> impl Future<Output = Outcome> + Send;
+
+    /// The retry policy of `step`.
+    fn retry_policy(&self, step: StepKind) -> RetryPolicy {
+        let _ = step;
+        RetryPolicy::default()
+    }
+}

@@ -3,5 +3,7 @@
 //! `orchestrator` and `wfctl` binaries.
 
 pub mod clock;
+pub mod config;
+pub mod engine;
 pub mod ports;
 pub mod sqlite;

@@ -1,0 +1,523 @@
+//! One reconciler per step kind, run inside one `BEGIN IMMEDIATE` transaction: describe, then
+//! adopt, then create. A reconciler stops at the first thing it has to wait for; with zero
+//! latency nothing has to be waited for, and the actions of a step (image: builder, image,
+//! builder termination; rollout: new group, deletion of the old ones) follow one another in
+//! the same invocation.
+
+use std::time::Duration;
+
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+use workflows::{
+    DatabaseOutput, DeploymentOutput, Domain, GitSha, ImageOutput, NetworkOutput, Release,
+    RoutingOutput, RunId, SourceOutput, StepKind, StepOutput, StepTask, WorkflowKey,
+};
+
+use super::config::MAX_LISTENER_PRIORITY;
+use super::store::{self, NewResource, ResourceKind, Row};
+use super::{Error, SimConfig};
+use crate::Outcome;
+
+/// Region and account the simulated ids and ARNs name.
+const REGION: &str = "eu-west-1";
+const ACCOUNT: &str = "000000000000";
+
+/// Everything one invocation works with.
+pub(super) struct Cx<'a> {
+    pub(super) key: &'a WorkflowKey,
+    pub(super) domain: &'a Domain,
+    pub(super) task: &'a StepTask,
+    pub(super) now_ms: i64,
+    pub(super) config: &'a SimConfig,
+}
+
+impl Cx<'_> {
+    fn workflow(&self) -> String {
+        self.key.to_string()
+    }
+
+    /// `<tenant>-<env>`, the stem of every per-environment name.
+    fn stem(&self) -> String {
+        format!("{}-{}", self.key.tenant, self.key.env)
+    }
+
+    /// When something created now with `latency` (simulated time) is ready.
+    fn ready_at(&self, latency: Duration) -> i64 {
+        let scaled = self.config.scaled(latency);
+        self.now_ms
+            .saturating_add(i64::try_from(scaled.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    fn is_ready(&self, row: &Row) -> bool {
+        row.ready_at_ms <= self.now_ms
+    }
+
+    /// Look again when `ready_at_ms` comes, but no later than the (scaled) recheck cap and
+    /// no sooner than 1 ms.
+    fn progress(&self, ready_at_ms: i64, note: String) -> Outcome {
+        let left = Duration::from_millis(
+            u64::try_from(ready_at_ms.saturating_sub(self.now_ms)).unwrap_or(0),
+        );
+        let cap = self
+            .config
+            .scaled(Duration::from_millis(self.config.max_recheck_ms));
+        let recheck_after = left.min(cap).max(Duration::from_millis(1));
+        tracing::debug!(recheck_after_ms = recheck_after.as_millis(), note = %note, "step progressing");
+        Outcome::Progress {
+            recheck_after,
+            note,
+        }
+    }
+
+    fn new_resource<'n>(
+        &'n self,
+        kind: ResourceKind,
+        name: &'n str,
+        workflow: Option<&'n str>,
+        ready_at_ms: i64,
+    ) -> NewResource<'n> {
+        NewResource {
+            kind,
+            name,
+            workflow,
+            now_ms: self.now_ms,
+            ready_at_ms,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SecurityGroupAttrs {
+    role: String,
+    ingress: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ArtifactAttrs {
+    sha: GitSha,
+    uploaded_by: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct BuilderAttrs {
+    infra_sha: GitSha,
+    base_image_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ImageAttrs {
+    infra_sha: GitSha,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DatabaseAttrs {
+    endpoint: String,
+    secret_arn: String,
+    engine: String,
+    storage_encrypted: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct TargetGroupAttrs {
+    port: u16,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ListenerRuleAttrs {
+    host: String,
+    priority: u32,
+    target_group_arn: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct GroupAttrs {
+    run: RunId,
+    image_id: String,
+    release: Release,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target_group_arn: Option<String>,
+}
+
+/// Runs the reconciler of `cx.task.step` once.
+pub(super) fn reconcile(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
+    let step = cx.task.step;
+    if step != StepKind::Decommission && store::is_decommissioned(conn, &cx.workflow())? {
+        return Err(Error::Decommissioned(cx.workflow()));
+    }
+    match step {
+        StepKind::Network => network(conn, cx),
+        StepKind::SourceInfra => source(conn, cx, cx.task.release.infra.as_ref(), "infra"),
+        StepKind::SourceApp => source(conn, cx, cx.task.release.app.as_ref(), "app"),
+        StepKind::Image => image(conn, cx),
+        StepKind::Database => database(conn, cx),
+        StepKind::Routing => routing(conn, cx),
+        StepKind::Rollout => rollout(conn, cx),
+        StepKind::Decommission => decommission(conn, cx),
+    }
+}
+
+/// Two security groups: the instances' (from the load balancer only) and the database's
+/// (3306 from the instances' group only), created together.
+fn network(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
+    let stem = cx.stem();
+    let workflow = cx.workflow();
+    let instances = format!("{stem}-instances");
+    let database = format!("{stem}-database");
+    let ready_at = cx.ready_at(cx.config.latency(StepKind::Network));
+    let ensure = |name: &str, role: &str, ingress: String| -> Result<Row, Error> {
+        if let Some(row) = store::find(conn, ResourceKind::SecurityGroup, name)? {
+            return Ok(row);
+        }
+        store::create(
+            conn,
+            cx.new_resource(ResourceKind::SecurityGroup, name, Some(&workflow), ready_at),
+            |n| format!("sg-{n:017x}"),
+            |_, _| SecurityGroupAttrs {
+                role: role.to_owned(),
+                ingress,
+            },
+        )
+    };
+    let instances = ensure(
+        &instances,
+        "instances",
+        "tcp 80 from the load balancer's group".to_owned(),
+    )?;
+    let database = ensure(
+        &database,
+        "database",
+        format!("tcp 3306 from {}", instances.id),
+    )?;
+    let ready_at = instances.ready_at_ms.max(database.ready_at_ms);
+    if ready_at > cx.now_ms {
+        return Ok(cx.progress(
+            ready_at,
+            format!(
+                "security groups {} and {} pending",
+                instances.id, database.id
+            ),
+        ));
+    }
+    Ok(Outcome::Done(StepOutput::Network(NetworkOutput {
+        instance_security_group: instances.id,
+        database_security_group: database.id,
+    })))
+}
+
+/// The packed source of `sha` under a content-addressed key, uploaded once.
+fn source(
+    conn: &Connection,
+    cx: &Cx<'_>,
+    sha: Option<&GitSha>,
+    repo: &str,
+) -> Result<Outcome, Error> {
+    let sha = sha.ok_or_else(|| {
+        Error::InvalidParameter(format!("the release has no {repo} commit to fetch"))
+    })?;
+    let key = format!("src/{sha}.tar.gz");
+    let row = match store::find(conn, ResourceKind::Artifact, &key)? {
+        Some(row) => row,
+        None => store::create(
+            conn,
+            cx.new_resource(
+                ResourceKind::Artifact,
+                &key,
+                None,
+                cx.ready_at(cx.config.latency(cx.task.step)),
+            ),
+            |_| key.clone(),
+            |_, _| ArtifactAttrs {
+                sha: sha.clone(),
+                uploaded_by: cx.workflow(),
+            },
+        )?,
+    };
+    if !cx.is_ready(&row) {
+        return Ok(cx.progress(row.ready_at_ms, format!("uploading {key}")));
+    }
+    Ok(Outcome::Done(StepOutput::Source(SourceOutput {
+        sha: sha.clone(),
+        artifact_key: key,
+    })))
+}
+
+/// A builder instance runs the tenant's scripts on the base image (first half of the image
+/// latency), the image is created from the stopped builder (second half), then the builder
+/// is terminated.
+fn image(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
+    let sha = cx.task.release.infra.as_ref().ok_or_else(|| {
+        Error::InvalidParameter("the release has no infra commit to build an image of".to_owned())
+    })?;
+    let stem = cx.stem();
+    let workflow = cx.workflow();
+    let image_name = format!("{stem}-{sha}");
+    let builder_name = format!("{stem}-builder-{sha}");
+    let latency = cx.config.latency(StepKind::Image);
+    let builder_share = latency / 2;
+    // Each pass either returns or takes one action that changes what the next pass sees;
+    // image, builder and termination take three passes at most.
+    for _ in 0..4 {
+        if let Some(image) = store::find(conn, ResourceKind::Image, &image_name)? {
+            if !cx.is_ready(&image) {
+                return Ok(cx.progress(image.ready_at_ms, format!("image {} pending", image.id)));
+            }
+            store::delete(conn, ResourceKind::Builder, &builder_name)?;
+            return Ok(Outcome::Done(StepOutput::Image(ImageOutput {
+                infra_sha: sha.clone(),
+                image_id: image.id,
+            })));
+        }
+        match store::find(conn, ResourceKind::Builder, &builder_name)? {
+            None => {
+                let builder = store::create(
+                    conn,
+                    cx.new_resource(
+                        ResourceKind::Builder,
+                        &builder_name,
+                        Some(&workflow),
+                        cx.ready_at(builder_share),
+                    ),
+                    |n| format!("i-{n:017x}"),
+                    |_, _| BuilderAttrs {
+                        infra_sha: sha.clone(),
+                        base_image_id: cx.config.base_image_id.clone(),
+                    },
+                )?;
+                if !cx.is_ready(&builder) {
+                    return Ok(cx.progress(
+                        builder.ready_at_ms,
+                        format!("builder {} running the provisioning scripts", builder.id),
+                    ));
+                }
+            }
+            Some(builder) if !cx.is_ready(&builder) => {
+                return Ok(cx.progress(
+                    builder.ready_at_ms,
+                    format!("builder {} running the provisioning scripts", builder.id),
+                ));
+            }
+            Some(_stopped) => {
+                store::create(
+                    conn,
+                    cx.new_resource(
+                        ResourceKind::Image,
+                        &image_name,
+                        Some(&workflow),
+                        cx.ready_at(latency - builder_share),
+                    ),
+                    |n| format!("ami-{n:017x}"),
+                    |_, _| ImageAttrs {
+                        infra_sha: sha.clone(),
+                    },
+                )?;
+            }
+        }
+    }
+    Err(Error::Corrupt {
+        kind: ResourceKind::Image.to_string(),
+        name: image_name,
+        reason: "the image reconciler did not settle".to_owned(),
+    })
+}
+
+/// The environment's MySQL database: encrypted, its master password managed in a secret.
+fn database(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
+    let name = cx.stem();
+    let workflow = cx.workflow();
+    let row = match store::find(conn, ResourceKind::Database, &name)? {
+        Some(row) => row,
+        None => store::create(
+            conn,
+            cx.new_resource(
+                ResourceKind::Database,
+                &name,
+                Some(&workflow),
+                cx.ready_at(cx.config.latency(StepKind::Database)),
+            ),
+            |_| name.clone(),
+            |_, n| DatabaseAttrs {
+                endpoint: format!("{name}.c{n:012x}.{REGION}.rds.amazonaws.com:3306"),
+                secret_arn: format!(
+                    "arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:rds!db-{n:012x}"
+                ),
+                engine: "mysql".to_owned(),
+                storage_encrypted: true,
+            },
+        )?,
+    };
+    if !cx.is_ready(&row) {
+        return Ok(cx.progress(row.ready_at_ms, format!("database {} creating", row.id)));
+    }
+    let attrs: DatabaseAttrs = row.attrs()?;
+    Ok(Outcome::Done(StepOutput::Database(DatabaseOutput {
+        instance_id: row.id,
+        endpoint: attrs.endpoint,
+        secret_arn: attrs.secret_arn,
+    })))
+}
+
+/// A target group and a listener rule for `<env>.<domain>` with a priority no other rule
+/// holds, created together; the rule is found again by its name.
+fn routing(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
+    let name = cx.stem();
+    let workflow = cx.workflow();
+    let ready_at = cx.ready_at(cx.config.latency(StepKind::Routing));
+    let target_group = match store::find(conn, ResourceKind::TargetGroup, &name)? {
+        Some(row) => row,
+        None => store::create(
+            conn,
+            cx.new_resource(ResourceKind::TargetGroup, &name, Some(&workflow), ready_at),
+            |n| {
+                format!(
+                    "arn:aws:elasticloadbalancing:{REGION}:{ACCOUNT}:targetgroup/{name}/{n:016x}"
+                )
+            },
+            |_, _| TargetGroupAttrs { port: 80 },
+        )?,
+    };
+    let rule = match store::find(conn, ResourceKind::ListenerRule, &name)? {
+        Some(row) => row,
+        None => {
+            let priority = match store::priority_of(conn, &name)? {
+                Some(p) => p,
+                None => store::allocate_priority(
+                    conn,
+                    &name,
+                    cx.config.first_listener_priority,
+                    MAX_LISTENER_PRIORITY,
+                )?,
+            };
+            store::create(
+                conn,
+                cx.new_resource(ResourceKind::ListenerRule, &name, Some(&workflow), ready_at),
+                |n| {
+                    format!(
+                        "arn:aws:elasticloadbalancing:{REGION}:{ACCOUNT}:listener-rule/app/shared/0/0/{n:016x}"
+                    )
+                },
+                |_, _| ListenerRuleAttrs {
+                    host: format!("{}.{}", cx.key.env, cx.domain),
+                    priority,
+                    target_group_arn: target_group.id.clone(),
+                },
+            )?
+        }
+    };
+    let ready_at = target_group.ready_at_ms.max(rule.ready_at_ms);
+    if ready_at > cx.now_ms {
+        return Ok(cx.progress(ready_at, format!("listener rule {name} provisioning")));
+    }
+    let attrs: ListenerRuleAttrs = rule.attrs()?;
+    Ok(Outcome::Done(StepOutput::Routing(RoutingOutput {
+        host: attrs.host,
+        target_group_arn: target_group.id,
+        rule_arn: rule.id,
+        priority: attrs.priority,
+    })))
+}
+
+/// A new Auto Scaling group per run; once its targets are healthy, the older groups of the
+/// environment are deleted. A group of a newer run is never touched.
+fn rollout(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
+    let run = cx.task.run;
+    let workflow = cx.workflow();
+    let name = format!("{}-{run}", cx.stem());
+    let mut groups = Vec::new();
+    for row in store::list_workflow(conn, &workflow, Some(ResourceKind::AutoScalingGroup))? {
+        let attrs: GroupAttrs = row.attrs()?;
+        if attrs.run > run {
+            return Err(Error::Superseded {
+                run: run.to_string(),
+                newer: row.name,
+            });
+        }
+        groups.push((row, attrs));
+    }
+    let (group, attrs) = match groups.iter().position(|(row, _)| row.name == name) {
+        Some(i) => groups.swap_remove(i),
+        None => {
+            let image_id = cx
+                .task
+                .resources
+                .image
+                .as_ref()
+                .map_or_else(|| cx.config.base_image_id.clone(), |i| i.image_id.clone());
+            if image_id != cx.config.base_image_id
+                && !store::list_workflow(conn, &workflow, Some(ResourceKind::Image))?
+                    .iter()
+                    .any(|image| image.id == image_id)
+            {
+                return Err(Error::ImageNotFound(image_id));
+            }
+            let attrs = GroupAttrs {
+                run,
+                image_id,
+                release: cx.task.release.clone(),
+                target_group_arn: cx
+                    .task
+                    .resources
+                    .routing
+                    .as_ref()
+                    .map(|r| r.target_group_arn.clone()),
+            };
+            let row = store::create(
+                conn,
+                cx.new_resource(
+                    ResourceKind::AutoScalingGroup,
+                    &name,
+                    Some(&workflow),
+                    cx.ready_at(cx.config.latency(StepKind::Rollout)),
+                ),
+                |_| name.clone(),
+                |_, _| &attrs,
+            )?;
+            (row, attrs)
+        }
+    };
+    if !cx.is_ready(&group) {
+        return Ok(cx.progress(
+            group.ready_at_ms,
+            format!("group {name} waiting for healthy targets"),
+        ));
+    }
+    for (older, _) in &groups {
+        store::delete(conn, ResourceKind::AutoScalingGroup, &older.name)?;
+    }
+    Ok(Outcome::Done(StepOutput::Rollout(DeploymentOutput {
+        group_name: group.name,
+        image_id: attrs.image_id,
+        run: attrs.run,
+        release: attrs.release,
+    })))
+}
+
+/// Deletes everything of the environment at once (groups, rule and its priority, target
+/// group, database, security groups, images, builders) and remembers that it is gone.
+fn decommission(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
+    let workflow = cx.workflow();
+    let mut rows = store::list_workflow(conn, &workflow, None)?;
+    // The order AWS needs: users before what they use.
+    rows.sort_by_key(|row| {
+        [
+            ResourceKind::AutoScalingGroup,
+            ResourceKind::ListenerRule,
+            ResourceKind::TargetGroup,
+            ResourceKind::Database,
+            ResourceKind::Builder,
+            ResourceKind::Image,
+            ResourceKind::SecurityGroup,
+        ]
+        .iter()
+        .position(|k| *k == row.kind)
+    });
+    for row in rows {
+        if row.kind == ResourceKind::ListenerRule {
+            store::free_priority(conn, &row.name)?;
+        }
+        store::delete(conn, row.kind, &row.name)?;
+    }
+    // A priority held without its rule (never written by this code) is freed too.
+    store::free_priority(conn, &cx.stem())?;
+    store::mark_decommissioned(conn, &workflow, cx.now_ms)?;
+    Ok(Outcome::Done(StepOutput::Decommissioned))
+}

@@ -1,0 +1,338 @@
+//! Configuration of the `orchestrator` and `wfctl` binaries: a TOML file, then environment
+//! variables, then command-line flags, each overriding the one before.
+//!
+//! Every setting has a default, so no file is needed. The file is `--config PATH` or
+//! `$ORCHESTRATOR_CONFIG`. Any setting can also come from an environment variable named
+//! `ORCHESTRATOR__<SECTION>__<KEY>` (double underscores), for example
+//! `ORCHESTRATOR__ENGINE__CONCURRENCY=16` or `ORCHESTRATOR__EMBEDDED__PATH=/var/lib/o.sqlite`;
+//! its value is read as a TOML value when it is one (numbers, booleans) and as a string
+//! otherwise. Durations are written as `"250ms"`, `"30s"`, `"15m"`.
+//!
+//! ```toml
+//! backend = "embedded"            # the only backend so far
+//!
+//! [embedded]
+//! path = "orchestrator.sqlite"    # the SQLite file holding queues, records and the simulated cloud
+//! max_receives = 10               # receives before a message is dead-lettered
+//!
+//! [engine]
+//! concurrency = 64                # messages handled at once
+//! batch = 32                      # messages per receive
+//! visibility = "60s"              # visibility timeout of received messages
+//! wait = "1s"                     # long-poll wait of a receive
+//! heartbeat = "20s"               # how often a long handler extends visibility
+//! shutdown_grace = "10s"          # on SIGTERM/SIGINT, time for in-flight handlers
+//! cache_records = 4096            # decoded records kept in memory
+//!
+//! [sweeper]
+//! interval = "60s"                # how often it looks for stuck workflows
+//! deadline = "15m"                # idle time after which a workflow with outstanding steps is re-armed
+//!
+//! [simulated]                     # the simulated cloud; see `activities::simulated::SimConfig`
+//! time_scale = 60.0
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::engine::{EngineConfig, SweepConfig};
+use crate::sqlite::SqliteConfig;
+
+/// The environment variable naming the configuration file.
+pub const CONFIG_ENV: &str = "ORCHESTRATOR_CONFIG";
+
+/// The prefix of environment variables that override settings.
+pub const ENV_PREFIX: &str = "ORCHESTRATOR__";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file or an environment variable holds something that is not a valid setting.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// A configuration does not fix itself.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// Which backend holds queues and records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// One SQLite file.
+    #[default]
+    Embedded,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Which backend.
+    pub backend: Backend,
+    /// The embedded backend.
+    pub embedded: Embedded,
+    /// The engine.
+    pub engine: Engine,
+    /// The sweeper.
+    pub sweeper: Sweeper,
+    /// The simulated cloud, as written (the binary interprets it).
+    pub simulated: toml::Table,
+}
+
+/// `[embedded]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Embedded {
+    /// The SQLite file.
+    pub path: PathBuf,
+    /// Receives before a message is dead-lettered.
+    pub max_receives: u32,
+}
+
+impl Default for Embedded {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("orchestrator.sqlite"),
+            max_receives: 10,
+        }
+    }
+}
+
+/// `[engine]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Engine {
+    /// Messages handled at once.
+    pub concurrency: usize,
+    /// Messages per receive.
+    pub batch: usize,
+    /// Visibility timeout.
+    #[serde(deserialize_with = "duration")]
+    pub visibility: Duration,
+    /// Long-poll wait.
+    #[serde(deserialize_with = "duration")]
+    pub wait: Duration,
+    /// Visibility extension interval.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat: Duration,
+    /// Shutdown grace period.
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+    /// Records cached.
+    pub cache_records: usize,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        let d = EngineConfig::default();
+        Self {
+            concurrency: d.concurrency,
+            batch: d.batch,
+            visibility: d.visibility,
+            wait: d.wait,
+            heartbeat: d.heartbeat,
+            shutdown_grace: d.shutdown_grace,
+            cache_records: d.cache_records,
+        }
+    }
+}
+
+/// `[sweeper]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sweeper {
+    /// How often it looks.
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Idle time before re-arming.
+    #[serde(deserialize_with = "duration")]
+    pub deadline: Duration,
+}
+
+impl Default for Sweeper {
+    fn default() -> Self {
+        let d = SweepConfig::default();
+        Self {
+            interval: d.interval,
+            deadline: d.deadline,
+        }
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text)
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration ({e})")))
+}
+
+impl Config {
+    /// Loads the file at `path` (or `$ORCHESTRATOR_CONFIG`, or none) and applies the
+    /// environment's overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, Error> {
+        let env_path = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+        let path = path.map(Path::to_path_buf).or(env_path);
+        let text = match &path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| Error::Read {
+                path: p.clone(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::from_parts(&text, std::env::vars())
+    }
+
+    /// The configuration from TOML `text` and `(name, value)` environment variables.
+    pub fn from_parts(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, Error> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| Error::Invalid(e.to_string()))?;
+        for (name, value) in env {
+            let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            set(&mut table, &parts, parse_value(&value))
+                .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
+        }
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Invalid(e.to_string()))
+    }
+
+    /// The embedded backend's settings.
+    pub fn sqlite(&self) -> SqliteConfig {
+        let mut c = SqliteConfig::new(&self.embedded.path);
+        c.max_receives = self.embedded.max_receives;
+        c
+    }
+
+    /// The engine's settings.
+    pub fn engine(&self) -> EngineConfig {
+        let e = &self.engine;
+        EngineConfig {
+            concurrency: e.concurrency.max(1),
+            batch: e.batch.max(1),
+            visibility: e.visibility,
+            wait: e.wait,
+            heartbeat: e.heartbeat,
+            shutdown_grace: e.shutdown_grace,
+            cache_records: e.cache_records,
+            ..EngineConfig::default()
+        }
+    }
+
+    /// The sweeper's settings.
+    pub fn sweeper(&self) -> SweepConfig {
+        SweepConfig {
+            interval: self.sweeper.interval,
+            deadline: self.sweeper.deadline,
+        }
+    }
+}
+
+fn parse_value(text: &str) -> toml::Value {
+    // A bare TOML value ("16", "true", "1.5") keeps its type; anything else is a string.
+    format!("v = {text}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_owned()))
+}
+
+fn set(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    match path {
+        [] => Err("empty setting name".into()),
+        [last] => {
+            table.insert(last.clone(), value);
+            Ok(())
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => set(t, rest, value),
+                _ => Err(format!("{first} is not a section")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::from_parts("", []).expect("defaults");
+        assert_eq!(c.backend, Backend::Embedded);
+        assert_eq!(c.embedded.path, PathBuf::from("orchestrator.sqlite"));
+        assert_eq!(c.engine().concurrency, 64);
+        assert_eq!(c.sweeper().deadline, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn the_file_then_the_environment() {
+        let text = r#"
+            [embedded]
+            path = "/tmp/a.sqlite"
+            [engine]
+            concurrency = 8
+            visibility = "2m"
+        "#;
+        let env = [
+            (
+                "ORCHESTRATOR__ENGINE__CONCURRENCY".to_owned(),
+                "16".to_owned(),
+            ),
+            (
+                "ORCHESTRATOR__SWEEPER__DEADLINE".to_owned(),
+                "5m".to_owned(),
+            ),
+            (
+                "ORCHESTRATOR__SIMULATED__TIME_SCALE".to_owned(),
+                "600.0".to_owned(),
+            ),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ];
+        let c = Config::from_parts(text, env).expect("valid");
+        assert_eq!(c.engine().concurrency, 16, "the environment wins");
+        assert_eq!(c.engine().visibility, Duration::from_secs(120));
+        assert_eq!(c.sweeper().deadline, Duration::from_secs(300));
+        assert_eq!(c.embedded.path, PathBuf::from("/tmp/a.sqlite"));
+        assert_eq!(
+            c.simulated
+                .get("time_scale")
+                .and_then(toml::Value::as_float),
+            Some(600.0)
+        );
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let e = Config::from_parts("[engine]\nconcurency = 3\n", []).expect_err("typo");
+        assert!(e.to_string().contains("concurency"), "{e}");
+        let e = Config::from_parts("[engine]\nwait = \"soon\"\n", []).expect_err("bad duration");
+        assert!(e.to_string().contains("soon"), "{e}");
+        let env = [("ORCHESTRATOR__ENGINE__BATCH".to_owned(), "lots".to_owned())];
+        assert!(Config::from_parts("", env).is_err());
+    }
+}

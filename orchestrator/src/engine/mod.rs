@@ -1,0 +1,672 @@
+//! The engine (DESIGN.md §4): the only writer of workflow records.
+//!
+//! For each message: decode it (quarantine it if it does not decode) -> for a step message,
+//! run the activity and turn its result into a step report -> load the record (from the cache
+//! when current) -> if the event was applied before, send its commands again and acknowledge ->
+//! apply the event (pure) -> one commit of the new record, its history entry, the messages its
+//! commands send and the acknowledgement -> on a version conflict, reload and apply again.
+//!
+//! Messages are received in batches from both queues and handled concurrently up to a bound;
+//! handlers of one workflow take turns in this process (other processes are kept honest by the
+//! conditional write). A handler that runs long extends its message's visibility.
+
+mod sweeper;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use activities::{Activities, Invocation, Outcome};
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+use workflows::{
+    Body, Command, Envelope, Event, Input, StepOutcome, StepReport, StepStatus, StepTask, Tenant,
+    TenantId, Timestamp, Verdict, WorkflowKey, WorkflowRecord,
+};
+
+use crate::clock::SharedClock;
+use crate::ports::{
+    Commit, Delivery, Error, Journal, Outgoing, Queue, QueueKind, Receipt, RecordWrite, Store,
+    WriteError,
+};
+
+pub use sweeper::{ARMED_STATES, SweepConfig, run_sweeper, sweep_once};
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Messages handled at once, both queues together.
+    pub concurrency: usize,
+    /// Messages asked for per receive.
+    pub batch: usize,
+    /// How long a received message stays invisible to other workers.
+    pub visibility: Duration,
+    /// How long a receive waits for messages.
+    pub wait: Duration,
+    /// How often a long handler extends its message's visibility.
+    pub heartbeat: Duration,
+    /// Reloads after a version conflict before the message is left for redelivery.
+    pub max_conflicts: u32,
+    /// On shutdown, how long in-flight handlers may take before their messages are released.
+    pub shutdown_grace: Duration,
+    /// Decoded records kept in memory.
+    pub cache_records: usize,
+    /// How long a tenant record is trusted before it is read again.
+    pub tenant_ttl: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            batch: 32,
+            visibility: Duration::from_secs(60),
+            wait: Duration::from_secs(1),
+            heartbeat: Duration::from_secs(20),
+            max_conflicts: 8,
+            shutdown_grace: Duration::from_secs(10),
+            cache_records: 4096,
+            tenant_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters of what the engine did, for benchmarks, tests and metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Records written (one per transition).
+    pub transitions: AtomicU64,
+    /// Events found applied before (their commands were sent again).
+    pub duplicates: AtomicU64,
+    /// Step reports and timers of older runs or tokens, dropped.
+    pub stale: AtomicU64,
+    /// Version conflicts resolved by reloading.
+    pub conflicts: AtomicU64,
+    /// Activity invocations.
+    pub activities: AtomicU64,
+    /// Messages moved to a dead-letter queue by the engine.
+    pub quarantined: AtomicU64,
+    /// Messages left for redelivery after an error.
+    pub errors: AtomicU64,
+}
+
+/// A snapshot of [`EngineStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct StatsSnapshot {
+    /// Records written.
+    pub transitions: u64,
+    /// Duplicate events.
+    pub duplicates: u64,
+    /// Stale reports and timers.
+    pub stale: u64,
+    /// Version conflicts.
+    pub conflicts: u64,
+    /// Activity invocations.
+    pub activities: u64,
+    /// Quarantined messages.
+    pub quarantined: u64,
+    /// Messages left for redelivery.
+    pub errors: u64,
+}
+
+impl EngineStats {
+    /// The current counts.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            transitions: get(&self.transitions),
+            duplicates: get(&self.duplicates),
+            stale: get(&self.stale),
+            conflicts: get(&self.conflicts),
+            activities: get(&self.activities),
+            quarantined: get(&self.quarantined),
+            errors: get(&self.errors),
+        }
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What became of one message.
+#[derive(Debug)]
+enum Handled {
+    /// Committed (and so acknowledged).
+    Done,
+    /// Moved to the dead-letter queue.
+    Quarantined,
+}
+
+/// The engine: generic over its ports and activities.
+pub struct Engine<S, Q, J, A> {
+    store: Arc<S>,
+    queue: Arc<Q>,
+    journal: Arc<J>,
+    activities: Arc<A>,
+    clock: SharedClock,
+    config: EngineConfig,
+    cache: Mutex<HashMap<WorkflowKey, WorkflowRecord>>,
+    tenants: Mutex<HashMap<TenantId, (Tenant, Timestamp)>>,
+    turns: Mutex<HashMap<WorkflowKey, Arc<tokio::sync::Mutex<()>>>>,
+    stats: EngineStats,
+}
+
+impl<S, Q, J, A> std::fmt::Debug for Engine<S, Q, J, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The envelope of `body` for `key`, as a message for `queue`.
+pub fn message(key: &WorkflowKey, body: Body, delay: Duration, now: Timestamp) -> Outgoing {
+    let (queue, group, dedup_id) = match &body {
+        Body::Event(e) if e.is_external() => (
+            QueueKind::Events,
+            Some(key.to_string()),
+            Some(e.id().to_string()),
+        ),
+        // Timers and step messages need per-message delays: the standard queue.
+        Body::Event(_) | Body::Step(_) => (QueueKind::Steps, None, None),
+    };
+    let envelope = Envelope::new(key.clone(), now, body);
+    Outgoing {
+        queue,
+        group,
+        dedup_id,
+        delay,
+        body: workflows::encode(&envelope),
+        attributes: Default::default(),
+    }
+}
+
+/// The messages `commands` send.
+pub fn outgoing(key: &WorkflowKey, commands: &[Command], now: Timestamp) -> Vec<Outgoing> {
+    commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::RunStep(task) => Some(message(key, Body::Step(task.clone()), task.delay, now)),
+            Command::ScheduleTimer { timer, delay } => {
+                Some(message(key, Body::Event(Event::Timer(*timer)), *delay, now))
+            }
+            Command::RecordSuperseded { push, by, reason } => {
+                info!(workflow.key = %key, push.sha = %push.sha, push.event_id = %push.event_id, by = %by, reason, "push superseded");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Sends an external event (push, signal, provision) to the events queue, the way the
+/// ingress and `wfctl` do.
+pub async fn enqueue<Q: Queue>(
+    queue: &Q,
+    key: &WorkflowKey,
+    event: Event,
+    now: Timestamp,
+) -> Result<(), Error> {
+    queue
+        .send(vec![message(key, Body::Event(event), Duration::ZERO, now)])
+        .await
+}
+
+impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
+    /// An engine over these ports.
+    pub fn new(
+        store: Arc<S>,
+        queue: Arc<Q>,
+        journal: Arc<J>,
+        activities: Arc<A>,
+        clock: SharedClock,
+        config: EngineConfig,
+    ) -> Self {
+        Self {
+            store,
+            queue,
+            journal,
+            activities,
+            clock,
+            config,
+            cache: Mutex::new(HashMap::new()),
+            tenants: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
+            stats: EngineStats::default(),
+        }
+    }
+
+    /// What the engine has done so far.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Receives and handles messages from both queues until `shutdown` is cancelled, then
+    /// stops receiving, gives in-flight handlers `shutdown_grace` to finish and releases the
+    /// messages of those that did not.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let mut loops = JoinSet::new();
+        for queue in QueueKind::ALL {
+            let engine = self.clone();
+            let permits = permits.clone();
+            let shutdown = shutdown.clone();
+            loops.spawn(async move { engine.receive_loop(queue, permits, shutdown).await });
+        }
+        while loops.join_next().await.is_some() {}
+    }
+
+    async fn receive_loop(
+        self: Arc<Self>,
+        queue: QueueKind,
+        permits: Arc<Semaphore>,
+        shutdown: CancellationToken,
+    ) {
+        let mut handlers: JoinSet<()> = JoinSet::new();
+        let in_flight: Arc<Mutex<HashMap<String, Receipt>>> = Arc::default();
+        let mut backoff = Duration::from_millis(50);
+        while !shutdown.is_cancelled() {
+            while handlers.try_join_next().is_some() {}
+            // Ask only for as many messages as can be handled now.
+            let Ok(first) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let mut held = vec![first];
+            while held.len() < self.config.batch {
+                match permits.clone().try_acquire_owned() {
+                    Ok(p) => held.push(p),
+                    Err(_) => break,
+                }
+            }
+            let received = tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = self.queue.receive(queue, held.len(), self.config.visibility, self.config.wait) => r,
+            };
+            let deliveries = match received {
+                Ok(d) => {
+                    backoff = Duration::from_millis(50);
+                    d
+                }
+                Err(e) => {
+                    warn!(queue = %queue, error = %e, "receive failed; backing off");
+                    drop(held);
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            for delivery in deliveries {
+                let Some(permit) = held.pop() else { break };
+                let engine = self.clone();
+                let in_flight = in_flight.clone();
+                if let Ok(mut m) = in_flight.lock() {
+                    m.insert(delivery.id.clone(), delivery.receipt.clone());
+                }
+                handlers.spawn(async move {
+                    let id = delivery.id.clone();
+                    engine.handle(delivery).await;
+                    if let Ok(mut m) = in_flight.lock() {
+                        m.remove(&id);
+                    }
+                    drop(permit);
+                });
+            }
+        }
+        // Shutdown: nothing new is received; let handlers finish within the grace period.
+        let grace = tokio::time::sleep(self.config.shutdown_grace);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                next = handlers.join_next() => if next.is_none() { break },
+                () = &mut grace => {
+                    handlers.abort_all();
+                    let left: Vec<Receipt> = in_flight
+                        .lock()
+                        .map(|m| m.values().cloned().collect())
+                        .unwrap_or_default();
+                    for receipt in &left {
+                        // Released, so another worker takes it at once instead of after the
+                        // visibility timeout. Failure only delays it.
+                        let _ = self.queue.extend(queue, receipt, Duration::ZERO).await;
+                    }
+                    info!(queue = %queue, released = left.len(), "shutdown grace over; released in-flight messages");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Handles one delivery; every outcome is final for this delivery (committed,
+    /// quarantined, or left for redelivery after an error that may pass).
+    pub async fn handle(&self, delivery: Delivery) {
+        let heartbeat = self.heartbeat(&delivery);
+        let result = self.handle_inner(&delivery).await;
+        heartbeat.abort();
+        match result {
+            Ok(Handled::Done | Handled::Quarantined) => {}
+            Err(e) => {
+                bump(&self.stats.errors);
+                warn!(queue = %delivery.queue, message.id = %delivery.id, error = %e, retryable = e.is_retryable(), "message left for redelivery");
+            }
+        }
+    }
+
+    fn heartbeat(&self, delivery: &Delivery) -> tokio::task::AbortHandle {
+        let queue = self.queue.clone();
+        let receipt = delivery.receipt.clone();
+        let kind = delivery.queue;
+        let every = self.config.heartbeat;
+        let visibility = self.config.visibility;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Err(e) = queue.extend(kind, &receipt, visibility).await {
+                    debug!(error = %e, "visibility not extended");
+                    return;
+                }
+            }
+        })
+        .abort_handle()
+    }
+
+    async fn handle_inner(&self, delivery: &Delivery) -> Result<Handled, Error> {
+        let envelope: Envelope = match workflows::decode(&delivery.body) {
+            Ok(e) => e,
+            Err(e) => {
+                return self
+                    .quarantine(delivery, &format!("undecodable message: {e}"))
+                    .await;
+            }
+        };
+        let key = envelope.key;
+        let ack = (delivery.queue, delivery.receipt.clone());
+        let turn = self.turn(&key);
+        let _turn = turn.lock().await;
+        let result = match envelope.body {
+            Body::Event(event) => self.apply(&key, &event, ack, delivery).await,
+            Body::Step(task) => self.run_step(&key, &task, ack, delivery).await,
+        };
+        drop(_turn);
+        self.forget_turn(&key, turn);
+        result
+    }
+
+    /// The in-process lock that makes handlers of one workflow take turns.
+    fn turn(&self, key: &WorkflowKey) -> Arc<tokio::sync::Mutex<()>> {
+        match self.turns.lock() {
+            Ok(mut turns) => turns.entry(key.clone()).or_default().clone(),
+            Err(_) => Arc::default(),
+        }
+    }
+
+    fn forget_turn(&self, key: &WorkflowKey, turn: Arc<tokio::sync::Mutex<()>>) {
+        if let Ok(mut turns) = self.turns.lock() {
+            // Two references: the map's and ours. Nobody else waits for it.
+            if Arc::strong_count(&turn) == 2 {
+                turns.remove(key);
+            }
+        }
+    }
+
+    async fn quarantine(&self, delivery: &Delivery, reason: &str) -> Result<Handled, Error> {
+        warn!(queue = %delivery.queue, message.id = %delivery.id, reason, "message quarantined");
+        self.queue.quarantine(delivery, reason).await?;
+        bump(&self.stats.quarantined);
+        Ok(Handled::Quarantined)
+    }
+
+    async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, Error> {
+        let now = self.clock.now();
+        if let Ok(cache) = self.tenants.lock()
+            && let Some((t, at)) = cache.get(id)
+            && now.since(*at) < self.config.tenant_ttl
+        {
+            return Ok(Some(t.clone()));
+        }
+        let tenant = self.store.tenant(id).await?;
+        if let (Some(t), Ok(mut cache)) = (&tenant, self.tenants.lock()) {
+            cache.insert(id.clone(), (t.clone(), now));
+        }
+        Ok(tenant)
+    }
+
+    fn cached(&self, key: &WorkflowKey) -> Option<WorkflowRecord> {
+        self.cache.lock().ok().and_then(|c| c.get(key).cloned())
+    }
+
+    fn remember(&self, record: WorkflowRecord) {
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= self.config.cache_records && !cache.contains_key(&record.key) {
+                // Crude but bounded: a miss costs one read.
+                cache.clear();
+            }
+            cache.insert(record.key.clone(), record);
+        }
+    }
+
+    fn forget(&self, key: &WorkflowKey) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.remove(key);
+        }
+    }
+
+    /// The record of `key`: cached, stored, or new.
+    async fn load(&self, key: &WorkflowKey, fresh: bool) -> Result<WorkflowRecord, Error> {
+        if !fresh && let Some(r) = self.cached(key) {
+            return Ok(r);
+        }
+        Ok(match self.store.workflow(key).await? {
+            Some(r) => r,
+            None => WorkflowRecord::new(key.clone(), self.clock.now()),
+        })
+    }
+
+    async fn run_step(
+        &self,
+        key: &WorkflowKey,
+        task: &StepTask,
+        ack: (QueueKind, Receipt),
+        delivery: &Delivery,
+    ) -> Result<Handled, Error> {
+        let span = info_span!("step", tenant.id = %key.tenant, workflow.env = %key.env, run = %task.run, step = %task.step, attempt = task.attempt);
+        async {
+            let Some(tenant) = self.tenant(&key.tenant).await? else {
+                return self
+                    .quarantine(delivery, &format!("unknown tenant {}", key.tenant))
+                    .await;
+            };
+            // Skip the activity when the step message is stale. A cached record may be older
+            // than the message, so confirm with a fresh read before dropping it.
+            let current = |r: &WorkflowRecord| {
+                r.workflow()
+                    .active_run()
+                    .filter(|run| run.id == task.run)
+                    .and_then(|run| run.step(task.step))
+                    .is_some_and(|s| s.status == StepStatus::Running && s.token == task.token)
+            };
+            let is_current = match self.load(key, false).await {
+                Ok(r) if current(&r) => true,
+                Ok(_) => matches!(self.load(key, true).await, Ok(r) if current(&r)),
+                Err(Error::Corrupt { .. }) => false,
+                Err(e) => return Err(e),
+            };
+            if !is_current {
+                bump(&self.stats.stale);
+                debug!("stale step message dropped");
+                self.commit(Commit {
+                    ack: Some(ack),
+                    ..Commit::default()
+                })
+                .await
+                .map_err(|e| match e {
+                    WriteError::Store(e) => e,
+                    conflict => Error::Unavailable {
+                        backend: "journal",
+                        message: conflict.to_string(),
+                    },
+                })?;
+                return Ok(Handled::Done);
+            }
+            bump(&self.stats.activities);
+            let outcome = self
+                .activities
+                .invoke(Invocation {
+                    key,
+                    domain: &tenant.domain,
+                    task,
+                })
+                .await;
+            let now = self.clock.now();
+            let outcome = match outcome {
+                Outcome::Done(output) => StepOutcome::Done { output },
+                Outcome::Progress {
+                    recheck_after,
+                    note,
+                } => StepOutcome::Progress {
+                    recheck_after,
+                    note,
+                },
+                Outcome::Retryable(error) => {
+                    let policy = self.activities.retry_policy(task.step);
+                    let retry_in = policy.next_delay(
+                        task.attempt,
+                        now.since(task.first_attempt_at),
+                        fastrand::f64(),
+                    );
+                    StepOutcome::Retryable { error, retry_in }
+                }
+                Outcome::Terminal(error) => StepOutcome::Terminal { error },
+            };
+            let event = Event::Step(StepReport {
+                run: task.run,
+                step: task.step,
+                token: task.token,
+                outcome,
+            });
+            self.apply(key, &event, ack, delivery).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<(), WriteError> {
+        match self.journal.commit(vec![commit]).await.pop() {
+            Some(r) => r,
+            None => Err(WriteError::Store(Error::Unavailable {
+                backend: "journal",
+                message: "no result for a commit".into(),
+            })),
+        }
+    }
+
+    /// Applies `event` to the workflow `key` and commits the result with the acknowledgement.
+    async fn apply(
+        &self,
+        key: &WorkflowKey,
+        event: &Event,
+        ack: (QueueKind, Receipt),
+        delivery: &Delivery,
+    ) -> Result<Handled, Error> {
+        let span = info_span!("event", tenant.id = %key.tenant, workflow.env = %key.env, event.kind = event.kind(), event.id = %event.id());
+        async {
+            let Some(tenant) = self.tenant(&key.tenant).await? else {
+                return self
+                    .quarantine(delivery, &format!("unknown tenant {}", key.tenant))
+                    .await;
+            };
+            let input = |now| Input {
+                now,
+                settings: tenant.settings(),
+            };
+            let mut fresh = false;
+            for _ in 0..self.config.max_conflicts {
+                let mut record = match self.load(key, fresh).await {
+                    Ok(r) => r,
+                    Err(Error::Corrupt { what, source }) => {
+                        let reason = format!("{what} does not decode: {source}");
+                        self.store.mark_corrupt(key, &reason).await?;
+                        return self
+                            .quarantine(delivery, &format!("workflow stopped: {reason}"))
+                            .await;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let now = self.clock.now();
+                let from_version = record.version;
+                let applied = record.apply(event, input(now));
+                let commit = match &applied.verdict {
+                    Verdict::Duplicate => {
+                        bump(&self.stats.duplicates);
+                        // Its commands may not have been sent (a crash after the write): send
+                        // them again. Repeating them is safe.
+                        let entry = self.store.history_of_event(key, &event.id()).await?;
+                        let commands = entry.map(|e| e.commands).unwrap_or_default();
+                        Commit {
+                            write: None,
+                            send: outgoing(key, &commands, now),
+                            ack: Some(ack.clone()),
+                        }
+                    }
+                    Verdict::Stale(reason) => {
+                        bump(&self.stats.stale);
+                        debug!(reason, "stale event dropped");
+                        Commit {
+                            ack: Some(ack.clone()),
+                            ..Commit::default()
+                        }
+                    }
+                    verdict => {
+                        let entry = record.history_entry(event, &applied);
+                        if !matches!(verdict, Verdict::Accepted) {
+                            info!(?verdict, "event not applied");
+                        }
+                        Commit {
+                            write: Some(RecordWrite::new(&record, &entry)),
+                            send: outgoing(key, &applied.commands, now),
+                            ack: Some(ack.clone()),
+                        }
+                    }
+                };
+                let writes = commit.write.is_some();
+                match self.commit(commit).await {
+                    Ok(()) => {
+                        if writes {
+                            bump(&self.stats.transitions);
+                            if applied.from != applied.to {
+                                info!(from = %applied.from, to = %applied.to, version = record.version, "transition");
+                            }
+                            self.remember(record);
+                        }
+                        return Ok(Handled::Done);
+                    }
+                    Err(WriteError::Conflict { found, .. }) => {
+                        bump(&self.stats.conflicts);
+                        debug!(expected = from_version, found, "version conflict; reloading");
+                        self.forget(key);
+                        fresh = true;
+                    }
+                    Err(WriteError::Store(e)) => {
+                        self.forget(key);
+                        return Err(e);
+                    }
+                }
+            }
+            Err(Error::Unavailable {
+                backend: "engine",
+                message: format!(
+                    "{key}: {} version conflicts in a row; left for redelivery",
+                    self.config.max_conflicts
+                ),
+            })
+        }
+        .instrument(span)
+        .await
+    }
+}

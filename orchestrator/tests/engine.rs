@@ -1,0 +1,483 @@
+//! The engine on the SQLite backend: pushes travel to `live`; bad messages, unknown tenants
+//! and corrupt records are quarantined without stopping anything else; duplicates apply once;
+//! stale step messages are dropped; two engines on one file converge; lost messages are
+//! re-armed by the sweeper; shutdown releases what it could not finish.
+
+mod conformance;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use activities::{Activities, Invocation, Outcome};
+use conformance::{key, tenant};
+use orchestrator::clock::{SharedClock, SystemClock};
+use orchestrator::engine::{Engine, EngineConfig, enqueue, outgoing, sweep_once};
+use orchestrator::ports::{Queue, QueueKind, RecordWrite, Store, WorkflowFilter};
+use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
+use tokio_util::sync::CancellationToken;
+use workflows::testing::output_for;
+use workflows::{
+    Environment, Event, EventId, GitSha, Push, RepoKind, State, Timestamp, WorkflowKey,
+};
+
+/// Activities that finish at once with a plausible output, counting invocations.
+#[derive(Default)]
+struct Instant {
+    calls: AtomicU64,
+    delay: Option<Duration>,
+}
+
+impl Activities for Instant {
+    async fn invoke(&self, invocation: Invocation<'_>) -> Outcome {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(d) = self.delay {
+            tokio::time::sleep(d).await;
+        }
+        Outcome::Done(output_for(invocation.task))
+    }
+}
+
+type TestEngine = Engine<SqliteBackend, SqliteBackend, SqliteBackend, Instant>;
+
+struct World {
+    _dir: tempfile::TempDir,
+    backend: SqliteBackend,
+    clock: SharedClock,
+}
+
+impl World {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend =
+            SqliteBackend::open(SqliteConfig::new(dir.path().join("o.sqlite"))).expect("open");
+        for (id, infra, app) in [("acme", 1, 2), ("globex", 3, 4)] {
+            backend
+                .put_tenant(&tenant(id, infra, app), true)
+                .await
+                .expect("tenant");
+        }
+        Self {
+            _dir: dir,
+            backend,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    fn engine(&self, activities: Instant, config: EngineConfig) -> Arc<TestEngine> {
+        let b = Arc::new(self.backend.clone());
+        Arc::new(Engine::new(
+            b.clone(),
+            b.clone(),
+            b,
+            Arc::new(activities),
+            self.clock.clone(),
+            config,
+        ))
+    }
+
+    fn start(&self, engine: &Arc<TestEngine>) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(engine.clone().run(stop.clone()));
+        (stop, handle)
+    }
+
+    async fn push(&self, key: &WorkflowKey, repo: RepoKind, n: u32, id: &str) {
+        let event = Event::Push(Push {
+            event_id: EventId::new(id).expect("id"),
+            repo,
+            sha: GitSha::new(format!("{n:040x}")).expect("sha"),
+            git_ref: "refs/heads/main".into(),
+            author: "jane".into(),
+            message: format!("commit {n}"),
+            received_at: self.clock.now(),
+        });
+        enqueue(&self.backend, key, event, self.clock.now())
+            .await
+            .expect("enqueue");
+    }
+
+    async fn state(&self, key: &WorkflowKey) -> Option<State> {
+        self.backend
+            .workflow(key)
+            .await
+            .expect("read")
+            .map(|r| r.state())
+    }
+
+    /// Waits (polling the store, bounded) until `check` holds.
+    async fn until(&self, what: &str, mut check: impl AsyncFnMut(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !check(self).await {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn live_at(&self, key: &WorkflowKey, infra: Option<u32>, app: Option<u32>) -> bool {
+        let Some(r) = self.backend.workflow(key).await.expect("read") else {
+            return false;
+        };
+        let sha = |n: Option<u32>| n.map(|n| GitSha::new(format!("{n:040x}")).expect("sha"));
+        r.state() == State::Live
+            && r.workflow().deployed.as_ref().map(|d| d.release.clone())
+                == Some(workflows::Release {
+                    infra: sha(infra),
+                    app: sha(app),
+                })
+    }
+}
+
+fn fast() -> EngineConfig {
+    EngineConfig {
+        wait: Duration::from_millis(100),
+        ..EngineConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_travel_to_live_and_the_newest_wins() {
+    let w = World::new().await;
+    let engine = w.engine(Instant::default(), fast());
+    let (stop, handle) = w.start(&engine);
+    let acme = key("acme", Environment::Staging);
+    let globex = key("globex", Environment::Production);
+    w.push(&acme, RepoKind::Infra, 1, "p1").await;
+    w.push(&acme, RepoKind::App, 1, "p2").await;
+    w.push(&acme, RepoKind::Infra, 2, "p3").await;
+    w.push(&globex, RepoKind::App, 7, "g1").await;
+    w.until("both live at their newest pushes", async |w| {
+        w.live_at(&acme, Some(2), Some(1)).await && w.live_at(&globex, None, Some(7)).await
+    })
+    .await;
+    stop.cancel();
+    handle.await.expect("engine stops");
+    let history = w.backend.history(&acme, 0, 1000).await.expect("history");
+    assert!(history.windows(2).all(|p| p[1].version == p[0].version + 1));
+    for q in QueueKind::ALL {
+        let stats = w.backend.stats(q).await.expect("stats");
+        assert_eq!(
+            (stats.visible, stats.in_flight, stats.delayed, stats.dead),
+            (0, 0, 0, 0),
+            "{q}"
+        );
+    }
+    assert!(engine.stats().snapshot().transitions >= history.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_unknown_tenants_and_corrupt_records_stop_only_themselves() {
+    let w = World::new().await;
+    // Garbage on the events queue.
+    w.backend
+        .send(vec![conformance::event_message(
+            "acme#dev",
+            "junk",
+            "{not json",
+        )])
+        .await
+        .expect("send");
+    // An event for a tenant nobody registered.
+    let ghost = key("ghost", Environment::Dev);
+    w.push(&ghost, RepoKind::App, 1, "ghost-1").await;
+    // A workflow whose record is corrupt.
+    let broken = key("globex", Environment::Dev);
+    let (_, mut write) = conformance::first_write("globex", Environment::Dev);
+    write.record = b"{\"schema_version\": 99}".to_vec();
+    w.backend.write(write).await.expect("write");
+    w.push(&broken, RepoKind::App, 1, "broken-1").await;
+    // And a healthy workflow beside them.
+    let healthy = key("acme", Environment::Dev);
+    w.push(&healthy, RepoKind::App, 1, "ok-1").await;
+
+    let engine = w.engine(Instant::default(), fast());
+    let (stop, handle) = w.start(&engine);
+    w.until("the healthy workflow is live", async |w| {
+        w.live_at(&healthy, None, Some(1)).await
+    })
+    .await;
+    w.until("three dead letters", async |w| {
+        w.backend
+            .stats(QueueKind::Events)
+            .await
+            .expect("stats")
+            .dead
+            == 3
+    })
+    .await;
+    stop.cancel();
+    handle.await.expect("stops");
+    let dead = w
+        .backend
+        .dead_letters(QueueKind::Events, 10)
+        .await
+        .expect("dead letters");
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.starts_with("undecodable message")),
+        "{reasons:?}"
+    );
+    assert!(reasons.contains(&"unknown tenant ghost"), "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("record of globex#dev does not decode") && r.contains("99")),
+        "{reasons:?}"
+    );
+    let listed = w
+        .backend
+        .workflows(&WorkflowFilter::default(), None, 10)
+        .await
+        .expect("list");
+    let broken_row = listed.iter().find(|s| s.key == broken).expect("listed");
+    assert!(
+        broken_row.corrupt.is_some(),
+        "wfctl list shows it as corrupt"
+    );
+    assert_eq!(engine.stats().snapshot().quarantined, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_event_applies_once_and_its_commands_are_sent_again() {
+    let w = World::new().await;
+    let k = key("acme", Environment::Dev);
+    // Apply a push by hand, as if the engine crashed after the write but before sending its
+    // commands and acknowledging.
+    let mut record = workflows::WorkflowRecord::new(k.clone(), w.clock.now());
+    let push = Event::Push(Push {
+        event_id: EventId::new("push-crash").expect("id"),
+        repo: RepoKind::App,
+        sha: GitSha::new("a".repeat(40)).expect("sha"),
+        git_ref: "refs/heads/dev".into(),
+        author: "jane".into(),
+        message: "m".into(),
+        received_at: w.clock.now(),
+    });
+    let applied = record.apply(
+        &push,
+        workflows::Input {
+            now: w.clock.now(),
+            settings: Default::default(),
+        },
+    );
+    assert!(!outgoing(&k, &applied.commands, w.clock.now()).is_empty());
+    let entry = record.history_entry(&push, &applied);
+    w.backend
+        .write(RecordWrite::new(&record, &entry))
+        .await
+        .expect("write");
+    // The push is delivered (again).
+    enqueue(&w.backend, &k, push, w.clock.now())
+        .await
+        .expect("enqueue");
+    let engine = w.engine(Instant::default(), fast());
+    let (stop, handle) = w.start(&engine);
+    w.until("live", async |w| w.state(&k).await == Some(State::Live))
+        .await;
+    stop.cancel();
+    handle.await.expect("stops");
+    let history = w.backend.history(&k, 0, 100).await.expect("history");
+    let pushes = history
+        .iter()
+        .filter(|e| e.event.id().as_str() == "push-crash")
+        .count();
+    assert_eq!(pushes, 1, "applied once");
+    assert_eq!(engine.stats().snapshot().duplicates, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_step_messages_are_dropped_without_running_the_activity() {
+    let w = World::new().await;
+    let k = key("acme", Environment::Dev);
+    let engine = w.engine(Instant::default(), fast());
+    let (stop, handle) = w.start(&engine);
+    w.push(&k, RepoKind::App, 1, "p1").await;
+    w.until("live", async |w| w.state(&k).await == Some(State::Live))
+        .await;
+    let calls = engine.stats().snapshot().activities;
+    // Replay the step messages of the run from its history: all stale now.
+    let history = w.backend.history(&k, 0, 100).await.expect("history");
+    let replay: Vec<_> = history
+        .iter()
+        .flat_map(|e| outgoing(&k, &e.commands, w.clock.now()))
+        .collect();
+    assert!(!replay.is_empty());
+    let n = replay.len() as u64;
+    w.backend.send(replay).await.expect("send");
+    w.until("replayed messages consumed", async |w| {
+        w.backend
+            .stats(QueueKind::Steps)
+            .await
+            .expect("stats")
+            .visible
+            == 0
+            && w.backend
+                .stats(QueueKind::Steps)
+                .await
+                .expect("stats")
+                .in_flight
+                == 0
+    })
+    .await;
+    stop.cancel();
+    handle.await.expect("stops");
+    assert_eq!(
+        engine.stats().snapshot().activities,
+        calls,
+        "no activity ran"
+    );
+    assert!(engine.stats().snapshot().stale >= n);
+    assert_eq!(w.state(&k).await, Some(State::Live));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_engines_on_one_file_converge() {
+    let w = World::new().await;
+    let second = SqliteBackend::open(SqliteConfig::new(w.backend.path())).expect("open");
+    let a = w.engine(Instant::default(), fast());
+    let b2 = Arc::new(second);
+    let b: Arc<TestEngine> = Arc::new(Engine::new(
+        b2.clone(),
+        b2.clone(),
+        b2,
+        Arc::new(Instant::default()),
+        w.clock.clone(),
+        fast(),
+    ));
+    let (stop_a, ha) = w.start(&a);
+    let (stop_b, hb) = w.start(&b);
+    let keys: Vec<WorkflowKey> = Environment::ALL
+        .into_iter()
+        .flat_map(|env| [key("acme", env), key("globex", env)])
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        for n in 1..=5u32 {
+            let repo = if n % 2 == 0 {
+                RepoKind::Infra
+            } else {
+                RepoKind::App
+            };
+            w.push(k, repo, n, &format!("k{i}-n{n}")).await;
+        }
+    }
+    w.until("every workflow live at its newest pushes", async |w| {
+        let mut all = true;
+        for k in &keys {
+            all &= w.live_at(k, Some(4), Some(5)).await;
+        }
+        all
+    })
+    .await;
+    stop_a.cancel();
+    stop_b.cancel();
+    ha.await.expect("a stops");
+    hb.await.expect("b stops");
+    let total = a.stats().snapshot().transitions + b.stats().snapshot().transitions;
+    let mut written = 0;
+    for k in &keys {
+        let h = w.backend.history(k, 0, 1000).await.expect("history");
+        assert!(h.windows(2).all(|p| p[1].version == p[0].version + 1));
+        written += h.len() as u64;
+    }
+    assert_eq!(total, written, "every transition written once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_rearms_a_workflow_whose_step_message_was_lost() {
+    let w = World::new().await;
+    let k = key("acme", Environment::Dev);
+    w.push(&k, RepoKind::App, 1, "p1").await;
+    // Apply the push by handling its one message, then lose every step message it sent.
+    let engine = w.engine(Instant::default(), fast());
+    let mut push = w
+        .backend
+        .receive(
+            QueueKind::Events,
+            1,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
+        .await
+        .expect("receive");
+    engine.handle(push.remove(0)).await;
+    assert_eq!(w.state(&k).await, Some(State::Preparing));
+    let lost = w
+        .backend
+        .receive(
+            QueueKind::Steps,
+            100,
+            Duration::from_secs(3600),
+            Duration::ZERO,
+        )
+        .await
+        .expect("receive");
+    let _ = w
+        .backend
+        .ack(
+            QueueKind::Steps,
+            lost.iter().map(|d| d.receipt.clone()).collect(),
+        )
+        .await;
+    let state = w.state(&k).await;
+    assert!(
+        matches!(state, Some(State::Preparing | State::RollingOut)),
+        "{state:?}"
+    );
+    // Nothing is outstanding any more; a sweep with a zero deadline re-arms it.
+    let rearmed = sweep_once(&w.backend, &w.backend, &w.clock, Duration::ZERO)
+        .await
+        .expect("sweep");
+    assert_eq!(rearmed, vec![k.clone()]);
+    let (stop, handle) = w.start(&engine);
+    w.until("live", async |w| w.state(&k).await == Some(State::Live))
+        .await;
+    stop.cancel();
+    handle.await.expect("stops");
+    assert!(
+        sweep_once(&w.backend, &w.backend, &w.clock, Duration::ZERO)
+            .await
+            .expect("sweep")
+            .is_empty(),
+        "live workflows are not re-armed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_messages_it_could_not_finish() {
+    let w = World::new().await;
+    let k = key("acme", Environment::Dev);
+    w.push(&k, RepoKind::App, 1, "p1").await;
+    let slow = Instant {
+        delay: Some(Duration::from_secs(3600)),
+        ..Instant::default()
+    };
+    let engine = w.engine(
+        slow,
+        EngineConfig {
+            shutdown_grace: Duration::from_millis(200),
+            ..fast()
+        },
+    );
+    let (stop, handle) = w.start(&engine);
+    w.until("a step is running", async |w| {
+        w.backend
+            .stats(QueueKind::Steps)
+            .await
+            .expect("stats")
+            .in_flight
+            > 0
+    })
+    .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .expect("stops within the grace period")
+        .expect("task");
+    let stats = w.backend.stats(QueueKind::Steps).await.expect("stats");
+    assert_eq!(stats.in_flight, 0, "released, not left invisible");
+    assert!(stats.visible > 0, "deliverable to the next worker at once");
+    let _ = Timestamp::EPOCH;
+}
