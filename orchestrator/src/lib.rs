@@ -2,8 +2,10 @@
 //! adapters (SQLite now; SQS and DynamoDB later), the engine, configuration, and the
 //! `orchestrator` and `wfctl` binaries.
 
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod ports;
 pub mod sqlite;
+pub mod tenants;

@@ -65,6 +65,35 @@ impl Persisted for Tenant {
 }
 
 impl Tenant {
+    /// A tenant of the current schema version with the default branch map, no production
+    /// approval and no signing secret, whose webhook token hashes to `token_sha256`.
+    pub fn new(
+        id: TenantId,
+        domain: Domain,
+        infra_project: u64,
+        app_project: u64,
+        token_sha256: String,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            schema_version: Self::SCHEMA_VERSION,
+            id,
+            domain,
+            infra_project,
+            app_project,
+            branches: Self::default_branches(),
+            production_approval: false,
+            webhook: WebhookAuth {
+                token_sha256,
+                previous_token_sha256: None,
+                previous_valid_until: None,
+                signing_secret: None,
+            },
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     /// The default branch map: `dev`, `staging`, and `master` or `main` to production.
     pub fn default_branches() -> BTreeMap<String, Environment> {
         [
@@ -110,23 +139,14 @@ mod tests {
 
     #[test]
     fn refs_map_through_the_branch_map() {
-        let tenant = Tenant {
-            schema_version: 1,
-            id: TenantId::new("acme").expect("valid"),
-            domain: Domain::new("acme.example").expect("valid"),
-            infra_project: 1,
-            app_project: 2,
-            branches: Tenant::default_branches(),
-            production_approval: false,
-            webhook: WebhookAuth {
-                token_sha256: "00".repeat(32),
-                previous_token_sha256: None,
-                previous_valid_until: None,
-                signing_secret: None,
-            },
-            created_at: Timestamp::EPOCH,
-            updated_at: Timestamp::EPOCH,
-        };
+        let tenant = Tenant::new(
+            TenantId::new("acme").expect("valid"),
+            Domain::new("acme.example").expect("valid"),
+            1,
+            2,
+            "00".repeat(32),
+            Timestamp::EPOCH,
+        );
         assert_eq!(
             tenant.environment_for_ref("refs/heads/main"),
             Some(Environment::Production)

@@ -14,8 +14,7 @@ use orchestrator::ports::{
 };
 use workflows::testing::Driver;
 use workflows::{
-    Domain, Environment, RepoKind, State, Tenant, TenantId, Timestamp, WebhookAuth, WorkflowKey,
-    WorkflowRecord,
+    Domain, Environment, RepoKind, State, Tenant, TenantId, Timestamp, WorkflowKey, WorkflowRecord,
 };
 
 /// A fresh backend and control of its time.
@@ -462,23 +461,14 @@ pub(crate) async fn corrupt_records_are_reported_not_panicked<H: Harness>(h: &H)
 }
 
 pub(crate) fn tenant(id: &str, infra: u64, app: u64) -> Tenant {
-    Tenant {
-        schema_version: 1,
-        id: TenantId::new(id).expect("id"),
-        domain: Domain::new(format!("{id}.example")).expect("domain"),
-        infra_project: infra,
-        app_project: app,
-        branches: Tenant::default_branches(),
-        production_approval: false,
-        webhook: WebhookAuth {
-            token_sha256: "ab".repeat(32),
-            previous_token_sha256: None,
-            previous_valid_until: None,
-            signing_secret: None,
-        },
-        created_at: Timestamp::from_unix_millis(1_000),
-        updated_at: Timestamp::from_unix_millis(1_000),
-    }
+    Tenant::new(
+        TenantId::new(id).expect("id"),
+        Domain::new(format!("{id}.example")).expect("domain"),
+        infra,
+        app,
+        "ab".repeat(32),
+        Timestamp::from_unix_millis(1_000),
+    )
 }
 
 pub(crate) async fn tenants_are_found_by_id_and_project<H: Harness>(h: &H) {

@@ -1,0 +1,521 @@
+//! `orchestrator`: runs the workers, the sweeper, or everything at once on the embedded
+//! default; injects events without GitLab.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use activities::simulated::{SimConfig, SimulatedCloud};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use orchestrator::clock::{SharedClock, SystemClock};
+use orchestrator::config::Config;
+use orchestrator::engine::{Engine, enqueue, run_sweeper};
+use orchestrator::ports::Store;
+use orchestrator::sqlite::SqliteBackend;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use workflows::{
+    Domain, Environment, Event, EventId, GitSha, Push, RepoKind, Tenant, TenantId, WorkflowKey,
+};
+
+const ABOUT: &str = "The tenant-host orchestrator: durable workflows that turn git pushes into \
+running virtual hosts.";
+
+const LONG_ABOUT: &str = "The tenant-host orchestrator: durable workflows that turn git pushes \
+into running virtual hosts.
+
+Configuration comes from a TOML file (--config or $ORCHESTRATOR_CONFIG), then environment \
+variables ORCHESTRATOR__<SECTION>__<KEY> (for example ORCHESTRATOR__ENGINE__CONCURRENCY=16), then \
+flags. Every setting has a default; see the README's configuration section.
+
+Logs go to stderr; RUST_LOG filters them (default: info).";
+
+#[derive(Debug, Parser)]
+#[command(name = "orchestrator", version, about = ABOUT, long_about = LONG_ABOUT)]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, env = "ORCHESTRATOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// The embedded backend's SQLite file (overrides [embedded] path).
+    #[arg(long, global = true)]
+    db: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run everything in one process on the embedded default (SQLite and the simulated cloud):
+    /// workers and the sweeper. Registers a demo tenant and pushes to it unless told not to.
+    Dev(DevArgs),
+    /// Run workers only: receive, handle, commit, until SIGTERM or SIGINT.
+    Worker(WorkerArgs),
+    /// Run the sweeper only: re-arm workflows that have made no progress for too long.
+    Sweeper,
+    /// Put an event on the events queue, as the GitLab ingress or wfctl would.
+    #[command(subcommand)]
+    Inject(Inject),
+    /// Create the embedded backend's file and tables (the other commands do it too).
+    Init,
+}
+
+#[derive(Debug, Args)]
+struct DevArgs {
+    /// Do not register the demo tenant or push to it.
+    #[arg(long)]
+    no_demo: bool,
+    /// Divide the simulated cloud's AWS-like latencies by this (dev's default: 60, so a first
+    /// deployment takes about 15 s instead of 15 min).
+    #[arg(long)]
+    time_scale: Option<f64>,
+    /// Stop once every demo workflow is live (for scripts and tests).
+    #[arg(long)]
+    exit_when_live: bool,
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    /// Messages handled at once (overrides [engine] concurrency).
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Repo {
+    Infra,
+    App,
+}
+
+#[derive(Debug, Subcommand)]
+enum Inject {
+    /// A push to one of a tenant's repositories.
+    Push {
+        /// The tenant.
+        #[arg(long)]
+        tenant: TenantId,
+        /// The environment the pushed branch maps to.
+        #[arg(long)]
+        env: Environment,
+        /// Which repository.
+        #[arg(long, value_enum)]
+        repo: Repo,
+        /// The pushed commit (40 or 64 hex digits).
+        #[arg(long)]
+        sha: GitSha,
+        /// The pushed ref.
+        #[arg(long, default_value = "refs/heads/main")]
+        git_ref: String,
+        /// Who pushed.
+        #[arg(long, default_value = "local")]
+        author: String,
+        /// The head commit's title.
+        #[arg(long, default_value = "pushed with orchestrator inject")]
+        message: String,
+        /// The event id (default: derived from tenant, env, repo and sha, so injecting the same
+        /// push twice within the deduplication window queues it once).
+        #[arg(long)]
+        event_id: Option<EventId>,
+    },
+    /// Create an environment without waiting for a push.
+    Provision {
+        /// The tenant.
+        #[arg(long)]
+        tenant: TenantId,
+        /// The environment.
+        #[arg(long)]
+        env: Environment,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // `dev` prints a line per history entry of its demo workflows; the engine's and the
+    // simulated cloud's own info logs would only repeat them.
+    let default_filter = match cli.command {
+        Command::Dev(_) => "info,orchestrator::engine=warn,activities=warn",
+        _ => "info",
+    };
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .compact()
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+struct Parts {
+    config: Config,
+    backend: Arc<SqliteBackend>,
+    clock: SharedClock,
+}
+
+fn open(cli: &Cli) -> Result<Parts> {
+    let mut config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
+    if let Some(db) = &cli.db {
+        config.embedded.path = db.clone();
+    }
+    let clock: SharedClock = Arc::new(SystemClock);
+    let backend = SqliteBackend::open_with_clock(config.sqlite(), clock.clone())
+        .with_context(|| format!("opening {}", config.embedded.path.display()))?;
+    Ok(Parts {
+        config,
+        backend: Arc::new(backend),
+        clock,
+    })
+}
+
+fn sim_config(config: &Config, default_scale: f64, flag: Option<f64>) -> Result<SimConfig> {
+    let mut table = config.simulated.clone();
+    if !table.contains_key("time_scale") {
+        table.insert("time_scale".into(), toml::Value::Float(default_scale));
+    }
+    if let Some(scale) = flag {
+        table.insert("time_scale".into(), toml::Value::Float(scale));
+    }
+    let sim: SimConfig = table
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow::anyhow!("invalid [simulated] settings: {e}"))?;
+    sim.validate().context("invalid [simulated] settings")?;
+    Ok(sim)
+}
+
+/// Cancelled on SIGINT or SIGTERM.
+fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = ctrl_c => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        info!("shutting down: finishing in-flight work");
+        t.cancel();
+    });
+    token
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Init => {
+            let parts = open(&cli)?;
+            println!("{}", parts.backend.path().display());
+            Ok(())
+        }
+        Command::Inject(inject) => {
+            let parts = open(&cli)?;
+            inject_event(&parts, inject).await
+        }
+        Command::Sweeper => {
+            let parts = open(&cli)?;
+            let stop = shutdown_signal();
+            run_sweeper(
+                &*parts.backend,
+                &*parts.backend,
+                parts.clock.clone(),
+                parts.config.sweeper(),
+                stop,
+            )
+            .await;
+            Ok(())
+        }
+        Command::Worker(args) => {
+            let mut parts = open(&cli)?;
+            if let Some(c) = args.concurrency {
+                parts.config.engine.concurrency = c;
+            }
+            let sim = sim_config(&parts.config, 1.0, None)?;
+            let cloud = SimulatedCloud::open_with_clock(
+                &parts.config.embedded.path,
+                sim,
+                parts.clock.clone(),
+            )
+            .context("opening the simulated cloud")?;
+            let stop = shutdown_signal();
+            let engine = engine(&parts, cloud);
+            info!(db = %parts.backend.path().display(), "worker started");
+            engine.run(stop).await;
+            info!("worker stopped");
+            Ok(())
+        }
+        Command::Dev(args) => dev(&cli, args).await,
+    }
+}
+
+type DevEngine = Engine<SqliteBackend, SqliteBackend, SqliteBackend, SimulatedCloud>;
+
+fn engine(parts: &Parts, cloud: SimulatedCloud) -> Arc<DevEngine> {
+    Arc::new(Engine::new(
+        parts.backend.clone(),
+        parts.backend.clone(),
+        parts.backend.clone(),
+        Arc::new(cloud),
+        parts.clock.clone(),
+        parts.config.engine(),
+    ))
+}
+
+async fn inject_event(parts: &Parts, inject: &Inject) -> Result<()> {
+    let now = parts.clock.now();
+    let (key, event) = match inject {
+        Inject::Push {
+            tenant,
+            env,
+            repo,
+            sha,
+            git_ref,
+            author,
+            message,
+            event_id,
+        } => {
+            let repo = match repo {
+                Repo::Infra => RepoKind::Infra,
+                Repo::App => RepoKind::App,
+            };
+            let key = WorkflowKey::new(tenant.clone(), *env);
+            let event_id = match event_id {
+                Some(id) => id.clone(),
+                None => EventId::new(format!("inject:{key}:{repo}:{sha}"))?,
+            };
+            let event = Event::Push(Push {
+                event_id,
+                repo,
+                sha: sha.clone(),
+                git_ref: git_ref.clone(),
+                author: author.clone(),
+                message: message.clone(),
+                received_at: now,
+            });
+            (key, event)
+        }
+        Inject::Provision { tenant, env } => {
+            let key = WorkflowKey::new(tenant.clone(), *env);
+            let event_id = EventId::new(format!("provision:{key}:{}", now.as_unix_millis()))?;
+            (key, Event::Provision { event_id })
+        }
+    };
+    if parts.backend.tenant(&key.tenant).await?.is_none() {
+        let known: Vec<String> = parts
+            .backend
+            .tenants()
+            .await?
+            .into_iter()
+            .map(|t| t.id.to_string())
+            .collect();
+        bail!(
+            "no tenant {:?}; tenants: {}",
+            key.tenant.as_str(),
+            if known.is_empty() {
+                "none (add one with wfctl tenant add)".to_owned()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    let id = event.id();
+    enqueue(&*parts.backend, &key, event, now).await?;
+    println!("{id}");
+    eprintln!("queued {id} for {key}");
+    Ok(())
+}
+
+const DEMO_TENANT: &str = "demo";
+
+async fn dev(cli: &Cli, args: &DevArgs) -> Result<()> {
+    let parts = open(cli)?;
+    let sim = sim_config(&parts.config, 60.0, args.time_scale)?;
+    let cloud = SimulatedCloud::open_with_clock(
+        &parts.config.embedded.path,
+        sim.clone(),
+        parts.clock.clone(),
+    )
+    .context("opening the simulated cloud")?;
+    let stop = shutdown_signal();
+    let engine = engine(&parts, cloud);
+    info!(db = %parts.backend.path().display(), time_scale = sim.time_scale, "dev: workers and sweeper on the embedded default");
+    let mut demo_keys = Vec::new();
+    if !args.no_demo {
+        demo_keys = start_demo(&parts).await?;
+        for key in &demo_keys {
+            tokio::spawn(watch(parts.backend.clone(), key.clone(), stop.clone()));
+        }
+    }
+    let sweeper = {
+        let backend = parts.backend.clone();
+        let clock = parts.clock.clone();
+        let config = parts.config.sweeper();
+        let stop = stop.clone();
+        tokio::spawn(async move { run_sweeper(&*backend, &*backend, clock, config, stop).await })
+    };
+    if args.exit_when_live {
+        let backend = parts.backend.clone();
+        let stop = stop.clone();
+        let keys = demo_keys.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut live = !keys.is_empty();
+                for k in &keys {
+                    live &= matches!(backend.workflow(k).await, Ok(Some(r)) if r.state() == workflows::State::Live);
+                }
+                if live {
+                    info!("every demo workflow is live");
+                    stop.cancel();
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+    engine.run(stop).await;
+    let _ = sweeper.await;
+    Ok(())
+}
+
+/// Registers the demo tenant (once) and pushes both of its repositories to `dev`.
+async fn start_demo(parts: &Parts) -> Result<Vec<WorkflowKey>> {
+    let id = TenantId::new(DEMO_TENANT)?;
+    let now = parts.clock.now();
+    if parts.backend.tenant(&id).await?.is_none() {
+        let token = orchestrator::tenants::generate_token();
+        let tenant = Tenant::new(
+            id.clone(),
+            Domain::new("demo.example.com")?,
+            1001,
+            1002,
+            orchestrator::tenants::token_sha256(&token),
+            now,
+        );
+        match parts.backend.put_tenant(&tenant, true).await {
+            Ok(()) => info!(
+                tenant = DEMO_TENANT,
+                "demo tenant registered (GitLab projects 1001 and 1002)"
+            ),
+            Err(orchestrator::ports::Error::AlreadyExists(what)) => {
+                warn!(%what, "demo tenant not registered: its projects are taken");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let key = WorkflowKey::new(id, Environment::Dev);
+    // New commits each start, so every `orchestrator dev` shows a deployment.
+    let seed = u64::try_from(now.as_unix_millis()).unwrap_or(0);
+    for (repo, salt) in [(RepoKind::Infra, 1u64), (RepoKind::App, 2u64)] {
+        let sha = GitSha::new(format!("{:016x}{:024x}", seed, salt))?;
+        let event = Event::Push(Push {
+            event_id: EventId::new(format!("demo:{key}:{repo}:{sha}"))?,
+            repo,
+            sha: sha.clone(),
+            git_ref: "refs/heads/dev".into(),
+            author: "demo".into(),
+            message: format!("demo {repo} push"),
+            received_at: now,
+        });
+        enqueue(&*parts.backend, &key, event, now).await?;
+        info!(workflow = %key, %repo, sha = %sha.short(), "demo push queued");
+    }
+    Ok(vec![key])
+}
+
+/// Prints every new history entry of `key` to stderr, as it is written.
+async fn watch(backend: Arc<SqliteBackend>, key: WorkflowKey, stop: CancellationToken) {
+    let mut after = match backend.workflow(&key).await {
+        Ok(Some(r)) => r.version,
+        _ => 0,
+    };
+    // A step waiting for something reports the same progress many times; say it once.
+    let mut said: std::collections::HashMap<workflows::StepKind, String> = Default::default();
+    while !stop.is_cancelled() {
+        match backend.history(&key, after, 100).await {
+            Ok(entries) => {
+                for e in entries {
+                    after = e.version;
+                    if let workflows::Event::Step(r) = &e.event {
+                        if let workflows::StepOutcome::Progress { note, .. } = &r.outcome {
+                            if said.get(&r.step) == Some(note) {
+                                continue;
+                            }
+                            said.insert(r.step, note.clone());
+                        } else {
+                            said.remove(&r.step);
+                        }
+                    }
+                    eprintln!("{}", describe(&e));
+                }
+            }
+            Err(e) => warn!(error = %e, "watch: history not readable"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+/// One line for a history entry, for people watching `orchestrator dev`: the workflow, the
+/// version, the state after it, what happened, and which steps it started.
+fn describe(e: &workflows::HistoryEntry) -> String {
+    let started: Vec<String> = e
+        .commands
+        .iter()
+        .filter_map(|c| match c {
+            workflows::Command::RunStep(t) if t.delay.is_zero() => Some(t.step.to_string()),
+            _ => None,
+        })
+        .collect();
+    let mut line = format!(
+        "{}  v{:<3} {:<18} {}",
+        e.key,
+        e.version,
+        e.to,
+        orchestrator::cli::views::describe_event(&e.event)
+    );
+    if let workflows::Event::Step(r) = &e.event
+        && r.step == workflows::StepKind::Rollout
+        && matches!(r.outcome, workflows::StepOutcome::Done { .. })
+    {
+        line.push_str("; the release is live");
+        if let (true, Some(run)) = (e.to != workflows::State::Live, e.run) {
+            line.push_str(&format!("; run {run} starts for the pushes that waited"));
+        }
+    }
+    if !started.is_empty() {
+        line.push_str(&format!("; starting {}", started.join(", ")));
+    }
+    line
+}

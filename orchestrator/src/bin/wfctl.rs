@@ -1,0 +1,298 @@
+//! `wfctl`, the operators' tool: registers tenants and reads the workflows, records and
+//! history the workers write. See `wfctl --help`.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use orchestrator::cli::output::{Format, Printer, color_enabled};
+use orchestrator::cli::tenant::{AddRequest, parse_branch};
+use orchestrator::cli::workflow::{HistoryRequest, ListRequest};
+use orchestrator::cli::{self, BackendArgs, EXIT_FAILED, EXIT_OK, Error, parse_state};
+use orchestrator::clock::{Clock, SystemClock};
+use workflows::{Domain, Environment, State, TenantId};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the operation failed (not found, already exists, corrupt record)
+  2  usage or configuration error
+  3  the backend cannot be reached (database file missing or unreadable)
+
+Environment:
+  ORCHESTRATOR_CONFIG            configuration file (as --config)
+  ORCHESTRATOR__SECTION__KEY     overrides a setting, e.g. ORCHESTRATOR__EMBEDDED__PATH
+  NO_COLOR                       set (non-empty) to never colour the output
+
+Data goes to stdout, messages and errors to stderr. Colour is used only when stdout is a
+terminal. `-o json` prints JSON with stable snake_case field names: instants are RFC 3339
+strings in UTC, commits full shas, run ids strings like \"r7\", a field that does not apply is
+null. Each command's --help lists its fields.";
+
+/// The operators' tool of the tenant-host orchestrator.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wfctl",
+    version,
+    about = "The operators' tool of the tenant-host orchestrator: tenants, workflows, history",
+    long_about = "The operators' tool of the tenant-host orchestrator. It registers tenants and \
+                  reads the workflow records and history that the workers write, from the same \
+                  store (the embedded SQLite file).",
+    after_help = EXIT_CODES,
+    propagate_version = true
+)]
+struct Cli {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Output format: aligned tables for people, or JSON for scripts.
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_enum,
+        default_value_t = Format::Table,
+        help_heading = "Global options"
+    )]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Register tenants and show them.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// List workflows (one per tenant and environment) with their state.
+    #[command(after_long_help = LIST_JSON)]
+    List(ListArgs),
+    /// Show a tenant's workflows: state, run and steps, resources, what is deployed, pending
+    /// pushes.
+    #[command(after_long_help = SHOW_JSON)]
+    Show(ShowArgs),
+    /// Show the history of one workflow: one line per applied event, oldest first.
+    #[command(after_long_help = HISTORY_JSON)]
+    History(HistoryArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Register a tenant and print its webhook secret token, once.
+    ///
+    /// The token is generated from the operating system's CSPRNG and printed on stdout (alone
+    /// on its line in table mode, so `wfctl tenant add ... > secret.txt` keeps it); only its
+    /// SHA-256 is stored, so it cannot be shown again. Set it as the secret token of the
+    /// webhooks of both GitLab projects.
+    #[command(after_long_help = TENANT_ADD_JSON)]
+    Add(TenantAddArgs),
+    /// List the registered tenants.
+    #[command(after_long_help = TENANT_JSON)]
+    List,
+    /// Show one tenant (never its token hash or secrets).
+    #[command(after_long_help = TENANT_JSON)]
+    Show {
+        /// The tenant's id.
+        id: TenantId,
+    },
+}
+
+#[derive(Debug, Args)]
+struct TenantAddArgs {
+    /// The tenant's id: 3 to 20 characters of lowercase letters, digits and '-', starting with
+    /// a letter.
+    id: TenantId,
+    /// The tenant's domain; environments are served at <env>.<domain>.
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Domain,
+    /// GitLab project id of the infrastructure repository.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    infra_project: u64,
+    /// GitLab project id of the application repository (not the infra one).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    app_project: u64,
+    /// Map a branch to an environment (dev, staging, production); repeat for more branches.
+    /// Without any: dev=dev, staging=staging, main=production, master=production.
+    #[arg(long = "branch", value_name = "BRANCH=ENV", value_parser = parse_branch)]
+    branches: Vec<(String, Environment)>,
+    /// Production runs wait for `approve` before rolling out.
+    #[arg(long)]
+    production_approval: bool,
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    /// Only workflows in this state: unprovisioned, preparing, awaiting_approval, rolling_out,
+    /// live, failed, decommissioning or decommissioned.
+    #[arg(long, value_name = "STATE", value_parser = parse_state)]
+    status: Option<State>,
+    /// Only workflows of this environment (dev, staging, production).
+    #[arg(long, value_name = "ENV")]
+    env: Option<Environment>,
+    /// Only workflows of this tenant.
+    #[arg(long, value_name = "ID")]
+    tenant: Option<TenantId>,
+}
+
+#[derive(Debug, Args)]
+struct ShowArgs {
+    /// The tenant.
+    tenant: TenantId,
+    /// Only this environment (dev, staging, production); without it, every environment that
+    /// has a workflow.
+    #[arg(long, value_name = "ENV")]
+    env: Option<Environment>,
+}
+
+#[derive(Debug, Args)]
+struct HistoryArgs {
+    /// The tenant.
+    tenant: TenantId,
+    /// The environment (dev, staging, production).
+    #[arg(long, value_name = "ENV")]
+    env: Environment,
+    /// At most N entries: the newest N, or with --after the first N after that version.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
+    /// Only entries after this record version (for paging: pass the last version seen).
+    #[arg(long, value_name = "VERSION")]
+    after: Option<u64>,
+}
+
+const TENANT_JSON: &str = "\
+JSON output (-o json): a tenant object (list: an array of them) with
+  id, domain, infra_project, app_project,
+  branches                    object of branch name -> environment
+  production_approval         bool
+  signing_secret_set          bool (the secret itself is never shown)
+  previous_token_valid_until  instant until which the token before a rotation is accepted, or null
+  created_at, updated_at";
+
+const TENANT_ADD_JSON: &str = "\
+JSON output (-o json): {\"tenant\": <tenant object>, \"webhook_secret\": \"whk_...\"}, where the
+tenant object has the fields of `wfctl tenant show -o json`:
+  id, domain, infra_project, app_project, branches, production_approval, signing_secret_set,
+  previous_token_valid_until, created_at, updated_at";
+
+const LIST_JSON: &str = "\
+JSON output (-o json): an array of
+  key         \"tenant#env\"
+  tenant, env
+  state       unprovisioned, preparing, awaiting_approval, rolling_out, live, failed,
+              decommissioning or decommissioned
+  version     the record's version
+  updated_at
+  corrupt     why the engine stopped the workflow because its record does not decode, or null";
+
+const SHOW_JSON: &str = "\
+JSON output (-o json): an array with one object per environment:
+  key, tenant, env, state, version, created_at, updated_at
+  corrupt     the decoding error when the record cannot be read (then the fields below are
+              null or empty, and wfctl exits with 1), else null
+  desired     {infra, app}: the newest commits accepted (null: never pushed)
+  run         null, or {id, kind, release: {infra, app}, trigger, started_at, finished_at,
+              ended (succeeded, cancelled, abandoned or null while active), needs_approval,
+              approved, steps: [{step, status, attempt, first_attempt_at, finished_at,
+              next_attempt_at, last_error, note}]}
+  resources   {instance_security_group, database_security_group, infra_artifact,
+              app_artifact, image_id, image_infra_sha, database_instance_id, database_endpoint,
+              database_secret_arn, host, target_group_arn, rule_arn, rule_priority,
+              auto_scaling_group, serving_image_id}
+  deployed    null, or {release: {infra, app}, run, at}
+  pending     [{repo, sha, ref, author, message, event_id, received_at}]";
+
+const HISTORY_JSON: &str = "\
+JSON output (-o json): an array, oldest first, of
+  version     the record version the entry produced
+  at          when it was applied
+  event       push, provision, signal, step, timer or rearm
+  event_id
+  summary     the event in words, as in the table
+  verdict     accepted, ignored, refused, stale or duplicate
+  reason      why, when not accepted; else null
+  from, to    the states before and after
+  run         the run current after the event (\"r7\"), or null
+  detail      the event in full, as persisted";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut err = stderr.lock();
+    let now = SystemClock.now();
+    let result = {
+        let mut printer = Printer::new(cli.output, color_enabled(), now, &mut out, &mut err);
+        let result = runtime.block_on(run(&cli, &mut printer));
+        result.and_then(|()| printer.flush().map_err(Error::from))
+    };
+    // Anything still buffered goes out before the error message.
+    let result = result.and_then(|()| out.flush().map_err(Error::from));
+    match result {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(e) if e.is_broken_pipe() => ExitCode::from(EXIT_OK),
+        Err(e) => {
+            let _ = out.flush();
+            let _ = writeln!(err, "error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
+    match &cli.command {
+        Command::Tenant(TenantCommand::Add(a)) => {
+            let store = cli.backend.open(true)?;
+            let req = AddRequest {
+                id: a.id.clone(),
+                domain: a.domain.clone(),
+                infra_project: a.infra_project,
+                app_project: a.app_project,
+                branches: a.branches.clone(),
+                production_approval: a.production_approval,
+            };
+            cli::tenant::add(&store, &req, p).await
+        }
+        Command::Tenant(TenantCommand::List) => {
+            let store = cli.backend.open(false)?;
+            cli::tenant::list(&store, p).await
+        }
+        Command::Tenant(TenantCommand::Show { id }) => {
+            let store = cli.backend.open(false)?;
+            cli::tenant::show(&store, id, p).await
+        }
+        Command::List(a) => {
+            let store = cli.backend.open(false)?;
+            let req = ListRequest {
+                state: a.status,
+                env: a.env,
+                tenant: a.tenant.clone(),
+            };
+            cli::workflow::list(&store, &req, p).await
+        }
+        Command::Show(a) => {
+            let store = cli.backend.open(false)?;
+            cli::workflow::show(&store, &a.tenant, a.env, p).await
+        }
+        Command::History(a) => {
+            let store = cli.backend.open(false)?;
+            let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+            let req = HistoryRequest {
+                tenant: a.tenant.clone(),
+                env: a.env,
+                limit: a.limit.map(to_usize),
+                after: a.after,
+            };
+            cli::workflow::history(&store, &req, p).await
+        }
+    }
+}
