@@ -19,6 +19,7 @@ use std::time::Duration;
 use workflows::{Domain, RetryPolicy, StepKind, StepOutput, StepTask, WorkflowKey};
 
 pub mod clock;
+pub mod gate;
 pub mod simulated;
 
 /// Where a step stands after one invocation of its reconciler.

@@ -84,8 +84,15 @@ pub struct SimulatedCloud {
     inner: Arc<Inner>,
 }
 
+/// An invocation waiting for the connection, and where its result goes.
+type PendingJob = (Job, std::sync::mpsc::Sender<Result<Outcome, Error>>);
+
 struct Inner {
     conn: Mutex<Connection>,
+    /// Invocations waiting to be run in the next transaction.
+    pending: Mutex<Vec<PendingJob>>,
+    /// Taken around every write transaction (see [`crate::gate`]); `None` in memory.
+    gate: Option<Arc<Mutex<()>>>,
     config: SimConfig,
     clock: Arc<dyn Clock>,
     rng: Mutex<fastrand::Rng>,
@@ -130,7 +137,8 @@ impl SimulatedCloud {
     ) -> Result<Self, Error> {
         config.validate()?;
         let conn = store::open_file(path, Duration::from_millis(config.busy_timeout_ms))?;
-        Self::with_connection(conn, config, clock, path.display().to_string())
+        let gate = Some(crate::gate::write_gate(path));
+        Self::with_connection(conn, gate, config, clock, path.display().to_string())
     }
 
     /// A simulated cloud in memory (gone when dropped), on the system clock.
@@ -142,11 +150,12 @@ impl SimulatedCloud {
     pub fn in_memory_with_clock(config: SimConfig, clock: Arc<dyn Clock>) -> Result<Self, Error> {
         config.validate()?;
         let conn = Connection::open_in_memory()?;
-        Self::with_connection(conn, config, clock, ":memory:".to_owned())
+        Self::with_connection(conn, None, config, clock, ":memory:".to_owned())
     }
 
     fn with_connection(
         mut conn: Connection,
+        gate: Option<Arc<Mutex<()>>>,
         config: SimConfig,
         clock: Arc<dyn Clock>,
         location: String,
@@ -159,9 +168,11 @@ impl SimulatedCloud {
         Ok(Self {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
+                gate,
                 config,
                 clock,
                 rng: Mutex::new(rng),
+                pending: Mutex::new(Vec::new()),
                 location,
             }),
         })
@@ -237,7 +248,7 @@ impl SimulatedCloud {
         let span = tracing::Span::current();
         let result = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
-            inner.reconcile(&job)
+            inner.reconcile(job)
         })
         .await
         .unwrap_or_else(|e| Err(Error::Blocking(e.to_string())));
@@ -279,22 +290,86 @@ impl Inner {
         f(&conn)
     }
 
-    /// One invocation's read-check-write, in one `BEGIN IMMEDIATE` transaction; the clock is
+    /// One invocation's read-check-write, in a `BEGIN IMMEDIATE` transaction; the clock is
     /// read once the write lock is held.
-    fn reconcile(&self, job: &Job) -> Result<Outcome, Error> {
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let cx = reconcile::Cx {
-            key: &job.key,
-            domain: &job.domain,
-            task: &job.task,
-            now_ms: self.clock.now().as_unix_millis(),
-            config: &self.config,
-        };
-        // An error drops the transaction, which rolls it back.
-        let outcome = reconcile::reconcile(&tx, &cx)?;
-        tx.commit()?;
-        Ok(outcome)
+    ///
+    /// Invocations that arrive while a transaction is running are committed together by the
+    /// next caller to get the connection (each inside its own savepoint, so one failing
+    /// invocation undoes only itself): one lock and one commit for many invocations, as the
+    /// orchestrator's writer does, instead of one each.
+    fn reconcile(&self, job: Job) -> Result<Outcome, Error> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((job, tx));
+        loop {
+            if let Ok(result) = rx.try_recv() {
+                return result;
+            }
+            let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            // Whoever held the connection may have run this job meanwhile.
+            if let Ok(result) = rx.try_recv() {
+                return result;
+            }
+            let batch =
+                std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+            if !batch.is_empty() {
+                self.run_batch(&conn, batch);
+            }
+        }
+    }
+
+    fn run_batch(&self, conn: &Connection, batch: Vec<PendingJob>) {
+        let _turn = self
+            .gate
+            .as_ref()
+            .map(|g| g.lock().unwrap_or_else(PoisonError::into_inner));
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let e = Error::from(e).to_string();
+            for (_, reply) in batch {
+                let _ = reply.send(Err(Error::Storage(e.clone())));
+            }
+            return;
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        for (job, reply) in batch {
+            let cx = reconcile::Cx {
+                key: &job.key,
+                domain: &job.domain,
+                task: &job.task,
+                now_ms: self.clock.now().as_unix_millis(),
+                config: &self.config,
+            };
+            let result = conn
+                .execute_batch("SAVEPOINT invocation")
+                .map_err(Error::from)
+                .and_then(|()| reconcile::reconcile(conn, &cx));
+            let end = if result.is_ok() {
+                "RELEASE invocation"
+            } else {
+                "ROLLBACK TO invocation; RELEASE invocation"
+            };
+            let result = match conn.execute_batch(end) {
+                Ok(()) => result,
+                Err(e) => Err(Error::from(e)),
+            };
+            results.push((reply, result));
+        }
+        match conn.execute_batch("COMMIT") {
+            Ok(()) => {
+                for (reply, result) in results {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                let e = Error::from(e).to_string();
+                for (reply, _) in results {
+                    let _ = reply.send(Err(Error::Storage(e.clone())));
+                }
+            }
+        }
     }
 
     fn draw_fault(&self) -> Option<Fault> {

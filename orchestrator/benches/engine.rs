@@ -35,6 +35,8 @@ struct Options {
     rate: u64,
     seconds: u64,
     concurrency: usize,
+    /// Keep the simulated cloud in memory instead of in the SQLite file (for comparison).
+    sim_in_memory: bool,
 }
 
 fn options() -> Options {
@@ -44,11 +46,17 @@ fn options() -> Options {
         rate: 500,
         seconds: 20,
         concurrency: 128,
+        sim_in_memory: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < args.len() {
         let value = args.get(i + 1).and_then(|v| v.parse::<u64>().ok());
+        if args[i] == "--sim-in-memory" {
+            o.sim_in_memory = true;
+            i += 1;
+            continue;
+        }
         match (args[i].as_str(), value) {
             ("--tenants", Some(v)) => o.tenants = v as usize,
             ("--pushes", Some(v)) => o.pushes = v as usize,
@@ -268,8 +276,15 @@ async fn run(o: Options) {
         sent: Vec::new(),
     };
     println!(
-        "engine benchmark: {} tenants x {} pushes, SQLite synchronous=FULL (WAL, group commit), simulated cloud at zero latency, concurrency {}",
-        o.tenants, o.pushes, o.concurrency
+        "engine benchmark: {} tenants x {} pushes, SQLite synchronous=FULL (WAL, group commit), simulated cloud at zero latency ({}), concurrency {}",
+        o.tenants,
+        o.pushes,
+        if o.sim_in_memory {
+            "in memory"
+        } else {
+            "in the same file"
+        },
+        o.concurrency
     );
 
     // 1. Throughput.

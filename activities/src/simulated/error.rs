@@ -7,6 +7,9 @@ pub enum Error {
     /// The SQLite file failed (busy beyond the timeout, I/O, a constraint): retryable.
     #[error("simulated cloud storage: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The transaction that ran this invocation with others failed as a whole: retryable.
+    #[error("simulated cloud storage: {0}")]
+    Storage(String),
     /// The blocking task running the SQLite transaction panicked or was cancelled: retryable.
     #[error("simulated cloud storage task failed: {0}")]
     Blocking(String),
@@ -75,6 +78,7 @@ impl Error {
         matches!(
             self,
             Error::Sqlite(_)
+                | Error::Storage(_)
                 | Error::Blocking(_)
                 | Error::Throttling
                 | Error::Internal

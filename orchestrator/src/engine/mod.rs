@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use activities::{Activities, Invocation, Outcome};
 use serde::Serialize;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -136,10 +136,19 @@ fn bump(c: &AtomicU64) {
 /// What became of one message.
 #[derive(Debug)]
 enum Handled {
-    /// Committed (and so acknowledged).
-    Done,
+    /// Committed (and so acknowledged), with the step messages the commit claimed for this
+    /// worker to run next.
+    Done(Vec<Delivery>),
     /// Moved to the dead-letter queue.
     Quarantined,
+}
+
+/// Where an intake loop takes messages from.
+enum Source {
+    /// Received from a queue.
+    Queue(QueueKind),
+    /// Claimed by this worker's own commits.
+    Local(mpsc::UnboundedReceiver<Delivery>),
 }
 
 /// The engine: generic over its ports and activities.
@@ -248,78 +257,121 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
     /// Receives and handles messages from both queues until `shutdown` is cancelled, then
     /// stops receiving, gives in-flight handlers `shutdown_grace` to finish and releases the
     /// messages of those that did not.
+    ///
+    /// Step messages that a commit claimed for this worker are handled at once, beside the
+    /// received ones and under the same concurrency bound.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let (local_tx, local_rx) = mpsc::unbounded_channel();
         let mut loops = JoinSet::new();
         for queue in QueueKind::ALL {
             let engine = self.clone();
-            let permits = permits.clone();
-            let shutdown = shutdown.clone();
-            loops.spawn(async move { engine.receive_loop(queue, permits, shutdown).await });
+            let source = Source::Queue(queue);
+            loops.spawn(engine.intake(source, permits.clone(), local_tx.clone(), shutdown.clone()));
         }
+        let engine = self.clone();
+        let source = Source::Local(local_rx);
+        loops.spawn(engine.intake(source, permits, local_tx, shutdown));
         while loops.join_next().await.is_some() {}
     }
 
-    async fn receive_loop(
+    /// Takes messages from one source and handles each in its own task.
+    async fn intake(
         self: Arc<Self>,
-        queue: QueueKind,
+        mut source: Source,
         permits: Arc<Semaphore>,
+        local: mpsc::UnboundedSender<Delivery>,
         shutdown: CancellationToken,
     ) {
         let mut handlers: JoinSet<()> = JoinSet::new();
-        let in_flight: Arc<Mutex<HashMap<String, Receipt>>> = Arc::default();
+        let in_flight: Arc<Mutex<HashMap<String, (QueueKind, Receipt)>>> = Arc::default();
         let mut backoff = Duration::from_millis(50);
         while !shutdown.is_cancelled() {
             while handlers.try_join_next().is_some() {}
-            // Ask only for as many messages as can be handled now.
-            let Ok(first) = permits.clone().acquire_owned().await else {
-                break;
-            };
-            let mut held = vec![first];
-            while held.len() < self.config.batch {
-                match permits.clone().try_acquire_owned() {
-                    Ok(p) => held.push(p),
-                    Err(_) => break,
-                }
-            }
-            let received = tokio::select! {
-                () = shutdown.cancelled() => break,
-                r = self.queue.receive(queue, held.len(), self.config.visibility, self.config.wait) => r,
-            };
-            let deliveries = match received {
-                Ok(d) => {
-                    backoff = Duration::from_millis(50);
-                    d
-                }
-                Err(e) => {
-                    warn!(queue = %queue, error = %e, "receive failed; backing off");
-                    drop(held);
-                    tokio::select! {
+            let deliveries = match &mut source {
+                Source::Local(rx) => {
+                    let next = tokio::select! {
                         () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(backoff) => {}
+                        next = rx.recv() => next,
+                    };
+                    match next {
+                        Some(d) => vec![d],
+                        None => break,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
+                }
+                Source::Queue(queue) => {
+                    // Ask only for as many messages as can be handled now, without holding
+                    // capacity while the receive waits: claimed messages use it meanwhile.
+                    if permits.available_permits() == 0 {
+                        tokio::select! {
+                            () = shutdown.cancelled() => break,
+                            p = permits.acquire() => drop(p),
+                        }
+                    }
+                    let n = permits.available_permits().clamp(1, self.config.batch);
+                    let received = tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        r = self.queue.receive(*queue, n, self.config.visibility, self.config.wait) => r,
+                    };
+                    match received {
+                        Ok(d) => {
+                            backoff = Duration::from_millis(50);
+                            d
+                        }
+                        Err(e) => {
+                            warn!(queue = %queue, error = %e, "receive failed; backing off");
+                            tokio::select! {
+                                () = shutdown.cancelled() => break,
+                                () = tokio::time::sleep(backoff) => {}
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
+                    }
                 }
             };
             for delivery in deliveries {
-                let Some(permit) = held.pop() else { break };
+                // Received messages are invisible to others already: wait for capacity
+                // rather than give them back.
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
                 let engine = self.clone();
                 let in_flight = in_flight.clone();
+                let local = local.clone();
                 if let Ok(mut m) = in_flight.lock() {
-                    m.insert(delivery.id.clone(), delivery.receipt.clone());
+                    m.insert(
+                        delivery.id.clone(),
+                        (delivery.queue, delivery.receipt.clone()),
+                    );
                 }
                 handlers.spawn(async move {
                     let id = delivery.id.clone();
-                    engine.handle(delivery).await;
+                    let claimed = engine.handle(delivery).await;
                     if let Ok(mut m) = in_flight.lock() {
                         m.remove(&id);
                     }
                     drop(permit);
+                    for next in claimed {
+                        if let Err(mpsc::error::SendError(next)) = local.send(next) {
+                            // Shutting down: release it for the next worker.
+                            let _ = engine
+                                .queue
+                                .extend(next.queue, &next.receipt, Duration::ZERO)
+                                .await;
+                        }
+                    }
                 });
             }
         }
-        // Shutdown: nothing new is received; let handlers finish within the grace period.
+        // Shutdown: nothing new is taken. Claimed messages not started yet are released.
+        if let Source::Local(rx) = &mut source {
+            rx.close();
+            while let Ok(d) = rx.try_recv() {
+                let _ = self.queue.extend(d.queue, &d.receipt, Duration::ZERO).await;
+            }
+        }
+        // Let handlers finish within the grace period; release what they still hold.
         let grace = tokio::time::sleep(self.config.shutdown_grace);
         tokio::pin!(grace);
         loop {
@@ -327,16 +379,16 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                 next = handlers.join_next() => if next.is_none() { break },
                 () = &mut grace => {
                     handlers.abort_all();
-                    let left: Vec<Receipt> = in_flight
+                    let left: Vec<(QueueKind, Receipt)> = in_flight
                         .lock()
                         .map(|m| m.values().cloned().collect())
                         .unwrap_or_default();
-                    for receipt in &left {
+                    for (queue, receipt) in &left {
                         // Released, so another worker takes it at once instead of after the
                         // visibility timeout. Failure only delays it.
-                        let _ = self.queue.extend(queue, receipt, Duration::ZERO).await;
+                        let _ = self.queue.extend(*queue, receipt, Duration::ZERO).await;
                     }
-                    info!(queue = %queue, released = left.len(), "shutdown grace over; released in-flight messages");
+                    info!(released = left.len(), "shutdown grace over; released in-flight messages");
                     break;
                 }
             }
@@ -344,16 +396,20 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
     }
 
     /// Handles one delivery; every outcome is final for this delivery (committed,
-    /// quarantined, or left for redelivery after an error that may pass).
-    pub async fn handle(&self, delivery: Delivery) {
+    /// quarantined, or left for redelivery after an error that may pass). Returns the step
+    /// messages its commit claimed for this worker: the caller handles them next (or releases
+    /// them).
+    pub async fn handle(&self, delivery: Delivery) -> Vec<Delivery> {
         let heartbeat = self.heartbeat(&delivery);
         let result = self.handle_inner(&delivery).await;
         heartbeat.abort();
         match result {
-            Ok(Handled::Done | Handled::Quarantined) => {}
+            Ok(Handled::Done(claimed)) => claimed,
+            Ok(Handled::Quarantined) => Vec::new(),
             Err(e) => {
                 bump(&self.stats.errors);
                 warn!(queue = %delivery.queue, message.id = %delivery.id, error = %e, retryable = e.is_retryable(), "message left for redelivery");
+                Vec::new()
             }
         }
     }
@@ -512,7 +568,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                         message: conflict.to_string(),
                     },
                 })?;
-                return Ok(Handled::Done);
+                return Ok(Handled::Done(Vec::new()));
             }
             bump(&self.stats.activities);
             let outcome = self
@@ -556,7 +612,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         .await
     }
 
-    async fn commit(&self, commit: Commit) -> Result<(), WriteError> {
+    async fn commit(&self, commit: Commit) -> Result<Vec<Delivery>, WriteError> {
         match self.journal.commit(vec![commit]).await.pop() {
             Some(r) => r,
             None => Err(WriteError::Store(Error::Unavailable {
@@ -612,6 +668,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                             write: None,
                             send: outgoing(key, &commands, now),
                             ack: Some(ack.clone()),
+                            claim: None,
                         }
                     }
                     Verdict::Stale(reason) => {
@@ -631,12 +688,13 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                             write: Some(RecordWrite::new(&record, &entry)),
                             send: outgoing(key, &applied.commands, now),
                             ack: Some(ack.clone()),
+                            claim: Some(self.config.visibility),
                         }
                     }
                 };
                 let writes = commit.write.is_some();
                 match self.commit(commit).await {
-                    Ok(()) => {
+                    Ok(claimed) => {
                         if writes {
                             bump(&self.stats.transitions);
                             if applied.from != applied.to {
@@ -644,7 +702,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                             }
                             self.remember(record);
                         }
-                        return Ok(Handled::Done);
+                        return Ok(Handled::Done(claimed));
                     }
                     Err(WriteError::Conflict { found, .. }) => {
                         bump(&self.stats.conflicts);

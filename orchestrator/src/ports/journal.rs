@@ -6,11 +6,17 @@
 //! atomic outbox). [`Sequential`] commits them one after the other on any `Store` and `Queue`,
 //! which is what SQS and DynamoDB allow: a crash between the steps leaves the message
 //! unacknowledged, and its redelivery finds the event applied and sends its commands again.
+//!
+//! A commit may also **claim** the step messages it sends: the SQLite backend then stores them
+//! as already received by the committing worker (invisible for the given visibility timeout)
+//! and returns them as deliveries, so the worker runs the next step at once without a receive.
+//! If the worker dies, the visibility timeout hands them to another worker like any message.
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::queue::{Outgoing, Queue, QueueKind, Receipt};
+use super::queue::{Delivery, Outgoing, Queue, QueueKind, Receipt};
 use super::store::{RecordWrite, Store, WriteError};
 
 /// What handling one message changes.
@@ -22,16 +28,20 @@ pub struct Commit {
     pub send: Vec<Outgoing>,
     /// The handled message.
     pub ack: Option<(QueueKind, Receipt)>,
+    /// Claim the undelayed step messages of `send` for this worker, invisible to others for
+    /// this long. Journals that cannot claim send them normally.
+    pub claim: Option<Duration>,
 }
 
 /// Commits handled messages.
 pub trait Journal: Send + Sync + 'static {
-    /// Commits each of `commits`; one result per commit, in order. A commit whose write
-    /// conflicts changes nothing (nothing sent, nothing acknowledged).
+    /// Commits each of `commits`; one result per commit, in order, with the messages it
+    /// claimed. A commit whose write conflicts changes nothing (nothing sent, nothing
+    /// acknowledged).
     fn commit(
         &self,
         commits: Vec<Commit>,
-    ) -> impl Future<Output = Vec<Result<(), WriteError>>> + Send;
+    ) -> impl Future<Output = Vec<Result<Vec<Delivery>, WriteError>>> + Send;
 }
 
 /// A journal over a separate store and queue: write, then send, then acknowledge.
@@ -49,10 +59,11 @@ impl<S, Q> Sequential<S, Q> {
 }
 
 impl<S: Store, Q: Queue> Journal for Sequential<S, Q> {
-    async fn commit(&self, commits: Vec<Commit>) -> Vec<Result<(), WriteError>> {
+    async fn commit(&self, commits: Vec<Commit>) -> Vec<Result<Vec<Delivery>, WriteError>> {
         let mut results = Vec::with_capacity(commits.len());
         for commit in commits {
-            results.push(self.commit_one(commit).await);
+            // Sent messages are not claimed: other workers receive them.
+            results.push(self.commit_one(commit).await.map(|()| Vec::new()));
         }
         results
     }

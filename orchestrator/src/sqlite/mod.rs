@@ -482,7 +482,7 @@ impl Store for SqliteBackend {
             ..Commit::default()
         }]);
         match results.await.pop() {
-            Some(r) => r,
+            Some(r) => r.map(|_| ()),
             None => Err(WriteError::Store(unavailable(
                 "the writer answered nothing",
             ))),
@@ -715,7 +715,7 @@ impl Store for SqliteBackend {
 }
 
 impl Journal for SqliteBackend {
-    async fn commit(&self, commits: Vec<Commit>) -> Vec<Result<(), WriteError>> {
+    async fn commit(&self, commits: Vec<Commit>) -> Vec<Result<Vec<Delivery>, WriteError>> {
         let n = commits.len();
         let queues: Vec<QueueKind> = commits
             .iter()

@@ -68,7 +68,7 @@ pub(super) enum Op {
 #[derive(Debug)]
 pub(super) enum Reply {
     Done,
-    Committed(Vec<Result<(), WriteError>>),
+    Committed(Vec<Result<Vec<Delivery>, WriteError>>),
     /// Deliveries, and when the next message of the queue becomes visible if none was.
     Received(Vec<Delivery>, Option<Timestamp>),
     /// Receipts that were not current.
@@ -91,9 +91,10 @@ impl Writer {
         clock: SharedClock,
     ) -> Result<Self, Error> {
         let (tx, rx) = mpsc::channel::<(Op, Responder)>();
+        let gate = activities::gate::write_gate(&config.path);
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run(conn, rx, &config, &clock))
+            .spawn(move || run(conn, rx, &config, &clock, &gate))
             .map_err(unavailable)?;
         Ok(Self { tx })
     }
@@ -110,6 +111,7 @@ fn run(
     rx: mpsc::Receiver<(Op, Responder)>,
     config: &SqliteConfig,
     clock: &SharedClock,
+    gate: &std::sync::Mutex<()>,
 ) {
     let mut rounds: u64 = 0;
     while let Ok(first) = rx.recv() {
@@ -120,9 +122,15 @@ fn run(
                 Err(_) => break,
             }
         }
-        let now = clock.now().as_unix_millis();
         rounds += 1;
+        // Other connections of this process to the file (the simulated cloud) wait on the
+        // gate rather than on SQLite's lock.
+        let turn = gate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = clock.now().as_unix_millis();
         let results = round(&conn, &mut jobs, now, config, rounds);
+        drop(turn);
         match results {
             Ok(replies) => {
                 for ((_, respond), reply) in jobs.into_iter().zip(replies) {
@@ -200,7 +208,7 @@ fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Result
         }
         Op::Send(batch) => {
             for m in batch {
-                insert_message(conn, &m, now, config)?;
+                insert_message(conn, &m, now, config, None)?;
             }
             Ok(Reply::Done)
         }
@@ -313,19 +321,25 @@ fn commit_one(
     commit: Commit,
     now: i64,
     config: &SqliteConfig,
-) -> Result<(), WriteError> {
+) -> Result<Vec<Delivery>, WriteError> {
     if let Some(write) = commit.write {
         write_record(conn, &write)?;
     }
-    for m in &commit.send {
-        insert_message(conn, m, now, config)?;
+    let mut claimed = Vec::new();
+    for m in commit.send {
+        let claim = commit
+            .claim
+            .filter(|_| m.queue == QueueKind::Steps && m.delay.is_zero());
+        if let Some(d) = insert_message(conn, &m, now, config, claim)? {
+            claimed.push(d);
+        }
     }
     if let Some((queue, receipt)) = commit.ack {
         // A receipt that is no longer current means the message was delivered again; the
         // new delivery will find this event applied.
         ack(conn, queue, &receipt)?;
     }
-    Ok(())
+    Ok(claimed)
 }
 
 fn write_record(conn: &Connection, w: &RecordWrite) -> Result<(), WriteError> {
@@ -372,12 +386,15 @@ fn write_record(conn: &Connection, w: &RecordWrite) -> Result<(), WriteError> {
     Ok(())
 }
 
+/// Inserts `m`; with `claim`, as received already (for that visibility), returning the
+/// delivery.
 fn insert_message(
     conn: &Connection,
     m: &Outgoing,
     now: i64,
     config: &SqliteConfig,
-) -> Result<(), Error> {
+    claim: Option<Duration>,
+) -> Result<Option<Delivery>, Error> {
     if m.body.len() > config.max_message_bytes {
         return Err(Error::TooLarge {
             size: m.body.len(),
@@ -404,12 +421,16 @@ fn insert_message(
             .map_err(sql)?;
         if fresh == 0 {
             // Seen within the window: accepted, and dropped, as SQS FIFO does.
-            return Ok(());
+            return Ok(None);
         }
     }
+    let (visible_at, receive_count, nonce) = match claim {
+        Some(visibility) => (now + millis(visibility), 1, Some(new_nonce())),
+        None => (now + millis(m.delay), 0, None),
+    };
     conn.prepare_cached(
-        "INSERT INTO messages (queue, grp, dedup_id, body, attributes, sent_at, visible_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO messages (queue, grp, dedup_id, body, attributes, sent_at, visible_at, receive_count, nonce) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )
     .map_err(sql)?
     .execute(params![
@@ -419,10 +440,29 @@ fn insert_message(
         m.body,
         attributes_to_sql(&m.attributes),
         now,
-        now + millis(m.delay),
+        visible_at,
+        receive_count,
+        nonce,
     ])
     .map_err(sql)?;
-    Ok(())
+    Ok(nonce.map(|nonce| {
+        let id = conn.last_insert_rowid();
+        Delivery {
+            queue: m.queue,
+            id: id.to_string(),
+            receipt: Receipt(format!("{id}:{nonce}")),
+            body: m.body.clone(),
+            attributes: m.attributes.clone(),
+            receive_count: 1,
+            sent_at: Timestamp::from_unix_millis(now),
+            group: m.group.clone(),
+        }
+    }))
+}
+
+/// A receipt nonce: random, non-negative so receipts print plainly.
+fn new_nonce() -> i64 {
+    i64::try_from(fastrand::u64(..) >> 1).unwrap_or(0)
 }
 
 struct Row {
@@ -487,8 +527,7 @@ fn receive(
             dead_letter(conn, queue, row.id, None, &reason, now)?;
             continue;
         }
-        // Non-negative, so receipts print plainly.
-        let nonce = i64::try_from(fastrand::u64(..) >> 1).unwrap_or(0);
+        let nonce = new_nonce();
         conn.prepare_cached(
             "UPDATE messages SET visible_at = ?1, receive_count = ?2, nonce = ?3 WHERE id = ?4",
         )

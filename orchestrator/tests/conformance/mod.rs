@@ -60,6 +60,7 @@ pub(crate) async fn run_all<H: Harness>(make: impl AsyncFn() -> H) {
     allocations_are_exclusive(&make().await).await;
     a_commit_is_all_or_nothing(&make().await).await;
     commits_of_a_batch_succeed_or_fail_alone(&make().await).await;
+    claimed_messages_are_delivered_once(&make().await).await;
 }
 
 pub(crate) fn key(tenant: &str, env: Environment) -> WorkflowKey {
@@ -561,6 +562,7 @@ pub(crate) async fn a_commit_is_all_or_nothing<H: Harness>(h: &H) {
             write: Some(write.clone()),
             send: vec![event_message("acme#dev", "out-1", "output")],
             ack: Some((QueueKind::Steps, input.receipt.clone())),
+            claim: None,
         }])
         .await;
     assert!(results[0].is_ok(), "{results:?}");
@@ -579,6 +581,7 @@ pub(crate) async fn a_commit_is_all_or_nothing<H: Harness>(h: &H) {
             write: Some(write),
             send: vec![event_message("acme#dev", "out-2", "must not be sent")],
             ack: Some((QueueKind::Steps, input2.receipt.clone())),
+            claim: None,
         }])
         .await;
     assert!(matches!(results[0], Err(WriteError::Conflict { .. })));
@@ -605,6 +608,7 @@ pub(crate) async fn commits_of_a_batch_succeed_or_fail_alone<H: Harness>(h: &H) 
         write: Some(taken),
         send: vec![step_message("conflicting")],
         ack: None,
+        claim: None,
     }];
     for tenant in ["t-one", "t-two", "t-three"] {
         let (_, w) = first_write(tenant, Environment::Dev);
@@ -612,6 +616,7 @@ pub(crate) async fn commits_of_a_batch_succeed_or_fail_alone<H: Harness>(h: &H) 
             write: Some(w),
             send: vec![step_message(tenant)],
             ack: None,
+            claim: None,
         });
     }
     let results = b.commit(commits).await;
@@ -626,4 +631,41 @@ pub(crate) async fn commits_of_a_batch_succeed_or_fail_alone<H: Harness>(h: &H) 
 /// Used by backends whose receipts are plain strings.
 pub(crate) fn receipt(s: &str) -> Receipt {
     Receipt(s.to_owned())
+}
+
+pub(crate) async fn claimed_messages_are_delivered_once<H: Harness>(h: &H) {
+    let b = h.backend();
+    let (_, write) = first_write("acme", Environment::Dev);
+    let mut delayed = step_message("later");
+    delayed.delay = Duration::from_secs(5);
+    let results = b
+        .commit(vec![Commit {
+            write: Some(write),
+            send: vec![
+                step_message("next"),
+                delayed,
+                event_message("acme#dev", "c-1", "event"),
+            ],
+            ack: None,
+            claim: Some(h.visibility()),
+        }])
+        .await;
+    let claimed = match &results[0] {
+        Ok(c) => c.clone(),
+        Err(e) => panic!("commit: {e}"),
+    };
+    // A journal may claim the undelayed step message (and nothing else), or claim nothing.
+    assert!(claimed.len() <= 1, "{claimed:?}");
+    let received = receive_all(h, QueueKind::Steps).await;
+    let mut got: Vec<_> = claimed.iter().chain(&received).cloned().collect();
+    assert_eq!(bodies(&got), ["next"], "the undelayed step message, once");
+    assert_eq!(bodies(&receive_all(h, QueueKind::Events).await), ["event"]);
+    let next = got.remove(0);
+    let failed = b
+        .ack(QueueKind::Steps, vec![next.receipt.clone()])
+        .await
+        .expect("ack");
+    assert!(failed.is_empty(), "a claimed receipt acknowledges");
+    h.advance(Duration::from_secs(6)).await;
+    assert_eq!(bodies(&receive_all(h, QueueKind::Steps).await), ["later"]);
 }
