@@ -481,3 +481,49 @@ async fn shutdown_releases_messages_it_could_not_finish() {
     assert!(stats.visible > 0, "deliverable to the next worker at once");
     let _ = Timestamp::EPOCH;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_handler_keeps_its_message_by_extending_visibility() {
+    let w = World::new().await;
+    let k = key("acme", Environment::Dev);
+    w.push(&k, RepoKind::App, 1, "p1").await;
+    // Each activity takes three visibility timeouts; without the heartbeat a second engine
+    // would receive the same step messages and run them again.
+    let config = EngineConfig {
+        visibility: Duration::from_millis(400),
+        heartbeat: Duration::from_millis(100),
+        ..fast()
+    };
+    let slow = || Instant {
+        delay: Some(Duration::from_millis(1200)),
+        ..Instant::default()
+    };
+    let a = w.engine(slow(), config.clone());
+    let second = SqliteBackend::open(SqliteConfig::new(w.backend.path())).expect("open");
+    let b2 = Arc::new(second);
+    let b: Arc<TestEngine> = Arc::new(Engine::new(
+        b2.clone(),
+        b2.clone(),
+        b2,
+        Arc::new(slow()),
+        w.clock.clone(),
+        config,
+    ));
+    let (stop_a, ha) = w.start(&a);
+    let (stop_b, hb) = w.start(&b);
+    w.until("live", async |w| w.state(&k).await == Some(State::Live))
+        .await;
+    stop_a.cancel();
+    stop_b.cancel();
+    ha.await.expect("a");
+    hb.await.expect("b");
+    let runs = a.stats().snapshot().activities + b.stats().snapshot().activities;
+    let record = w.backend.workflow(&k).await.expect("read").expect("exists");
+    let steps = record
+        .workflow()
+        .run
+        .as_ref()
+        .map(|r| r.steps.iter().filter(|s| s.attempt > 0).count() as u64)
+        .expect("run");
+    assert_eq!(runs, steps, "every step ran once, on one engine");
+}
