@@ -1,4 +1,3 @@
-//! The load generator and invariant checker (`loadgen`) that drives the whole system through
-//! its public interfaces and prints a report.
-//!
-//! Not built yet: the load-test issue builds it. Until then this crate holds nothing.
+//! Load generators for the orchestrator, driving it through its public interfaces and printing
+//! figures: `ingress-load` (webhooks over HTTP to the GitLab ingress). The `loadgen` scenarios
+//! and invariant checks come with the load-test issue.

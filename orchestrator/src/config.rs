@@ -28,6 +28,11 @@
 //! interval = "60s"                # how often it looks for stuck workflows
 //! deadline = "15m"                # idle time after which a workflow with outstanding steps is re-armed
 //!
+//! [ingress]
+//! listen = "127.0.0.1:8080"       # where POST /hooks/gitlab is served
+//! max_body_bytes = 1048576        # larger webhook bodies get 413
+//! tenant_ttl = "5s"               # how long a tenant looked up by project id is cached
+//!
 //! [simulated]                     # the simulated cloud; see `activities::simulated::SimConfig`
 //! time_scale = 60.0
 //! ```
@@ -38,6 +43,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::engine::{EngineConfig, SweepConfig};
+use crate::ingress::IngressConfig;
 use crate::sqlite::SqliteConfig;
 
 /// The environment variable naming the configuration file.
@@ -90,6 +96,8 @@ pub struct Config {
     pub engine: Engine,
     /// The sweeper.
     pub sweeper: Sweeper,
+    /// The GitLab webhook ingress.
+    pub ingress: Ingress,
     /// The simulated cloud, as written (the binary interprets it).
     pub simulated: toml::Table,
 }
@@ -174,6 +182,30 @@ impl Default for Sweeper {
     }
 }
 
+/// `[ingress]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ingress {
+    /// Where to listen.
+    pub listen: String,
+    /// Largest body accepted.
+    pub max_body_bytes: usize,
+    /// Tenant cache lifetime.
+    #[serde(deserialize_with = "duration")]
+    pub tenant_ttl: Duration,
+}
+
+impl Default for Ingress {
+    fn default() -> Self {
+        let d = IngressConfig::default();
+        Self {
+            listen: "127.0.0.1:8080".to_owned(),
+            max_body_bytes: d.max_body_bytes,
+            tenant_ttl: d.tenant_ttl,
+        }
+    }
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_duration(&text)
@@ -236,6 +268,14 @@ impl Config {
             shutdown_grace: e.shutdown_grace,
             cache_records: e.cache_records,
             ..EngineConfig::default()
+        }
+    }
+
+    /// The ingress's settings.
+    pub fn ingress(&self) -> IngressConfig {
+        IngressConfig {
+            max_body_bytes: self.ingress.max_body_bytes,
+            tenant_ttl: self.ingress.tenant_ttl,
         }
     }
 

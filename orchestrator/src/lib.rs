@@ -6,6 +6,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod engine;
+pub mod ingress;
 pub mod ports;
 pub mod sqlite;
 pub mod tenants;

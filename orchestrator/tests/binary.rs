@@ -24,7 +24,14 @@ async fn dev_takes_the_demo_push_to_live_and_wfctl_shows_it() {
     let out = tokio::time::timeout(
         Duration::from_secs(120),
         orchestrator(&db)
-            .args(["dev", "--exit-when-live", "--time-scale", "6000"])
+            .args([
+                "dev",
+                "--exit-when-live",
+                "--time-scale",
+                "6000",
+                "--listen",
+                "127.0.0.1:0",
+            ])
             .output(),
     )
     .await

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use orchestrator::ports::{RecordWrite, Store};
 use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
-use orchestrator::tenants::{TOKEN_PREFIX, token_sha256};
+use orchestrator::tenants::{SIGNING_SECRET_PREFIX, TOKEN_PREFIX, token_sha256, verify_token};
 use serde_json::Value;
 use workflows::testing::{Driver, event_id};
 use workflows::{
@@ -35,6 +35,15 @@ impl Fixture {
         let store =
             SqliteBackend::open(SqliteConfig::new(dir.path().join("o.sqlite"))).expect("open");
         Self { dir, rt, store }
+    }
+
+    /// The stored tenant `id`, read through the store.
+    fn tenant(&self, id: &str) -> workflows::Tenant {
+        let id = TenantId::new(id).expect("valid");
+        self.rt
+            .block_on(self.store.tenant(&id))
+            .expect("read")
+            .expect("registered")
     }
 
     fn db(&self) -> PathBuf {
@@ -1136,4 +1145,367 @@ fn help_documents_exit_codes_and_json_fields() {
     assert!(run.stdout.contains("verdict"), "{}", run.stdout);
     let run = wfctl_in(dir.path(), &["frobnicate"]);
     run.code(2);
+}
+
+/// Now, from the system clock, as wfctl reads it.
+fn now() -> Timestamp {
+    Timestamp::from(jiff::Timestamp::now())
+}
+
+/// The single line a table-mode command printed on stdout: a new secret.
+fn printed_secret(run: &Run) -> &str {
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "the secret alone on stdout: {:?}",
+        run.stdout
+    );
+    assert!(
+        !run.stderr.contains(lines[0]),
+        "the secret only on stdout: {}",
+        run.stderr
+    );
+    lines[0]
+}
+
+#[test]
+fn rotate_token_prints_a_new_secret_and_accepts_the_old_one_until_the_grace_ends() {
+    let f = Fixture::new();
+    let first = f.add_tenant("acme", 11, 12);
+    let created = f.tenant("acme");
+
+    let before = now();
+    let run = f.wfctl(&["tenant", "rotate-token", "acme", "--grace", "2h"]);
+    let after = now();
+    run.ok();
+    let second = printed_secret(&run).to_owned();
+    assert!(second.starts_with(TOKEN_PREFIX), "{second}");
+    assert_eq!(second.len(), TOKEN_PREFIX.len() + 64);
+    assert_ne!(second, first);
+    assert!(
+        run.stderr.contains("will not be shown again")
+            && run.stderr.contains("previous token is accepted until")
+            && run.stderr.contains("(in 2h)"),
+        "{}",
+        run.stderr
+    );
+
+    let stored = f.tenant("acme");
+    assert_eq!(stored.webhook.token_sha256, token_sha256(&second));
+    assert_eq!(
+        stored.webhook.previous_token_sha256,
+        Some(token_sha256(&first))
+    );
+    let until = stored.webhook.previous_valid_until.expect("a grace end");
+    let two_hours = Duration::from_secs(2 * 3600);
+    assert!(
+        before.saturating_add(two_hours) <= until && until <= after.saturating_add(two_hours),
+        "{until}"
+    );
+    assert!(stored.updated_at >= before && stored.updated_at <= after);
+    assert_eq!(stored.created_at, created.created_at);
+    let encoded = String::from_utf8(workflows::encode(&stored)).expect("utf-8");
+    assert!(!encoded.contains(&second), "only the hash is stored");
+
+    // Both secrets now; only the new one once the grace period has ended.
+    let t = now();
+    assert!(verify_token(&stored, &second, t));
+    assert!(verify_token(&stored, &first, t));
+    let ended = until.saturating_add(Duration::from_millis(1));
+    assert!(!verify_token(&stored, &first, until));
+    assert!(!verify_token(&stored, &first, ended));
+    assert!(verify_token(&stored, &second, ended));
+
+    // `tenant show` reports the grace period, never a secret or hash.
+    let run = f.wfctl(&["tenant", "show", "acme"]);
+    run.ok();
+    assert!(
+        run.stdout.contains("previous token") && run.stdout.contains("accepted until"),
+        "{}",
+        run.stdout
+    );
+    let run = f.wfctl(&["tenant", "show", "acme", "-o", "json"]);
+    run.ok();
+    let shown: Timestamp =
+        serde_json::from_value(run.json()["previous_token_valid_until"].clone()).expect("instant");
+    assert_eq!(shown, until);
+    for secret in [&first, &second] {
+        assert!(!run.stdout.contains(secret.as_str()));
+    }
+
+    // The default grace is 24h; the older previous token (the first) is replaced.
+    let before = now();
+    let run = f.wfctl(&["tenant", "rotate-token", "acme"]);
+    let after = now();
+    run.ok();
+    let third = printed_secret(&run).to_owned();
+    assert!(
+        run.stderr.contains("no longer is") && run.stderr.contains("(in 1d)"),
+        "{}",
+        run.stderr
+    );
+    let stored = f.tenant("acme");
+    let day = Duration::from_secs(24 * 3600);
+    let until = stored.webhook.previous_valid_until.expect("a grace end");
+    assert!(before.saturating_add(day) <= until && until <= after.saturating_add(day));
+    let t = now();
+    assert!(verify_token(&stored, &third, t));
+    assert!(verify_token(&stored, &second, t));
+    assert!(!verify_token(&stored, &first, t), "one previous token only");
+
+    // JSON: the tenant, the new secret and the end of the old one's grace.
+    let run = f.wfctl(&[
+        "-o",
+        "json",
+        "tenant",
+        "rotate-token",
+        "acme",
+        "--grace",
+        "30m",
+    ]);
+    run.ok();
+    assert!(run.stderr.is_empty(), "{}", run.stderr);
+    let v = run.json();
+    assert_eq!(
+        keys(&v),
+        vec!["previous_valid_until", "tenant", "webhook_secret"]
+    );
+    assert_eq!(keys(&v["tenant"]), sorted(TENANT_FIELDS.to_vec()));
+    assert_eq!(v["tenant"]["id"], "acme");
+    let fourth = v["webhook_secret"].as_str().expect("secret");
+    let until: Timestamp =
+        serde_json::from_value(v["previous_valid_until"].clone()).expect("instant");
+    assert_eq!(
+        v["tenant"]["previous_token_valid_until"],
+        v["previous_valid_until"]
+    );
+    let stored = f.tenant("acme");
+    assert_eq!(stored.webhook.token_sha256, token_sha256(fourth));
+    assert_eq!(stored.webhook.previous_valid_until, Some(until));
+    let t = now();
+    assert!(verify_token(&stored, fourth, t) && verify_token(&stored, &third, t));
+    assert!(!verify_token(&stored, &third, until));
+}
+
+#[test]
+fn rotate_token_with_no_grace_rejects_the_old_secret_at_once() {
+    let f = Fixture::new();
+    let old = f.add_tenant("acme", 11, 12);
+    let run = f.wfctl(&["tenant", "rotate-token", "acme", "--grace", "0"]);
+    run.ok();
+    let new = printed_secret(&run).to_owned();
+    assert!(
+        run.stderr.contains("will not be shown again")
+            && run.stderr.contains("previous token is no longer accepted"),
+        "{}",
+        run.stderr
+    );
+    let stored = f.tenant("acme");
+    let t = now();
+    assert!(verify_token(&stored, &new, t));
+    assert!(!verify_token(&stored, &old, t));
+    assert_eq!(stored.webhook.previous_token_sha256, None);
+    assert_eq!(stored.webhook.previous_valid_until, None);
+
+    let run = f.wfctl(&[
+        "tenant",
+        "rotate-token",
+        "acme",
+        "--grace",
+        "0",
+        "-o",
+        "json",
+    ]);
+    run.ok();
+    let v = run.json();
+    assert_eq!(v["previous_valid_until"], Value::Null);
+    assert_eq!(v["tenant"]["previous_token_valid_until"], Value::Null);
+    let newest = v["webhook_secret"].as_str().expect("secret");
+    let stored = f.tenant("acme");
+    assert!(verify_token(&stored, newest, now()));
+    assert!(!verify_token(&stored, &new, now()));
+
+    // A grace that is no duration is a usage error, and nothing changes.
+    let run = f.wfctl(&["tenant", "rotate-token", "acme", "--grace", "soon"]);
+    run.code(2);
+    assert!(run.stdout.is_empty());
+    assert!(run.stderr.contains("30m, 2h or 7d"), "{}", run.stderr);
+    assert_eq!(f.tenant("acme"), stored);
+}
+
+#[test]
+fn signing_secret_generate_stores_the_printed_secret_and_remove_clears_it() {
+    let f = Fixture::new();
+    let token = f.add_tenant("acme", 11, 12);
+    let before = now();
+    let run = f.wfctl(&["tenant", "signing-secret", "acme", "--generate"]);
+    run.ok();
+    let secret = printed_secret(&run).to_owned();
+    assert!(secret.starts_with(SIGNING_SECRET_PREFIX), "{secret}");
+    assert_eq!(secret.len(), SIGNING_SECRET_PREFIX.len() + 44, "{secret}");
+    assert!(
+        run.stderr.contains("will not be shown again") && run.stderr.contains("signature"),
+        "{}",
+        run.stderr
+    );
+    let stored = f.tenant("acme");
+    assert_eq!(
+        stored.webhook.signing_secret.as_deref(),
+        Some(secret.as_str())
+    );
+    assert!(stored.updated_at >= before);
+    assert!(
+        verify_token(&stored, &token, now()),
+        "the token is unchanged"
+    );
+
+    // What was printed signs webhooks that the stored secret verifies.
+    let signer = standardwebhooks::Webhook::new(&secret).expect("a whsec_ secret");
+    let payload = br#"{"object_kind":"push"}"#;
+    let at = jiff::Timestamp::now().as_second();
+    let signature = signer.sign("msg_1", at, payload).expect("sign");
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert("webhook-id", "msg_1".parse().expect("header"));
+    headers.insert("webhook-timestamp", at.to_string().parse().expect("header"));
+    headers.insert("webhook-signature", signature.parse().expect("header"));
+    let verifier =
+        standardwebhooks::Webhook::new(stored.webhook.signing_secret.as_deref().expect("set"))
+            .expect("a whsec_ secret");
+    verifier
+        .verify(payload, &headers)
+        .expect("the signature verifies");
+
+    // `tenant show` says a secret is set, and never shows it.
+    let run = f.wfctl(&["tenant", "show", "acme"]);
+    run.ok();
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("signing secret"))
+        .expect("signing secret row");
+    assert!(line.ends_with("yes"), "{line}");
+    assert!(!run.stdout.contains(&secret));
+
+    // JSON: a new secret replaces the old one.
+    let run = f.wfctl(&[
+        "tenant",
+        "signing-secret",
+        "acme",
+        "--generate",
+        "-o",
+        "json",
+    ]);
+    run.ok();
+    let v = run.json();
+    assert_eq!(keys(&v), vec!["signing_secret", "tenant"]);
+    assert_eq!(keys(&v["tenant"]), sorted(TENANT_FIELDS.to_vec()));
+    assert_eq!(v["tenant"]["signing_secret_set"], true);
+    let second = v["signing_secret"].as_str().expect("secret");
+    assert_ne!(second, secret);
+    assert!(second.starts_with(SIGNING_SECRET_PREFIX));
+    assert_eq!(
+        f.tenant("acme").webhook.signing_secret.as_deref(),
+        Some(second)
+    );
+
+    // --remove clears it; removing again changes nothing.
+    let run = f.wfctl(&["tenant", "signing-secret", "acme", "--remove"]);
+    run.ok();
+    assert!(run.stdout.is_empty(), "{}", run.stdout);
+    assert!(
+        run.stderr.contains("Removed the signing secret"),
+        "{}",
+        run.stderr
+    );
+    let stored = f.tenant("acme");
+    assert_eq!(stored.webhook.signing_secret, None);
+    assert!(verify_token(&stored, &token, now()));
+    let run = f.wfctl(&["tenant", "signing-secret", "acme", "--remove", "-o", "json"]);
+    run.ok();
+    let v = run.json();
+    assert_eq!(v["signing_secret"], Value::Null);
+    assert_eq!(v["tenant"]["signing_secret_set"], false);
+    assert_eq!(f.tenant("acme"), stored, "nothing changed");
+    let run = f.wfctl(&["tenant", "show", "acme", "-o", "json"]);
+    run.ok();
+    assert_eq!(run.json()["signing_secret_set"], false);
+
+    // Exactly one of the two flags.
+    for args in [
+        &["tenant", "signing-secret", "acme"][..],
+        &["tenant", "signing-secret", "acme", "--generate", "--remove"],
+    ] {
+        let run = f.wfctl(args);
+        run.code(2);
+        assert!(run.stdout.is_empty());
+        assert!(
+            run.stderr.contains("--generate") && run.stderr.contains("--remove"),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
+    assert_eq!(f.tenant("acme"), stored);
+}
+
+#[test]
+fn secrets_of_an_unknown_tenant_are_refused_listing_the_tenants() {
+    let f = Fixture::new();
+    f.add_tenant("acme", 11, 12);
+    f.add_tenant("globex", 21, 22);
+    for args in [
+        &["tenant", "rotate-token", "acm"][..],
+        &["tenant", "rotate-token", "acm", "-o", "json"],
+        &["tenant", "signing-secret", "acm", "--generate"],
+        &["tenant", "signing-secret", "acm", "--remove"],
+    ] {
+        let run = f.wfctl(args);
+        run.code(1);
+        assert!(run.stdout.is_empty(), "no secret: {}", run.stdout);
+        assert!(
+            run.stderr
+                .contains("no tenant \"acm\"; tenants: acme, globex"),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn help_documents_rotate_token_and_signing_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = wfctl_in(dir.path(), &["tenant", "--help"]);
+    run.ok();
+    assert!(
+        run.stdout.contains("rotate-token") && run.stdout.contains("signing-secret"),
+        "{}",
+        run.stdout
+    );
+    let run = wfctl_in(dir.path(), &["tenant", "rotate-token", "--help"]);
+    run.ok();
+    for expected in [
+        "--grace <DURATION>",
+        "[default: 24h]",
+        "30m",
+        "0 ends it at once",
+        "grace period",
+        "webhook_secret",
+        "previous_valid_until",
+        "previous_token_valid_until",
+    ] {
+        assert!(run.stdout.contains(expected), "{expected}: {}", run.stdout);
+    }
+    let run = wfctl_in(dir.path(), &["tenant", "signing-secret", "--help"]);
+    run.ok();
+    for expected in [
+        "--generate",
+        "--remove",
+        "whsec_",
+        "Standard Webhooks",
+        "webhook-signature",
+        "\"signing_secret\"",
+        "signing_secret_set",
+    ] {
+        assert!(run.stdout.contains(expected), "{expected}: {}", run.stdout);
+    }
 }

@@ -47,8 +47,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run everything in one process on the embedded default (SQLite and the simulated cloud):
-    /// workers and the sweeper. Registers a demo tenant and pushes to it unless told not to.
+    /// the GitLab ingress, workers and the sweeper. Registers a demo tenant and pushes to it
+    /// unless told not to.
     Dev(DevArgs),
+    /// Run the GitLab webhook ingress only: POST /hooks/gitlab, until SIGTERM or SIGINT.
+    Ingress(IngressArgs),
     /// Run workers only: receive, handle, commit, until SIGTERM or SIGINT.
     Worker(WorkerArgs),
     /// Run the sweeper only: re-arm workflows that have made no progress for too long.
@@ -72,6 +75,19 @@ struct DevArgs {
     /// Stop once every demo workflow is live (for scripts and tests).
     #[arg(long)]
     exit_when_live: bool,
+    /// Where the ingress listens (overrides [ingress] listen).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Do not serve the GitLab ingress.
+    #[arg(long)]
+    no_ingress: bool,
+}
+
+#[derive(Debug, Args)]
+struct IngressArgs {
+    /// Where to listen (overrides [ingress] listen), for example 0.0.0.0:8080.
+    #[arg(long)]
+    listen: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -275,7 +291,42 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Dev(args) => dev(&cli, args).await,
+        Command::Ingress(args) => {
+            let parts = open(&cli)?;
+            let stop = shutdown_signal();
+            let listen = args
+                .listen
+                .clone()
+                .unwrap_or_else(|| parts.config.ingress.listen.clone());
+            let server = start_ingress(&parts, &listen, stop).await?;
+            server.await.context("the ingress stopped")??;
+            Ok(())
+        }
     }
+}
+
+/// Binds `listen` and serves the ingress until `stop`; the task ends when the server does.
+async fn start_ingress(
+    parts: &Parts,
+    listen: &str,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let ingress = Arc::new(orchestrator::ingress::Ingress::new(
+        parts.backend.clone(),
+        parts.backend.clone(),
+        parts.clock.clone(),
+        parts.config.ingress(),
+    ));
+    info!(%addr, "GitLab webhooks: POST http://{addr}/hooks/gitlab");
+    Ok(tokio::spawn(orchestrator::ingress::serve(
+        listener,
+        ingress.router(),
+        stop,
+    )))
 }
 
 type DevEngine = Engine<SqliteBackend, SqliteBackend, SqliteBackend, SimulatedCloud>;
@@ -369,6 +420,15 @@ async fn dev(cli: &Cli, args: &DevArgs) -> Result<()> {
     let stop = shutdown_signal();
     let engine = engine(&parts, cloud);
     info!(db = %parts.backend.path().display(), time_scale = sim.time_scale, "dev: workers and sweeper on the embedded default");
+    let ingress = if args.no_ingress {
+        None
+    } else {
+        let listen = args
+            .listen
+            .clone()
+            .unwrap_or_else(|| parts.config.ingress.listen.clone());
+        Some(start_ingress(&parts, &listen, stop.clone()).await?)
+    };
     let mut demo_keys = Vec::new();
     if !args.no_demo {
         demo_keys = start_demo(&parts).await?;
@@ -404,6 +464,9 @@ async fn dev(cli: &Cli, args: &DevArgs) -> Result<()> {
     }
     engine.run(stop).await;
     let _ = sweeper.await;
+    if let Some(ingress) = ingress {
+        ingress.await.context("the ingress stopped")??;
+    }
     Ok(())
 }
 

@@ -3,10 +3,11 @@
 
 use std::io::Write as _;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use orchestrator::cli::output::{Format, Printer, color_enabled};
-use orchestrator::cli::tenant::{AddRequest, parse_branch};
+use orchestrator::cli::tenant::{AddRequest, parse_branch, parse_grace};
 use orchestrator::cli::workflow::{HistoryRequest, ListRequest};
 use orchestrator::cli::{self, BackendArgs, EXIT_FAILED, EXIT_OK, Error, parse_state};
 use orchestrator::clock::{Clock, SystemClock};
@@ -60,7 +61,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Register tenants and show them.
+    /// Register tenants, show them, and rotate or set their webhook secrets.
     #[command(subcommand)]
     Tenant(TenantCommand),
     /// List workflows (one per tenant and environment) with their state.
@@ -94,6 +95,48 @@ enum TenantCommand {
         /// The tenant's id.
         id: TenantId,
     },
+    /// Replace a tenant's webhook secret token and print the new one, once; the old one stays
+    /// accepted for a grace period.
+    ///
+    /// The new token is generated from the operating system's CSPRNG and printed on stdout
+    /// (alone on its line in table mode); only its SHA-256 is stored. The old token is still
+    /// accepted until the end of the grace period (--grace, default 24h), so the GitLab
+    /// webhooks can be updated meanwhile; a token from an earlier rotation that was still in
+    /// its grace period is no longer accepted. `--grace 0` ends the old token at once.
+    #[command(after_long_help = TENANT_ROTATE_JSON)]
+    RotateToken(RotateTokenArgs),
+    /// Set (--generate) or remove (--remove) a tenant's Standard Webhooks signing secret.
+    ///
+    /// With a signing secret, the ingress requires every webhook of the tenant to carry a valid
+    /// Standard Webhooks signature (webhook-id, webhook-timestamp within 5 minutes,
+    /// webhook-signature v1 HMAC-SHA256) in addition to the secret token. --generate creates a
+    /// new secret, `whsec_` and the standard base64 of 32 bytes from the operating system's
+    /// CSPRNG, replacing any current one at once, and prints it on stdout, once (alone on its
+    /// line in table mode). --remove removes it, so webhooks need no longer be signed.
+    #[command(after_long_help = TENANT_SIGNING_JSON)]
+    SigningSecret(SigningSecretArgs),
+}
+
+#[derive(Debug, Args)]
+struct RotateTokenArgs {
+    /// The tenant's id.
+    id: TenantId,
+    /// How long the old token stays accepted: a duration like 30m, 2h or 7d; 0 ends it at once.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_grace)]
+    grace: Duration,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("action").required(true).args(["generate", "remove"])))]
+struct SigningSecretArgs {
+    /// The tenant's id.
+    id: TenantId,
+    /// Generate a new signing secret, replacing any current one, and print it once.
+    #[arg(long)]
+    generate: bool,
+    /// Remove the signing secret: the tenant's webhooks need no longer be signed.
+    #[arg(long)]
+    remove: bool,
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +213,20 @@ JSON output (-o json): a tenant object (list: an array of them) with
 const TENANT_ADD_JSON: &str = "\
 JSON output (-o json): {\"tenant\": <tenant object>, \"webhook_secret\": \"whk_...\"}, where the
 tenant object has the fields of `wfctl tenant show -o json`:
+  id, domain, infra_project, app_project, branches, production_approval, signing_secret_set,
+  previous_token_valid_until, created_at, updated_at";
+
+const TENANT_ROTATE_JSON: &str = "\
+JSON output (-o json): {\"tenant\": <tenant object>, \"webhook_secret\": \"whk_...\",
+\"previous_valid_until\": <instant until which the old token is accepted, or null>}, where the
+tenant object has the fields of `wfctl tenant show -o json`:
+  id, domain, infra_project, app_project, branches, production_approval, signing_secret_set,
+  previous_token_valid_until, created_at, updated_at";
+
+const TENANT_SIGNING_JSON: &str = "\
+JSON output (-o json): {\"tenant\": <tenant object>, \"signing_secret\": \"whsec_...\"} with
+--generate, or with \"signing_secret\": null with --remove; the tenant object has the fields of
+`wfctl tenant show -o json`:
   id, domain, infra_project, app_project, branches, production_approval, signing_secret_set,
   previous_token_valid_until, created_at, updated_at";
 
@@ -269,6 +326,18 @@ async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
         Command::Tenant(TenantCommand::Show { id }) => {
             let store = cli.backend.open(false)?;
             cli::tenant::show(&store, id, p).await
+        }
+        Command::Tenant(TenantCommand::RotateToken(a)) => {
+            let store = cli.backend.open(false)?;
+            cli::tenant::rotate_token(&store, &a.id, a.grace, p).await
+        }
+        Command::Tenant(TenantCommand::SigningSecret(a)) => {
+            let store = cli.backend.open(false)?;
+            if a.generate {
+                cli::tenant::generate_signing_secret(&store, &a.id, p).await
+            } else {
+                cli::tenant::remove_signing_secret(&store, &a.id, p).await
+            }
         }
         Command::List(a) => {
             let store = cli.backend.open(false)?;

@@ -69,9 +69,10 @@ pub enum Error {
     /// The operating system's random source failed.
     #[error("cannot generate a secret: the operating system's random source failed: {0}")]
     Random(getrandom::Error),
-    /// The new tenant's secret could not be written, so the tenant was not registered.
-    #[error("cannot write the webhook secret ({0}); the tenant was not registered")]
-    SecretNotDelivered(std::io::Error),
+    /// A new secret could not be written, so it was not stored either; the second field says
+    /// what did not happen ("the tenant was not registered").
+    #[error("cannot write the new secret ({0}); {1}")]
+    SecretNotDelivered(std::io::Error, &'static str),
     /// Writing the output failed.
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
@@ -100,7 +101,7 @@ impl Error {
             | Error::Corrupt(_)
             | Error::Store(_)
             | Error::Random(_)
-            | Error::SecretNotDelivered(_)
+            | Error::SecretNotDelivered(..)
             | Error::Output(_) => EXIT_FAILED,
         }
     }
@@ -117,7 +118,7 @@ impl Error {
             | Error::Corrupt(_)
             | Error::NoDatabase { .. }
             | Error::Random(_)
-            | Error::SecretNotDelivered(_)
+            | Error::SecretNotDelivered(..)
             | Error::Output(_) => false,
         }
     }

@@ -1,16 +1,20 @@
-//! `wfctl tenant add|list|show`: registering tenants and looking at them.
+//! `wfctl tenant add|list|show|rotate-token|signing-secret`: registering tenants, looking at
+//! them, and changing their webhook secrets.
 //!
-//! A new tenant gets a webhook secret token from the operating system's CSPRNG; only its
-//! SHA-256 is stored. The token is written to stdout before the tenant is stored, so a tenant
-//! is never registered with a secret nobody received; if storing then fails, the printed
-//! secret is void (the error says so).
+//! A new tenant, or a rotation, gets a webhook secret token from the operating system's CSPRNG;
+//! only its SHA-256 is stored. A new Standard Webhooks signing secret comes from the same
+//! source and is stored as is (an HMAC key must be kept). Every new secret is written to stdout
+//! before anything is stored, so no secret is ever in force that nobody received; if storing
+//! then fails, the printed secret is void (the error says so) and nothing changed.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
+use serde::Serialize;
 use workflows::{Domain, Environment, Persisted, Tenant, TenantId, WebhookAuth};
 
 use super::output::{Cell, Printer, Style, Table, absolute};
-use super::views::{NewTenantView, TenantView};
+use super::views::{NewTenantView, RotatedTokenView, SigningSecretView, TenantView};
 use super::{Error, list_some};
 use crate::ports::Store;
 use crate::tenants;
@@ -135,18 +139,11 @@ pub async fn add<S: Store>(store: &S, req: &AddRequest, p: &mut Printer<'_>) -> 
 
     // Deliver the secret before storing the tenant: a tenant must never exist with a secret
     // nobody has.
-    let written = if p.is_json() {
-        let view = NewTenantView {
-            tenant: TenantView::new(&tenant, now),
-            webhook_secret: secret,
-        };
-        p.json(&view)
-    } else {
-        p.line(&secret)
+    let view = NewTenantView {
+        tenant: TenantView::new(&tenant, now),
+        webhook_secret: secret.clone(),
     };
-    written
-        .and_then(|()| p.flush())
-        .map_err(Error::SecretNotDelivered)?;
+    deliver(p, &view, &secret, "the tenant was not registered")?;
 
     if let Err(e) = store.put_tenant(&tenant, true).await {
         p.note("The tenant was not registered: the secret printed is void.")?;
@@ -158,6 +155,171 @@ pub async fn add<S: Store>(store: &S, req: &AddRequest, p: &mut Printer<'_>) -> 
              the secret token of the webhooks of GitLab projects {} and {}. It will not be shown \
              again: only its hash is stored.",
             tenant.id, tenant.infra_project, tenant.app_project
+        ))?;
+    }
+    Ok(())
+}
+
+/// Writes a new secret, before anything is stored: `view` in JSON mode, else the secret alone
+/// on its line (so `> secret.txt` keeps it); then flushes. A failure is
+/// [`Error::SecretNotDelivered`] with `undone`, what therefore did not happen.
+fn deliver<T: Serialize>(
+    p: &mut Printer<'_>,
+    view: &T,
+    secret: &str,
+    undone: &'static str,
+) -> Result<(), Error> {
+    let written = if p.is_json() {
+        p.json(view)
+    } else {
+        p.line(secret)
+    };
+    written
+        .and_then(|()| p.flush())
+        .map_err(|e| Error::SecretNotDelivered(e, undone))
+}
+
+/// Parses the grace period of `rotate-token --grace`: a duration like `30m`, `2h` or `7d`, or
+/// `0`.
+pub fn parse_grace(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| {
+        format!("invalid duration {s:?} ({e}): write it like 30m, 2h or 7d, or 0 for no grace")
+    })
+}
+
+/// Gives tenant `id` a new webhook secret token, prints it once and stores only its hash. The
+/// token it replaces stays accepted for `grace` (with zero, not at all); an older previous
+/// token still in its grace period is no longer accepted (the note says so).
+pub async fn rotate_token<S: Store>(
+    store: &S,
+    id: &TenantId,
+    grace: Duration,
+    p: &mut Printer<'_>,
+) -> Result<(), Error> {
+    let Some(mut tenant) = store.tenant(id).await? else {
+        return Err(unknown_tenant(store, id).await);
+    };
+    let now = p.now;
+    let dropped = TenantView::new(&tenant, now).previous_token_valid_until;
+    let secret = tenants::try_generate_token().map_err(Error::Random)?;
+    tenants::rotate_token(&mut tenant, &secret, now, grace);
+    let previous_valid_until = tenant.webhook.previous_valid_until;
+
+    let view = RotatedTokenView {
+        tenant: TenantView::new(&tenant, now),
+        webhook_secret: secret.clone(),
+        previous_valid_until,
+    };
+    deliver(p, &view, &secret, "the token was not rotated")?;
+    if let Err(e) = store.put_tenant(&tenant, false).await {
+        p.note(
+            "The token was not rotated: the secret printed is void and the current token stays \
+             valid.",
+        )?;
+        return Err(e.into());
+    }
+    if !p.is_json() {
+        let old = match previous_valid_until {
+            Some(until) => format!(
+                "The previous token is accepted until {} UTC ({}).",
+                absolute(until),
+                p.ago(until)
+            ),
+            None => "The previous token is no longer accepted.".to_owned(),
+        };
+        p.note(&format!(
+            "Rotated the webhook secret token of tenant {}. The new token was written to stdout: \
+             set it as the secret token of the webhooks of GitLab projects {} and {}. It will \
+             not be shown again: only its hash is stored. {old}",
+            tenant.id, tenant.infra_project, tenant.app_project
+        ))?;
+        if let Some(until) = dropped {
+            p.note(&format!(
+                "The token before the last rotation, which was to be accepted until {} UTC, no \
+                 longer is.",
+                absolute(until)
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives tenant `id` a new Standard Webhooks signing secret (replacing any current one) and
+/// prints it once. From then on the ingress requires its webhooks to be signed with it.
+pub async fn generate_signing_secret<S: Store>(
+    store: &S,
+    id: &TenantId,
+    p: &mut Printer<'_>,
+) -> Result<(), Error> {
+    let Some(mut tenant) = store.tenant(id).await? else {
+        return Err(unknown_tenant(store, id).await);
+    };
+    let now = p.now;
+    let replaced = tenant.webhook.signing_secret.is_some();
+    let secret = tenants::try_generate_signing_secret().map_err(Error::Random)?;
+    tenant.webhook.signing_secret = Some(secret.clone());
+    tenant.updated_at = now;
+
+    let view = SigningSecretView {
+        tenant: TenantView::new(&tenant, now),
+        signing_secret: Some(secret.clone()),
+    };
+    deliver(p, &view, &secret, "the signing secret was not changed")?;
+    if let Err(e) = store.put_tenant(&tenant, false).await {
+        p.note(
+            "The signing secret was not changed: the secret printed is void and any current one \
+             stays in force.",
+        )?;
+        return Err(e.into());
+    }
+    if !p.is_json() {
+        let before = if replaced {
+            " The previous signing secret is no longer accepted."
+        } else {
+            ""
+        };
+        p.note(&format!(
+            "Set a new Standard Webhooks signing secret for tenant {}; it was written to stdout. \
+             From now on its webhooks must carry a valid signature (webhook-id, \
+             webhook-timestamp, webhook-signature) as well as the secret token.{before} It will \
+             not be shown again.",
+            tenant.id
+        ))?;
+    }
+    Ok(())
+}
+
+/// Removes tenant `id`'s signing secret: its webhooks need no longer be signed. Removing a
+/// secret that is not set changes nothing and is no error.
+pub async fn remove_signing_secret<S: Store>(
+    store: &S,
+    id: &TenantId,
+    p: &mut Printer<'_>,
+) -> Result<(), Error> {
+    let Some(mut tenant) = store.tenant(id).await? else {
+        return Err(unknown_tenant(store, id).await);
+    };
+    let now = p.now;
+    let had = tenant.webhook.signing_secret.take().is_some();
+    if had {
+        tenant.updated_at = now;
+        store.put_tenant(&tenant, false).await?;
+    }
+    if p.is_json() {
+        p.json(&SigningSecretView {
+            tenant: TenantView::new(&tenant, now),
+            signing_secret: None,
+        })?;
+    } else if had {
+        p.note(&format!(
+            "Removed the signing secret of tenant {}: its webhooks need no longer be signed \
+             (the secret token is still required).",
+            tenant.id
+        ))?;
+    } else {
+        p.note(&format!(
+            "Tenant {} has no signing secret; nothing changed.",
+            tenant.id
         ))?;
     }
     Ok(())

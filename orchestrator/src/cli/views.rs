@@ -73,6 +73,28 @@ pub struct NewTenantView {
     pub webhook_secret: String,
 }
 
+/// What `tenant rotate-token -o json` prints: the tenant and, this once, its new webhook secret
+/// token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RotatedTokenView {
+    /// The tenant after the rotation.
+    pub tenant: TenantView,
+    /// The new secret token to configure in GitLab; it is not stored and cannot be shown again.
+    pub webhook_secret: String,
+    /// Until when the token before the rotation is still accepted (`null`: it no longer is).
+    pub previous_valid_until: Option<Timestamp>,
+}
+
+/// What `tenant signing-secret -o json` prints: the tenant and, this once, its new signing
+/// secret (`null` after `--remove`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SigningSecretView {
+    /// The tenant after the change.
+    pub tenant: TenantView,
+    /// The new Standard Webhooks signing secret (`whsec_…`), or `null` when it was removed.
+    pub signing_secret: Option<String>,
+}
+
 /// A workflow as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SummaryView {

@@ -1,0 +1,349 @@
+//! The GitLab webhook ingress (DESIGN.md §7): `POST /hooks/gitlab`.
+//!
+//! A push to a mapped branch becomes one small typed event on the events queue (FIFO group =
+//! workflow key, deduplication id = event id), and the answer, `202`, comes only after the
+//! queue has it durably. Nothing else is done in the request.
+//!
+//! | request | answer |
+//! |---|---|
+//! | push to a mapped branch | `202` `{"status":"accepted","event_id":…,"workflow":"acme#production"}` |
+//! | unmapped branch, tag push, branch deletion, other `X-Gitlab-Event` kinds | `202` `{"status":"ignored","reason":…}`, nothing queued |
+//! | missing or wrong `X-Gitlab-Token`, or a bad Standard Webhooks signature | `401` |
+//! | unknown project | `404` |
+//! | malformed JSON or missing fields | `400` naming what is wrong |
+//! | body over `max_body_bytes` | `413` |
+//! | queue unavailable | `503` (nothing was accepted; GitLab shows it and can resend) |
+//!
+//! The event id is the `Idempotency-Key` header when present (GitLab 17.4+, stable across its
+//! retries and manual resends: a retried delivery is queued once within the queue's
+//! deduplication window and applied once by the workflow's dedup after it), else
+//! `X-Gitlab-Event-UUID` (stable across GitLab's automatic retries of one event), else a digest
+//! of project, ref and `after` (the same commit pushed to the same branch of the same project is
+//! one event, so a resend without headers is deduplicated too, and a re-push of the same commit
+//! within the window is dropped).
+//!
+//! Tokens are compared as SHA-256 hashes in constant time; no token, signature or secret is
+//! ever logged.
+
+pub mod gitlab;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use workflows::{Event, EventId, GitSha, Push, Tenant, Timestamp, WorkflowKey};
+
+use crate::clock::SharedClock;
+use crate::engine::enqueue;
+use crate::ports::{Queue, Store};
+use gitlab::{NO_COMMIT, Payload};
+
+/// How the ingress runs.
+#[derive(Debug, Clone)]
+pub struct IngressConfig {
+    /// Largest body accepted; larger ones get `413`.
+    pub max_body_bytes: usize,
+    /// How long a tenant looked up by project is trusted before it is read again.
+    pub tenant_ttl: Duration,
+}
+
+impl Default for IngressConfig {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            tenant_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The ingress's shared state.
+pub struct Ingress<S, Q> {
+    store: Arc<S>,
+    queue: Arc<Q>,
+    clock: SharedClock,
+    config: IngressConfig,
+    tenants: Mutex<HashMap<u64, (Option<Tenant>, Timestamp)>>,
+}
+
+impl<S, Q> std::fmt::Debug for Ingress<S, Q> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingress")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An answer of the ingress: a status and a small JSON body.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    body: serde_json::Value,
+}
+
+impl Answer {
+    fn error(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: json!({ "error": message.into() }),
+        }
+    }
+
+    fn ignored(reason: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::ACCEPTED,
+            body: json!({ "status": "ignored", "reason": reason.into() }),
+        }
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body)).into_response()
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+impl<S: Store, Q: Queue> Ingress<S, Q> {
+    /// An ingress queueing to `queue` and finding tenants in `store`.
+    pub fn new(store: Arc<S>, queue: Arc<Q>, clock: SharedClock, config: IngressConfig) -> Self {
+        Self {
+            store,
+            queue,
+            clock,
+            config,
+            tenants: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The HTTP routes: `POST /hooks/gitlab` and `GET /healthz`.
+    pub fn router(self: Arc<Self>) -> Router {
+        let limit = self.config.max_body_bytes;
+        Router::new()
+            .route("/hooks/gitlab", post(receive::<S, Q>))
+            .route("/healthz", get(|| async { "ok" }))
+            .layer(DefaultBodyLimit::max(limit))
+            .with_state(self)
+    }
+
+    async fn tenant(&self, project: u64) -> Result<Option<Tenant>, crate::ports::Error> {
+        let now = self.clock.now();
+        if let Ok(cache) = self.tenants.lock()
+            && let Some((t, at)) = cache.get(&project)
+            && now.since(*at) < self.config.tenant_ttl
+        {
+            return Ok(t.clone());
+        }
+        let tenant = self.store.tenant_by_project(project).await?;
+        if let Ok(mut cache) = self.tenants.lock() {
+            if cache.len() > 100_000 {
+                cache.clear();
+            }
+            cache.insert(project, (tenant.clone(), now));
+        }
+        Ok(tenant)
+    }
+
+    /// Answers one webhook delivery as `POST /hooks/gitlab` would: the status and the JSON
+    /// body. (The HTTP layer adds only the body limit.)
+    pub async fn answer(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> (StatusCode, serde_json::Value) {
+        let a = self.handle(headers, body).await;
+        (a.status, a.body)
+    }
+
+    /// Handles one webhook delivery.
+    async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> Answer {
+        let Some(token) = header(headers, "x-gitlab-token") else {
+            return Answer::error(StatusCode::UNAUTHORIZED, "missing X-Gitlab-Token");
+        };
+        let payload = match Payload::parse(body) {
+            Ok(p) => p,
+            Err(e) => return Answer::error(StatusCode::BAD_REQUEST, e),
+        };
+        let Some(project) = payload.project_id() else {
+            return Answer::error(
+                StatusCode::BAD_REQUEST,
+                "missing field `project_id` (or `project.id`)",
+            );
+        };
+        let tenant = match self.tenant(project).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Answer::error(
+                    StatusCode::NOT_FOUND,
+                    format!("GitLab project {project} belongs to no tenant"),
+                );
+            }
+            Err(e) => {
+                warn!(project, error = %e, "tenant lookup failed");
+                return Answer::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "tenant registry unavailable",
+                );
+            }
+        };
+        let now = self.clock.now();
+        if !crate::tenants::verify_token(&tenant, token, now) {
+            warn!(tenant.id = %tenant.id, project, "webhook refused: wrong token");
+            return Answer::error(StatusCode::UNAUTHORIZED, "wrong X-Gitlab-Token");
+        }
+        if let Some(secret) = &tenant.webhook.signing_secret {
+            let verified = standardwebhooks::Webhook::new(secret)
+                .map_err(|e| e.to_string())
+                .and_then(|w| w.verify(body, headers).map_err(|e| e.to_string()));
+            if let Err(e) = verified {
+                warn!(tenant.id = %tenant.id, project, reason = %e, "webhook refused: signature");
+                return Answer::error(
+                    StatusCode::UNAUTHORIZED,
+                    format!("Standard Webhooks signature: {e}"),
+                );
+            }
+        }
+        let kind = header(headers, "x-gitlab-event").unwrap_or_default();
+        let object_kind = payload.object_kind.as_deref().unwrap_or_default();
+        if kind == "Tag Push Hook" || object_kind == "tag_push" {
+            return Answer::ignored("tag pushes are not deployed");
+        }
+        if kind != "Push Hook" || (object_kind != "push" && !object_kind.is_empty()) {
+            let what = if kind.is_empty() { "(none)" } else { kind };
+            return Answer::ignored(format!(
+                "X-Gitlab-Event {what} is not handled: only Push Hook deploys"
+            ));
+        }
+        self.push(&tenant, project, headers, &payload, now).await
+    }
+
+    async fn push(
+        &self,
+        tenant: &Tenant,
+        project: u64,
+        headers: &HeaderMap,
+        payload: &Payload,
+        now: Timestamp,
+    ) -> Answer {
+        let (Some(git_ref), Some(after)) = (&payload.git_ref, &payload.after) else {
+            let missing = if payload.git_ref.is_none() {
+                "ref"
+            } else {
+                "after"
+            };
+            return Answer::error(
+                StatusCode::BAD_REQUEST,
+                format!("missing field `{missing}`"),
+            );
+        };
+        if after == NO_COMMIT {
+            return Answer::ignored(format!("branch deletion of {git_ref}: nothing to deploy"));
+        }
+        let Some(branch) = git_ref.strip_prefix("refs/heads/") else {
+            return Answer::ignored(format!("{git_ref} is not a branch"));
+        };
+        let Some(env) = tenant.environment_for_ref(git_ref) else {
+            let mapped: Vec<&str> = tenant.branches.keys().map(String::as_str).collect();
+            return Answer::ignored(format!(
+                "branch {branch} is not mapped to an environment (mapped: {})",
+                mapped.join(", ")
+            ));
+        };
+        let Some(repo) = tenant.repo_for_project(project) else {
+            return Answer::error(
+                StatusCode::NOT_FOUND,
+                format!("GitLab project {project} belongs to no tenant"),
+            );
+        };
+        let sha = match GitSha::new(after.as_str()) {
+            Ok(s) => s,
+            Err(e) => return Answer::error(StatusCode::BAD_REQUEST, format!("field `after`: {e}")),
+        };
+        let event_id = match event_id(headers, project, git_ref, after) {
+            Ok(id) => id,
+            Err(e) => return Answer::error(StatusCode::BAD_REQUEST, e),
+        };
+        let key = WorkflowKey::new(tenant.id.clone(), env);
+        let event = Event::Push(Push {
+            event_id: event_id.clone(),
+            repo,
+            sha,
+            git_ref: git_ref.clone(),
+            author: payload.author(),
+            message: payload.head_title(),
+            received_at: now,
+        });
+        match enqueue(&*self.queue, &key, event, now).await {
+            Ok(()) => {
+                info!(tenant.id = %tenant.id, workflow.env = %env, event.id = %event_id, %repo, "push accepted");
+                Answer {
+                    status: StatusCode::ACCEPTED,
+                    body: json!({
+                        "status": "accepted",
+                        "event_id": event_id.as_str(),
+                        "workflow": key.to_string(),
+                    }),
+                }
+            }
+            Err(e) => {
+                warn!(tenant.id = %tenant.id, error = %e, "push not queued");
+                Answer::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the event queue is unavailable; nothing was accepted, resend later",
+                )
+            }
+        }
+    }
+}
+
+/// The event id of a push delivery (see the module docs for the dedup each choice gives).
+pub fn event_id(
+    headers: &HeaderMap,
+    project: u64,
+    git_ref: &str,
+    after: &str,
+) -> Result<EventId, String> {
+    if let Some(key) = header(headers, "idempotency-key") {
+        return EventId::new(key).map_err(|e| format!("Idempotency-Key: {e}"));
+    }
+    if let Some(uuid) = header(headers, "x-gitlab-event-uuid") {
+        return EventId::new(uuid).map_err(|e| format!("X-Gitlab-Event-UUID: {e}"));
+    }
+    let digest = Sha256::digest(format!("{project}\n{git_ref}\n{after}").as_bytes());
+    EventId::new(format!("push:{}", hex::encode(digest))).map_err(|e| e.to_string())
+}
+
+async fn receive<S: Store, Q: Queue>(
+    State(ingress): State<Arc<Ingress<S, Q>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Answer {
+    ingress.handle(&headers, &body).await
+}
+
+/// Serves `router` on `listener` until `shutdown`, finishing requests under way.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    info!(addr = ?addr, "ingress listening on POST /hooks/gitlab");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
