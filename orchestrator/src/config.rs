@@ -9,7 +9,11 @@
 //! otherwise. Durations are written as `"250ms"`, `"30s"`, `"15m"`.
 //!
 //! ```toml
-//! backend = "embedded"            # the only backend so far
+//! backend = "embedded"            # or "aws": SQS and DynamoDB
+//!
+//! [aws]                           # region, endpoint and credentials: the standard AWS
+//! prefix = "orchestrator"         # environment and profiles (AWS_REGION, AWS_ENDPOINT_URL, ...)
+//! max_receives = 10               # the queues' maxReceiveCount, set by `orchestrator init`
 //!
 //! [embedded]
 //! path = "orchestrator.sqlite"    # the SQLite file holding queues, records and the simulated cloud
@@ -82,6 +86,8 @@ pub enum Backend {
     /// One SQLite file.
     #[default]
     Embedded,
+    /// SQS and DynamoDB.
+    Aws,
 }
 
 /// The whole configuration.
@@ -92,6 +98,8 @@ pub struct Config {
     pub backend: Backend,
     /// The embedded backend.
     pub embedded: Embedded,
+    /// The AWS backend.
+    pub aws: Aws,
     /// The engine.
     pub engine: Engine,
     /// The sweeper.
@@ -116,6 +124,25 @@ impl Default for Embedded {
     fn default() -> Self {
         Self {
             path: PathBuf::from("orchestrator.sqlite"),
+            max_receives: 10,
+        }
+    }
+}
+
+/// `[aws]`. Everything else AWS comes from the standard AWS environment and profiles.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Aws {
+    /// Prefix of the queue and table names (`<prefix>-events.fifo`, `<prefix>-workflows`, ...).
+    pub prefix: String,
+    /// The queues' `maxReceiveCount`, set by `orchestrator init`.
+    pub max_receives: u32,
+}
+
+impl Default for Aws {
+    fn default() -> Self {
+        Self {
+            prefix: "orchestrator".to_owned(),
             max_receives: 10,
         }
     }

@@ -2,6 +2,7 @@
 //! adapters (SQLite now; SQS and DynamoDB later), the engine, configuration, and the
 //! `orchestrator` and `wfctl` binaries.
 
+pub mod aws;
 pub mod cli;
 pub mod clock;
 pub mod config;

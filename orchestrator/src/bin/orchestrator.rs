@@ -9,9 +9,9 @@ use activities::simulated::{SimConfig, SimulatedCloud};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use orchestrator::clock::{SharedClock, SystemClock};
-use orchestrator::config::Config;
+use orchestrator::config::{Backend, Config};
 use orchestrator::engine::{Engine, enqueue, run_sweeper};
-use orchestrator::ports::Store;
+use orchestrator::ports::{Journal, Queue, Sequential, Store};
 use orchestrator::sqlite::SqliteBackend;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -183,25 +183,23 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-struct Parts {
+/// The ports of the configured backend, with the configuration and the clock.
+struct Parts<S, Q, J> {
     config: Config,
-    backend: Arc<SqliteBackend>,
+    store: Arc<S>,
+    queue: Arc<Q>,
+    journal: Arc<J>,
     clock: SharedClock,
+    /// Where the backend lives, for people.
+    location: String,
 }
 
-fn open(cli: &Cli) -> Result<Parts> {
+fn load_config(cli: &Cli) -> Result<Config> {
     let mut config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
     if let Some(db) = &cli.db {
         config.embedded.path = db.clone();
     }
-    let clock: SharedClock = Arc::new(SystemClock);
-    let backend = SqliteBackend::open_with_clock(config.sqlite(), clock.clone())
-        .with_context(|| format!("opening {}", config.embedded.path.display()))?;
-    Ok(Parts {
-        config,
-        backend: Arc::new(backend),
-        clock,
-    })
+    Ok(config)
 }
 
 fn sim_config(config: &Config, default_scale: f64, flag: Option<f64>) -> Result<SimConfig> {
@@ -248,22 +246,76 @@ fn shutdown_signal() -> CancellationToken {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let config = load_config(&cli)?;
+    let clock: SharedClock = Arc::new(SystemClock);
+    match config.backend {
+        Backend::Embedded => {
+            let backend = Arc::new(
+                SqliteBackend::open_with_clock(config.sqlite(), clock.clone())
+                    .with_context(|| format!("opening {}", config.embedded.path.display()))?,
+            );
+            let location = backend.path().display().to_string();
+            let parts = Parts {
+                config,
+                store: backend.clone(),
+                queue: backend.clone(),
+                journal: backend,
+                clock,
+                location,
+            };
+            execute(&cli, parts).await
+        }
+        Backend::Aws => {
+            let sdk = orchestrator::aws::load_sdk_config().await;
+            let names = orchestrator::aws::Names::new(&config.aws.prefix);
+            if let Command::Init = cli.command {
+                orchestrator::aws::init::create_all(&sdk, &names, config.aws.max_receives)
+                    .await
+                    .context("creating the queues and tables")?;
+                println!(
+                    "queues and tables with prefix {} are ready",
+                    config.aws.prefix
+                );
+                return Ok(());
+            }
+            let counter = orchestrator::aws::RequestCounter::new();
+            let store = Arc::new(
+                orchestrator::aws::dynamo::DynamoStore::connect(&sdk, &names, &counter).await?,
+            );
+            let queue =
+                Arc::new(orchestrator::aws::sqs::SqsQueue::connect(&sdk, &names, &counter).await?);
+            let journal = Arc::new(Sequential::new(store.clone(), queue.clone()));
+            let parts = Parts {
+                config,
+                store,
+                queue,
+                journal,
+                clock,
+                location: format!(
+                    "AWS ({} queues and tables)",
+                    names.events_queue.trim_end_matches("-events.fifo")
+                ),
+            };
+            execute(&cli, parts).await
+        }
+    }
+}
+
+async fn execute<S: Store, Q: Queue, J: Journal>(
+    cli: &Cli,
+    mut parts: Parts<S, Q, J>,
+) -> Result<()> {
     match &cli.command {
         Command::Init => {
-            let parts = open(&cli)?;
-            println!("{}", parts.backend.path().display());
+            println!("{}", parts.location);
             Ok(())
         }
-        Command::Inject(inject) => {
-            let parts = open(&cli)?;
-            inject_event(&parts, inject).await
-        }
+        Command::Inject(inject) => inject_event(&parts, inject).await,
         Command::Sweeper => {
-            let parts = open(&cli)?;
             let stop = shutdown_signal();
             run_sweeper(
-                &*parts.backend,
-                &*parts.backend,
+                &*parts.store,
+                &*parts.queue,
                 parts.clock.clone(),
                 parts.config.sweeper(),
                 stop,
@@ -272,7 +324,6 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Worker(args) => {
-            let mut parts = open(&cli)?;
             if let Some(c) = args.concurrency {
                 parts.config.engine.concurrency = c;
             }
@@ -285,14 +336,13 @@ async fn run(cli: Cli) -> Result<()> {
             .context("opening the simulated cloud")?;
             let stop = shutdown_signal();
             let engine = engine(&parts, cloud);
-            info!(db = %parts.backend.path().display(), "worker started");
+            info!(backend = %parts.location, "worker started");
             engine.run(stop).await;
             info!("worker stopped");
             Ok(())
         }
-        Command::Dev(args) => dev(&cli, args).await,
+        Command::Dev(args) => dev(&parts, args).await,
         Command::Ingress(args) => {
-            let parts = open(&cli)?;
             let stop = shutdown_signal();
             let listen = args
                 .listen
@@ -306,8 +356,8 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 /// Binds `listen` and serves the ingress until `stop`; the task ends when the server does.
-async fn start_ingress(
-    parts: &Parts,
+async fn start_ingress<S: Store, Q: Queue, J: Journal>(
+    parts: &Parts<S, Q, J>,
     listen: &str,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<std::io::Result<()>>> {
@@ -316,8 +366,8 @@ async fn start_ingress(
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let ingress = Arc::new(orchestrator::ingress::Ingress::new(
-        parts.backend.clone(),
-        parts.backend.clone(),
+        parts.store.clone(),
+        parts.queue.clone(),
         parts.clock.clone(),
         parts.config.ingress(),
     ));
@@ -329,20 +379,24 @@ async fn start_ingress(
     )))
 }
 
-type DevEngine = Engine<SqliteBackend, SqliteBackend, SqliteBackend, SimulatedCloud>;
-
-fn engine(parts: &Parts, cloud: SimulatedCloud) -> Arc<DevEngine> {
+fn engine<S: Store, Q: Queue, J: Journal>(
+    parts: &Parts<S, Q, J>,
+    cloud: SimulatedCloud,
+) -> Arc<Engine<S, Q, J, SimulatedCloud>> {
     Arc::new(Engine::new(
-        parts.backend.clone(),
-        parts.backend.clone(),
-        parts.backend.clone(),
+        parts.store.clone(),
+        parts.queue.clone(),
+        parts.journal.clone(),
         Arc::new(cloud),
         parts.clock.clone(),
         parts.config.engine(),
     ))
 }
 
-async fn inject_event(parts: &Parts, inject: &Inject) -> Result<()> {
+async fn inject_event<S: Store, Q: Queue, J: Journal>(
+    parts: &Parts<S, Q, J>,
+    inject: &Inject,
+) -> Result<()> {
     let now = parts.clock.now();
     let (key, event) = match inject {
         Inject::Push {
@@ -381,9 +435,9 @@ async fn inject_event(parts: &Parts, inject: &Inject) -> Result<()> {
             (key, Event::Provision { event_id })
         }
     };
-    if parts.backend.tenant(&key.tenant).await?.is_none() {
+    if parts.store.tenant(&key.tenant).await?.is_none() {
         let known: Vec<String> = parts
-            .backend
+            .store
             .tenants()
             .await?
             .into_iter()
@@ -400,7 +454,7 @@ async fn inject_event(parts: &Parts, inject: &Inject) -> Result<()> {
         );
     }
     let id = event.id();
-    enqueue(&*parts.backend, &key, event, now).await?;
+    enqueue(&*parts.queue, &key, event, now).await?;
     println!("{id}");
     eprintln!("queued {id} for {key}");
     Ok(())
@@ -408,8 +462,7 @@ async fn inject_event(parts: &Parts, inject: &Inject) -> Result<()> {
 
 const DEMO_TENANT: &str = "demo";
 
-async fn dev(cli: &Cli, args: &DevArgs) -> Result<()> {
-    let parts = open(cli)?;
+async fn dev<S: Store, Q: Queue, J: Journal>(parts: &Parts<S, Q, J>, args: &DevArgs) -> Result<()> {
     let sim = sim_config(&parts.config, 60.0, args.time_scale)?;
     let cloud = SimulatedCloud::open_with_clock(
         &parts.config.embedded.path,
@@ -418,8 +471,8 @@ async fn dev(cli: &Cli, args: &DevArgs) -> Result<()> {
     )
     .context("opening the simulated cloud")?;
     let stop = shutdown_signal();
-    let engine = engine(&parts, cloud);
-    info!(db = %parts.backend.path().display(), time_scale = sim.time_scale, "dev: workers and sweeper on the embedded default");
+    let engine = engine(parts, cloud);
+    info!(backend = %parts.location, time_scale = sim.time_scale, "dev: ingress, workers and sweeper in one process");
     let ingress = if args.no_ingress {
         None
     } else {
@@ -427,24 +480,24 @@ async fn dev(cli: &Cli, args: &DevArgs) -> Result<()> {
             .listen
             .clone()
             .unwrap_or_else(|| parts.config.ingress.listen.clone());
-        Some(start_ingress(&parts, &listen, stop.clone()).await?)
+        Some(start_ingress(parts, &listen, stop.clone()).await?)
     };
     let mut demo_keys = Vec::new();
     if !args.no_demo {
-        demo_keys = start_demo(&parts).await?;
+        demo_keys = start_demo(parts).await?;
         for key in &demo_keys {
-            tokio::spawn(watch(parts.backend.clone(), key.clone(), stop.clone()));
+            tokio::spawn(watch(parts.store.clone(), key.clone(), stop.clone()));
         }
     }
     let sweeper = {
-        let backend = parts.backend.clone();
+        let (store, queue) = (parts.store.clone(), parts.queue.clone());
         let clock = parts.clock.clone();
         let config = parts.config.sweeper();
         let stop = stop.clone();
-        tokio::spawn(async move { run_sweeper(&*backend, &*backend, clock, config, stop).await })
+        tokio::spawn(async move { run_sweeper(&*store, &*queue, clock, config, stop).await })
     };
     if args.exit_when_live {
-        let backend = parts.backend.clone();
+        let backend = parts.store.clone();
         let stop = stop.clone();
         let keys = demo_keys.clone();
         tokio::spawn(async move {
@@ -471,10 +524,12 @@ async fn dev(cli: &Cli, args: &DevArgs) -> Result<()> {
 }
 
 /// Registers the demo tenant (once) and pushes both of its repositories to `dev`.
-async fn start_demo(parts: &Parts) -> Result<Vec<WorkflowKey>> {
+async fn start_demo<S: Store, Q: Queue, J: Journal>(
+    parts: &Parts<S, Q, J>,
+) -> Result<Vec<WorkflowKey>> {
     let id = TenantId::new(DEMO_TENANT)?;
     let now = parts.clock.now();
-    if parts.backend.tenant(&id).await?.is_none() {
+    if parts.store.tenant(&id).await?.is_none() {
         let token = orchestrator::tenants::generate_token();
         let tenant = Tenant::new(
             id.clone(),
@@ -484,7 +539,7 @@ async fn start_demo(parts: &Parts) -> Result<Vec<WorkflowKey>> {
             orchestrator::tenants::token_sha256(&token),
             now,
         );
-        match parts.backend.put_tenant(&tenant, true).await {
+        match parts.store.put_tenant(&tenant, true).await {
             Ok(()) => info!(
                 tenant = DEMO_TENANT,
                 "demo tenant registered (GitLab projects 1001 and 1002)"
@@ -509,14 +564,14 @@ async fn start_demo(parts: &Parts) -> Result<Vec<WorkflowKey>> {
             message: format!("demo {repo} push"),
             received_at: now,
         });
-        enqueue(&*parts.backend, &key, event, now).await?;
+        enqueue(&*parts.queue, &key, event, now).await?;
         info!(workflow = %key, %repo, sha = %sha.short(), "demo push queued");
     }
     Ok(vec![key])
 }
 
 /// Prints every new history entry of `key` to stderr, as it is written.
-async fn watch(backend: Arc<SqliteBackend>, key: WorkflowKey, stop: CancellationToken) {
+async fn watch<S: Store>(backend: Arc<S>, key: WorkflowKey, stop: CancellationToken) {
     let mut after = match backend.workflow(&key).await {
         Ok(Some(r)) => r.version,
         _ => 0,

@@ -3,10 +3,12 @@
 
 pub mod journal;
 pub mod queue;
+pub mod stack;
 pub mod store;
 
 pub use journal::{Commit, Journal, Sequential};
 pub use queue::{DeadLetter, Delivery, Outgoing, Queue, QueueKind, QueueStats, Receipt};
+pub use stack::Stack;
 pub use store::{RecordWrite, Store, WorkflowFilter, WorkflowSummary, WriteError};
 
 /// Why a port operation failed.

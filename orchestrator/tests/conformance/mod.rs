@@ -40,6 +40,14 @@ pub(crate) trait Harness {
 
     /// How many receives the backend allows before dead-lettering.
     fn max_receives(&self) -> u32;
+
+    /// Whether a receipt of an earlier delivery of a message is refused. SQS documents that a
+    /// delete with an old receipt "succeeds, but the message might not be deleted" (and moto
+    /// deletes it); the engine does not rely on the refusal: a message acknowledged by a late
+    /// worker was applied by that worker, and its redelivery would have found it applied.
+    fn rejects_stale_receipts(&self) -> bool {
+        true
+    }
 }
 
 /// Runs every check, each on a fresh harness from `make`.
@@ -171,10 +179,17 @@ pub(crate) async fn unacknowledged_messages_come_back<H: Harness>(h: &H) {
         )
         .await
         .expect("ack");
-    assert_eq!(
-        failed,
-        vec![first[0].receipt.clone()],
-        "the stale receipt fails alone"
+    if h.rejects_stale_receipts() {
+        assert_eq!(
+            failed,
+            vec![first[0].receipt.clone()],
+            "the stale receipt fails alone"
+        );
+    }
+    h.advance(h.visibility() + Duration::from_secs(1)).await;
+    assert!(
+        receive_all(h, QueueKind::Steps).await.is_empty(),
+        "acknowledged"
     );
 }
 
@@ -193,10 +208,12 @@ pub(crate) async fn visibility_can_be_extended_and_released<H: Harness>(h: &H) {
         .expect("release");
     let again = receive_all(h, QueueKind::Steps).await;
     assert_eq!(again.len(), 1, "released at once");
-    let stale = b
-        .extend(QueueKind::Steps, &got[0].receipt, h.visibility())
-        .await;
-    assert!(stale.is_err(), "an old receipt cannot extend");
+    if h.rejects_stale_receipts() {
+        let stale = b
+            .extend(QueueKind::Steps, &got[0].receipt, h.visibility())
+            .await;
+        assert!(stale.is_err(), "an old receipt cannot extend");
+    }
 }
 
 pub(crate) async fn delayed_messages_wait<H: Harness>(h: &H) {
@@ -208,6 +225,9 @@ pub(crate) async fn delayed_messages_wait<H: Harness>(h: &H) {
         .expect("send");
     let got = receive_all(h, QueueKind::Steps).await;
     assert_eq!(bodies(&got), ["now"]);
+    b.ack(QueueKind::Steps, vec![got[0].receipt.clone()])
+        .await
+        .expect("ack");
     h.advance(Duration::from_secs(6)).await;
     let got = receive_all(h, QueueKind::Steps).await;
     assert_eq!(bodies(&got), ["later"]);
@@ -256,6 +276,11 @@ pub(crate) async fn duplicate_dedup_ids_are_dropped_within_the_window<H: Harness
         .await
         .expect("ack");
     assert!(receive(h, QueueKind::Events).await.is_empty());
+    if h.dedup_window() > Duration::from_secs(60) {
+        // SQS's window is fixed at five minutes and moto keeps wall-clock time: the expiry is
+        // shown on the backends whose clock the test controls.
+        return;
+    }
     h.advance(h.dedup_window() + Duration::from_secs(1)).await;
     b.send(vec![event_message("a#dev", "e-1", "after")])
         .await

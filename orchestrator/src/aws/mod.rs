@@ -1,0 +1,205 @@
+//! The AWS backend: the `Queue` port on SQS ([`sqs`]), the `Store` port on DynamoDB
+//! ([`dynamo`]), the `Journal` as [`crate::ports::Sequential`] over both, `orchestrator init`
+//! ([`init`]), and request accounting.
+//!
+//! AWS settings come from the standard AWS environment and profiles (`AWS_REGION`,
+//! `AWS_ENDPOINT_URL`, `AWS_PROFILE`, credentials chain); nothing AWS-specific is invented. The
+//! only setting of our own is the name prefix of the queues and tables.
+
+pub mod dynamo;
+pub mod init;
+pub mod sqs;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use aws_smithy_runtime_api::box_error::BoxError;
+use aws_smithy_runtime_api::client::interceptors::Intercept;
+use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
+use aws_smithy_types::config_bag::ConfigBag;
+use serde::Serialize;
+
+use crate::ports::Error;
+
+/// The names of the queues and tables, all derived from one prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// `<prefix>-events.fifo`: pushes and signals, FIFO per workflow.
+    pub events_queue: String,
+    /// `<prefix>-events-dlq.fifo`: its dead-letter queue.
+    pub events_dlq: String,
+    /// `<prefix>-steps`: step messages and timers.
+    pub steps_queue: String,
+    /// `<prefix>-steps-dlq`: its dead-letter queue.
+    pub steps_dlq: String,
+    /// `<prefix>-workflows`: workflow records.
+    pub workflows_table: String,
+    /// `<prefix>-history`: history entries.
+    pub history_table: String,
+    /// `<prefix>-tenants`: tenant records and project-id pointers.
+    pub tenants_table: String,
+    /// `<prefix>-allocations`: allocated values (rule priorities).
+    pub allocations_table: String,
+}
+
+impl Names {
+    /// The names for `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            events_queue: format!("{prefix}-events.fifo"),
+            events_dlq: format!("{prefix}-events-dlq.fifo"),
+            steps_queue: format!("{prefix}-steps"),
+            steps_dlq: format!("{prefix}-steps-dlq"),
+            workflows_table: format!("{prefix}-workflows"),
+            history_table: format!("{prefix}-history"),
+            tenants_table: format!("{prefix}-tenants"),
+            allocations_table: format!("{prefix}-allocations"),
+        }
+    }
+}
+
+/// Loads the AWS configuration the standard way (environment, profiles, credential chain),
+/// with the request counter on every client built from it.
+pub async fn load_sdk_config() -> aws_config::SdkConfig {
+    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+}
+
+/// Counts AWS requests (attempts, retries included: each is billed) per service and operation.
+#[derive(Debug, Clone, Default)]
+pub struct RequestCounter {
+    counts: Arc<Mutex<BTreeMap<(String, String), u64>>>,
+}
+
+/// One line of [`RequestCounter::snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RequestCount {
+    /// `SQS`, `DynamoDB`.
+    pub service: String,
+    /// `ReceiveMessage`, `TransactWriteItems`, ...
+    pub operation: String,
+    /// Requests sent.
+    pub count: u64,
+}
+
+impl RequestCounter {
+    /// A counter starting at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The counts so far.
+    pub fn snapshot(&self) -> Vec<RequestCount> {
+        self.counts
+            .lock()
+            .map(|c| {
+                c.iter()
+                    .map(|((service, operation), count)| RequestCount {
+                        service: service.clone(),
+                        operation: operation.clone(),
+                        count: *count,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// All requests so far.
+    pub fn total(&self) -> u64 {
+        self.snapshot().iter().map(|c| c.count).sum()
+    }
+}
+
+impl Intercept for RequestCounter {
+    fn name(&self) -> &'static str {
+        "RequestCounter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let (service, operation) = cfg
+            .load::<Metadata>()
+            .map(|m| (m.service().to_owned(), m.name().to_owned()))
+            .unwrap_or_else(|| ("unknown".to_owned(), "unknown".to_owned()));
+        if let Ok(mut counts) = self.counts.lock() {
+            *counts.entry((service, operation)).or_default() += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Maps an SDK error to a port error: throttling, 5xx and transport failures are retryable
+/// (`Unavailable`); a missing resource or denied access names the resource and the permission
+/// and is not.
+pub(crate) fn sdk_error<E, R>(
+    backend: &'static str,
+    action: &str,
+    resource: &str,
+    err: aws_smithy_runtime_api::client::result::SdkError<E, R>,
+) -> Error
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_smithy_runtime_api::client::result::SdkError;
+    let code = match &err {
+        SdkError::ServiceError(e) => e.err().code().map(str::to_owned),
+        _ => None,
+    };
+    let message = match &err {
+        SdkError::ServiceError(e) => e.err().message().map(str::to_owned),
+        _ => None,
+    }
+    .unwrap_or_else(|| aws_smithy_types::error::display::DisplayErrorContext(&err).to_string());
+    match code.as_deref() {
+        Some(
+            "ResourceNotFoundException"
+            | "AWS.SimpleQueueService.NonExistentQueue"
+            | "QueueDoesNotExist",
+        ) => Error::Invalid(format!(
+            "{resource} does not exist ({backend} {action}): create it with `orchestrator init`"
+        )),
+        Some("AccessDeniedException" | "AccessDenied" | "UnauthorizedOperation") => {
+            Error::Invalid(format!(
+                "access denied: {action} on {resource} ({backend}); grant that permission: {message}"
+            ))
+        }
+        Some(c)
+            if c.contains("Throttl")
+                || c == "ProvisionedThroughputExceededException"
+                || c == "RequestLimitExceeded"
+                || c == "InternalServerError"
+                || c == "ServiceUnavailable"
+                || c == "InternalFailure" =>
+        {
+            Error::Unavailable {
+                backend,
+                message: format!("{action} on {resource}: {c}: {message}"),
+            }
+        }
+        Some(c) => Error::Invalid(format!("{action} on {resource} failed: {c}: {message}")),
+        None => Error::Unavailable {
+            backend,
+            message: format!("{action} on {resource}: {message}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_prefix() {
+        let n = Names::new("acme-prod");
+        assert_eq!(n.events_queue, "acme-prod-events.fifo");
+        assert_eq!(n.events_dlq, "acme-prod-events-dlq.fifo");
+        assert_eq!(n.steps_queue, "acme-prod-steps");
+        assert_eq!(n.history_table, "acme-prod-history");
+    }
+}
