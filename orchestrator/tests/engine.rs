@@ -527,3 +527,60 @@ async fn a_long_handler_keeps_its_message_by_extending_visibility() {
         .expect("run");
     assert_eq!(runs, steps, "every step ran once, on one engine");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_an_old_cached_record_applies_newer_step_reports() {
+    // Regression: a worker whose cache held an older version ran a current step message and
+    // then dropped its report as stale against that cache.
+    let w = World::new().await;
+    let k = key("acme", Environment::Dev);
+    w.push(&k, RepoKind::Infra, 1, "p1").await;
+    let a = w.engine(Instant::default(), fast());
+    let second = SqliteBackend::open(SqliteConfig::new(w.backend.path())).expect("open");
+    let b2 = Arc::new(second);
+    let b: Arc<TestEngine> = Arc::new(Engine::new(
+        b2.clone(),
+        b2.clone(),
+        b2,
+        Arc::new(Instant::default()),
+        w.clock.clone(),
+        fast(),
+    ));
+    let push = w
+        .backend
+        .receive(
+            QueueKind::Events,
+            1,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        )
+        .await
+        .expect("receive")
+        .remove(0);
+    // A applies the push and caches version 1; it claims network, source and routing.
+    let claimed = a.handle(push).await;
+    let network = claimed
+        .into_iter()
+        .find(|d| String::from_utf8_lossy(&d.body).contains("\"network\""))
+        .expect("network claimed");
+    // B runs the network step: version 2, which starts the database step.
+    let next = b.handle(network).await;
+    let database = next
+        .into_iter()
+        .find(|d| String::from_utf8_lossy(&d.body).contains("\"database\""))
+        .expect("database claimed by B");
+    // A, still caching version 1, gets the database step message.
+    a.handle(database).await;
+    let record = w.backend.workflow(&k).await.expect("read").expect("exists");
+    let db = record
+        .workflow()
+        .run
+        .as_ref()
+        .and_then(|r| r.step(workflows::StepKind::Database).cloned())
+        .expect("database step");
+    assert_eq!(
+        db.status,
+        workflows::StepStatus::Done,
+        "applied, not dropped"
+    );
+}

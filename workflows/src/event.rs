@@ -194,7 +194,7 @@ impl Event {
             Event::Provision { event_id }
             | Event::Signal { event_id, .. }
             | Event::Rearm { event_id } => event_id.clone(),
-            Event::Step(r) => derived_id("step", r.run, r.step, r.token),
+            Event::Step(r) => step_event_id(r.run, r.step, r.token),
             Event::Timer(t) => derived_id("timer", t.run, t.step, t.token),
         }
     }
@@ -216,6 +216,12 @@ impl Event {
             Event::Rearm { .. } => "rearm",
         }
     }
+}
+
+/// The id of the report of step message `(run, step, token)`, whatever its outcome: what the
+/// history holds once the report was applied.
+pub fn step_event_id(run: RunId, step: StepKind, token: u32) -> EventId {
+    derived_id("step", run, step, token)
 }
 
 fn derived_id(prefix: &str, run: RunId, step: StepKind, token: u32) -> EventId {

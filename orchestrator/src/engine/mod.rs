@@ -24,8 +24,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use workflows::{
-    Body, Command, Envelope, Event, Input, StepOutcome, StepReport, StepStatus, StepTask, Tenant,
-    TenantId, Timestamp, Verdict, WorkflowKey, WorkflowRecord,
+    Body, Command, Envelope, Event, EventId, Input, StepOutcome, StepReport, StepStatus, StepTask,
+    Tenant, TenantId, Timestamp, Verdict, WorkflowKey, WorkflowRecord,
 };
 
 use crate::clock::SharedClock;
@@ -549,14 +549,30 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             };
             let is_current = match self.load(key, false).await {
                 Ok(r) if current(&r) => true,
-                Ok(_) => matches!(self.load(key, true).await, Ok(r) if current(&r)),
+                Ok(_) => match self.load(key, true).await {
+                    Ok(r) if current(&r) => {
+                        // Newer than the cache: keep it for applying the report.
+                        self.remember(r);
+                        true
+                    }
+                    _ => false,
+                },
                 Err(Error::Corrupt { .. }) => false,
                 Err(e) => return Err(e),
             };
             if !is_current {
                 bump(&self.stats.stale);
                 debug!("stale step message dropped");
+                // Its report may have been applied by a worker that died before sending what
+                // the report started (a journal without an atomic outbox): send that again.
+                let id = workflows::event::step_event_id(task.run, task.step, task.token);
+                let send = if self.journal.is_atomic() {
+                    Vec::new()
+                } else {
+                    self.commands_of(key, &id).await?
+                };
                 self.commit(Commit {
+                    send,
                     ack: Some(ack),
                     ..Commit::default()
                 })
@@ -612,6 +628,14 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         .await
     }
 
+    /// The messages the commands of the applied event `id` send, if it was applied.
+    async fn commands_of(&self, key: &WorkflowKey, id: &EventId) -> Result<Vec<Outgoing>, Error> {
+        let entry = self.store.history_of_event(key, id).await?;
+        Ok(entry
+            .map(|e| outgoing(key, &e.commands, self.clock.now()))
+            .unwrap_or_default())
+    }
+
     async fn commit(&self, commit: Commit) -> Result<Vec<Delivery>, WriteError> {
         match self.journal.commit(vec![commit]).await.pop() {
             Some(r) => r,
@@ -662,19 +686,31 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                         bump(&self.stats.duplicates);
                         // Its commands may not have been sent (a crash after the write): send
                         // them again. Repeating them is safe.
-                        let entry = self.store.history_of_event(key, &event.id()).await?;
-                        let commands = entry.map(|e| e.commands).unwrap_or_default();
                         Commit {
                             write: None,
-                            send: outgoing(key, &commands, now),
+                            send: self.commands_of(key, &event.id()).await?,
                             ack: Some(ack.clone()),
                             claim: None,
                         }
                     }
+                    Verdict::Stale(_) if !fresh => {
+                        // The cached record may be older than the message (another worker
+                        // moved the workflow on): only the stored record can say it is stale.
+                        fresh = true;
+                        continue;
+                    }
                     Verdict::Stale(reason) => {
                         bump(&self.stats.stale);
                         debug!(reason, "stale event dropped");
+                        // A report or timer is stale once applied; if it was applied by a
+                        // worker that died before sending its commands, send them now.
+                        let send = if self.journal.is_atomic() {
+                            Vec::new()
+                        } else {
+                            self.commands_of(key, &event.id()).await?
+                        };
                         Commit {
+                            send,
                             ack: Some(ack.clone()),
                             ..Commit::default()
                         }

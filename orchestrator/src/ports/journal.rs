@@ -42,6 +42,13 @@ pub trait Journal: Send + Sync + 'static {
         &self,
         commits: Vec<Commit>,
     ) -> impl Future<Output = Vec<Result<Vec<Delivery>, WriteError>>> + Send;
+
+    /// Whether a commit's write, sends and acknowledgement happen together or not at all.
+    /// When they do not, a redelivered message whose event was applied may be all that is left
+    /// of that event's commands, and the engine sends them again from the history.
+    fn is_atomic(&self) -> bool {
+        false
+    }
 }
 
 /// A journal over a separate store and queue: write, then send, then acknowledge.

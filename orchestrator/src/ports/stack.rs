@@ -124,6 +124,10 @@ impl<S: Store, Q: Queue, J: Journal> Store for Stack<S, Q, J> {
 }
 
 impl<S: Store, Q: Queue, J: Journal> Journal for Stack<S, Q, J> {
+    fn is_atomic(&self) -> bool {
+        self.journal.is_atomic()
+    }
+
     async fn commit(&self, commits: Vec<Commit>) -> Vec<Result<Vec<Delivery>, WriteError>> {
         self.journal.commit(commits).await
     }

@@ -715,6 +715,10 @@ impl Store for SqliteBackend {
 }
 
 impl Journal for SqliteBackend {
+    fn is_atomic(&self) -> bool {
+        true
+    }
+
     async fn commit(&self, commits: Vec<Commit>) -> Vec<Result<Vec<Delivery>, WriteError>> {
         let n = commits.len();
         let queues: Vec<QueueKind> = commits
