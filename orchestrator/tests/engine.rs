@@ -76,6 +76,24 @@ impl World {
         ))
     }
 
+    /// An engine with its own backend (own writer, as another process has) on the same file.
+    fn engine_in_another_process(
+        &self,
+        activities: Instant,
+        config: EngineConfig,
+    ) -> Arc<TestEngine> {
+        let b =
+            Arc::new(SqliteBackend::open(SqliteConfig::new(self.backend.path())).expect("open"));
+        Arc::new(Engine::new(
+            b.clone(),
+            b.clone(),
+            b,
+            Arc::new(activities),
+            self.clock.clone(),
+            config,
+        ))
+    }
+
     fn start(&self, engine: &Arc<TestEngine>) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let stop = CancellationToken::new();
         let handle = tokio::spawn(engine.clone().run(stop.clone()));
@@ -336,17 +354,8 @@ async fn stale_step_messages_are_dropped_without_running_the_activity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_engines_on_one_file_converge() {
     let w = World::new().await;
-    let second = SqliteBackend::open(SqliteConfig::new(w.backend.path())).expect("open");
     let a = w.engine(Instant::default(), fast());
-    let b2 = Arc::new(second);
-    let b: Arc<TestEngine> = Arc::new(Engine::new(
-        b2.clone(),
-        b2.clone(),
-        b2,
-        Arc::new(Instant::default()),
-        w.clock.clone(),
-        fast(),
-    ));
+    let b = w.engine_in_another_process(Instant::default(), fast());
     let (stop_a, ha) = w.start(&a);
     let (stop_b, hb) = w.start(&b);
     let keys: Vec<WorkflowKey> = Environment::ALL
@@ -499,16 +508,7 @@ async fn a_long_handler_keeps_its_message_by_extending_visibility() {
         ..Instant::default()
     };
     let a = w.engine(slow(), config.clone());
-    let second = SqliteBackend::open(SqliteConfig::new(w.backend.path())).expect("open");
-    let b2 = Arc::new(second);
-    let b: Arc<TestEngine> = Arc::new(Engine::new(
-        b2.clone(),
-        b2.clone(),
-        b2,
-        Arc::new(slow()),
-        w.clock.clone(),
-        config,
-    ));
+    let b = w.engine_in_another_process(slow(), config);
     let (stop_a, ha) = w.start(&a);
     let (stop_b, hb) = w.start(&b);
     w.until("live", async |w| w.state(&k).await == Some(State::Live))
@@ -536,16 +536,7 @@ async fn a_worker_with_an_old_cached_record_applies_newer_step_reports() {
     let k = key("acme", Environment::Dev);
     w.push(&k, RepoKind::Infra, 1, "p1").await;
     let a = w.engine(Instant::default(), fast());
-    let second = SqliteBackend::open(SqliteConfig::new(w.backend.path())).expect("open");
-    let b2 = Arc::new(second);
-    let b: Arc<TestEngine> = Arc::new(Engine::new(
-        b2.clone(),
-        b2.clone(),
-        b2,
-        Arc::new(Instant::default()),
-        w.clock.clone(),
-        fast(),
-    ));
+    let b = w.engine_in_another_process(Instant::default(), fast());
     let push = w
         .backend
         .receive(
