@@ -24,7 +24,8 @@
 //! batch = 32                      # messages per receive
 //! visibility = "60s"              # visibility timeout of received messages
 //! wait = "1s"                     # long-poll wait of a receive
-//! heartbeat = "20s"               # how often a long handler extends visibility
+//! heartbeat = "20s"               # how often a long handler extends visibility; default a
+//!                                 # third of `visibility`, and it must be shorter than it
 //! shutdown_grace = "10s"          # on SIGTERM/SIGINT, time for in-flight handlers
 //! cache_records = 4096            # decoded records kept in memory
 //!
@@ -162,9 +163,9 @@ pub struct Engine {
     /// Long-poll wait.
     #[serde(deserialize_with = "duration")]
     pub wait: Duration,
-    /// Visibility extension interval.
-    #[serde(deserialize_with = "duration")]
-    pub heartbeat: Duration,
+    /// Visibility extension interval; `None` means a third of `visibility`.
+    #[serde(deserialize_with = "some_duration")]
+    pub heartbeat: Option<Duration>,
     /// Shutdown grace period.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
@@ -180,7 +181,7 @@ impl Default for Engine {
             batch: d.batch,
             visibility: d.visibility,
             wait: d.wait,
-            heartbeat: d.heartbeat,
+            heartbeat: None,
             shutdown_grace: d.shutdown_grace,
             cache_records: d.cache_records,
         }
@@ -239,6 +240,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration ({e})")))
 }
 
+fn some_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 impl Config {
     /// Loads the file at `path` (or `$ORCHESTRATOR_CONFIG`, or none) and applies the
     /// environment's overrides.
@@ -271,9 +276,33 @@ impl Config {
             set(&mut table, &parts, parse_value(&value))
                 .map_err(|e| Error::Invalid(format!("{name}: {e}")))?;
         }
-        table
+        let config: Self = table
             .try_into()
-            .map_err(|e: toml::de::Error| Error::Invalid(e.to_string()))
+            .map_err(|e: toml::de::Error| Error::Invalid(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Rejects settings that parse but cannot work together.
+    fn check(&self) -> Result<(), Error> {
+        let e = &self.engine;
+        if e.visibility.is_zero() {
+            return Err(Error::Invalid(
+                "engine.visibility must be longer than zero".to_owned(),
+            ));
+        }
+        if let Some(h) = e.heartbeat
+            && (h.is_zero() || h >= e.visibility)
+        {
+            // A handler whose heartbeat comes after its visibility timeout is redelivered
+            // while it runs, and each redelivery counts towards the dead-letter queue.
+            return Err(Error::Invalid(format!(
+                "engine.heartbeat ({}) must be shorter than engine.visibility ({}) and longer than zero",
+                humantime::format_duration(h),
+                humantime::format_duration(e.visibility)
+            )));
+        }
+        Ok(())
     }
 
     /// The embedded backend's settings.
@@ -291,7 +320,7 @@ impl Config {
             batch: e.batch.max(1),
             visibility: e.visibility,
             wait: e.wait,
-            heartbeat: e.heartbeat,
+            heartbeat: e.heartbeat.unwrap_or(e.visibility / 3),
             shutdown_grace: e.shutdown_grace,
             cache_records: e.cache_records,
             ..EngineConfig::default()
@@ -401,5 +430,19 @@ mod tests {
         assert!(e.to_string().contains("soon"), "{e}");
         let env = [("ORCHESTRATOR__ENGINE__BATCH".to_owned(), "lots".to_owned())];
         assert!(Config::from_parts("", env).is_err());
+    }
+
+    #[test]
+    fn the_heartbeat_follows_the_visibility_and_must_be_shorter() {
+        let c = Config::from_parts("[engine]\nvisibility = \"3s\"\n", []).expect("valid");
+        assert_eq!(c.engine().heartbeat, Duration::from_secs(1));
+        let c = Config::from_parts("[engine]\nvisibility = \"3s\"\nheartbeat = \"2s\"\n", [])
+            .expect("valid");
+        assert_eq!(c.engine().heartbeat, Duration::from_secs(2));
+        let e = Config::from_parts("[engine]\nvisibility = \"2s\"\nheartbeat = \"20s\"\n", [])
+            .expect_err("a heartbeat after the timeout");
+        assert!(e.to_string().contains("engine.heartbeat (20s)"), "{e}");
+        let e = Config::from_parts("[engine]\nvisibility = \"0s\"\n", []).expect_err("zero");
+        assert!(e.to_string().contains("engine.visibility"), "{e}");
     }
 }

@@ -400,9 +400,11 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
     /// messages its commit claimed for this worker: the caller handles them next (or releases
     /// them).
     pub async fn handle(&self, delivery: Delivery) -> Vec<Delivery> {
+        debug!(queue = %delivery.queue, message.id = %delivery.id, receive_count = delivery.receive_count, "handling message");
         let heartbeat = self.heartbeat(&delivery);
         let result = self.handle_inner(&delivery).await;
         heartbeat.abort();
+        debug!(queue = %delivery.queue, message.id = %delivery.id, ok = result.is_ok(), "message handled");
         match result {
             Ok(Handled::Done(claimed)) => claimed,
             Ok(Handled::Quarantined) => Vec::new(),
@@ -418,15 +420,19 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         let queue = self.queue.clone();
         let receipt = delivery.receipt.clone();
         let kind = delivery.queue;
-        let every = self.config.heartbeat;
+        let id = delivery.id.clone();
+        // A heartbeat after the visibility timeout would let the message be redelivered while
+        // it is handled; configurations are checked, but an engine built in code may not be.
+        let every = self.config.heartbeat.min(self.config.visibility / 2);
         let visibility = self.config.visibility;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 if let Err(e) = queue.extend(kind, &receipt, visibility).await {
-                    debug!(error = %e, "visibility not extended");
+                    debug!(message.id = %id, error = %e, "visibility not extended");
                     return;
                 }
+                tracing::trace!(queue = %kind, message.id = %id, "visibility extended");
             }
         })
         .abort_handle()
