@@ -12,9 +12,10 @@ use moto::Moto;
 use orchestrator::aws::dynamo::DynamoStore;
 use orchestrator::aws::sqs::SqsQueue;
 use orchestrator::aws::{Names, RequestCounter};
-use orchestrator::ports::{Sequential, Stack};
+use orchestrator::ports::{Batched, Stack};
 
-type AwsStack = Stack<DynamoStore, SqsQueue, Sequential<DynamoStore, SqsQueue>>;
+/// What `orchestrator worker` runs on this backend.
+type AwsStack = Stack<DynamoStore, SqsQueue, Batched>;
 
 const MAX_RECEIVES: u32 = 3;
 
@@ -41,7 +42,7 @@ async fn aws() -> (Moto, AwsStack, RequestCounter) {
             .await
             .expect("sqs"),
     );
-    let journal = Arc::new(Sequential::new(store.clone(), queue.clone()));
+    let journal = Arc::new(Batched::new(store.clone(), queue.clone(), 64));
     (
         moto,
         Stack {

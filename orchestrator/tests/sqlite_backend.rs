@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use conformance::{Harness, run_all, step_message};
 use orchestrator::clock::ManualClock;
-use orchestrator::ports::{Queue, QueueKind};
+use orchestrator::ports::{Batched, Journal, Queue, QueueKind, Sequential, Stack};
 use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
 use workflows::Timestamp;
 
@@ -52,6 +52,47 @@ impl Harness for Sqlite {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sqlite_backend_conforms() {
     run_all(async || Sqlite::new()).await;
+}
+
+/// The embedded ports with a journal that is not atomic: the one SQS and DynamoDB use.
+struct NonAtomic<J> {
+    sqlite: Sqlite,
+    stack: Stack<SqliteBackend, SqliteBackend, J>,
+}
+
+impl<J: Journal> Harness for NonAtomic<J> {
+    type Backend = Stack<SqliteBackend, SqliteBackend, J>;
+
+    fn backend(&self) -> &Self::Backend {
+        &self.stack
+    }
+
+    async fn advance(&self, d: Duration) {
+        self.sqlite.advance(d).await;
+    }
+
+    fn max_receives(&self) -> u32 {
+        self.sqlite.max_receives()
+    }
+}
+
+fn non_atomic<J>(journal: impl FnOnce(Arc<SqliteBackend>) -> J) -> NonAtomic<J> {
+    let sqlite = Sqlite::new();
+    let backend = Arc::new(sqlite.backend.clone());
+    NonAtomic {
+        stack: Stack {
+            journal: Arc::new(journal(backend.clone())),
+            store: backend.clone(),
+            queue: backend,
+        },
+        sqlite,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_and_batched_journals_conform() {
+    run_all(async || non_atomic(|b| Sequential::new(b.clone(), b))).await;
+    run_all(async || non_atomic(|b| Batched::new(b.clone(), b, 64))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,5 @@
 //! The AWS backend: the `Queue` port on SQS ([`sqs`]), the `Store` port on DynamoDB
-//! ([`dynamo`]), the `Journal` as [`crate::ports::Sequential`] over both, `orchestrator init`
+//! ([`dynamo`]), the `Journal` as [`crate::ports::Batched`] over both, `orchestrator init`
 //! ([`init`]), and request accounting.
 //!
 //! AWS settings come from the standard AWS environment and profiles (`AWS_REGION`,

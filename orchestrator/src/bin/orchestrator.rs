@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use orchestrator::clock::{SharedClock, SystemClock};
 use orchestrator::config::{Backend, Config};
 use orchestrator::engine::{Engine, enqueue, run_sweeper};
-use orchestrator::ports::{Journal, Queue, Sequential, Store};
+use orchestrator::ports::{Batched, Journal, Queue, Store};
 use orchestrator::sqlite::SqliteBackend;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -284,7 +284,12 @@ async fn run(cli: Cli) -> Result<()> {
             );
             let queue =
                 Arc::new(orchestrator::aws::sqs::SqsQueue::connect(&sdk, &names, &counter).await?);
-            let journal = Arc::new(Sequential::new(store.clone(), queue.clone()));
+            // Commits of concurrent handlers share their send and delete requests.
+            let journal = Arc::new(Batched::new(
+                store.clone(),
+                queue.clone(),
+                config.engine.concurrency,
+            ));
             let parts = Parts {
                 config,
                 store,

@@ -1,11 +1,13 @@
 //! Ports: the small traits behind which every external system sits. The engine is generic over
 //! them; the binaries wire real adapters (SQLite now; SQS and DynamoDB later).
 
+pub mod batched;
 pub mod journal;
 pub mod queue;
 pub mod stack;
 pub mod store;
 
+pub use batched::Batched;
 pub use journal::{Commit, Journal, Sequential};
 pub use queue::{DeadLetter, Delivery, Outgoing, Queue, QueueKind, QueueStats, Receipt};
 pub use stack::Stack;
