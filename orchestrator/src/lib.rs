@@ -1,5 +1,5 @@
 //! The runtime of the orchestrator: the `Queue`, `Store` and `Journal` ports and their
-//! adapters (SQLite now; SQS and DynamoDB later), the engine, configuration, and the
+//! adapters (SQLite; SQS and DynamoDB), the engine, configuration, and the
 //! `orchestrator` and `wfctl` binaries.
 
 pub mod aws;
@@ -9,5 +9,6 @@ pub mod config;
 pub mod engine;
 pub mod ingress;
 pub mod ports;
+pub mod requests;
 pub mod sqlite;
 pub mod tenants;

@@ -10,18 +10,14 @@ pub mod dynamo;
 pub mod init;
 pub mod sqs;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
-
+use crate::ports::Error;
+pub use crate::requests::{RequestCount, RequestCounter};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
-use serde::Serialize;
-
-use crate::ports::Error;
 
 /// The names of the queues and tables, all derived from one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,51 +62,6 @@ pub async fn load_sdk_config() -> aws_config::SdkConfig {
     aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
 }
 
-/// Counts AWS requests (attempts, retries included: each is billed) per service and operation.
-#[derive(Debug, Clone, Default)]
-pub struct RequestCounter {
-    counts: Arc<Mutex<BTreeMap<(String, String), u64>>>,
-}
-
-/// One line of [`RequestCounter::snapshot`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RequestCount {
-    /// `SQS`, `DynamoDB`.
-    pub service: String,
-    /// `ReceiveMessage`, `TransactWriteItems`, ...
-    pub operation: String,
-    /// Requests sent.
-    pub count: u64,
-}
-
-impl RequestCounter {
-    /// A counter starting at zero.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The counts so far.
-    pub fn snapshot(&self) -> Vec<RequestCount> {
-        self.counts
-            .lock()
-            .map(|c| {
-                c.iter()
-                    .map(|((service, operation), count)| RequestCount {
-                        service: service.clone(),
-                        operation: operation.clone(),
-                        count: *count,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// All requests so far.
-    pub fn total(&self) -> u64 {
-        self.snapshot().iter().map(|c| c.count).sum()
-    }
-}
-
 impl Intercept for RequestCounter {
     fn name(&self) -> &'static str {
         "RequestCounter"
@@ -126,9 +77,7 @@ impl Intercept for RequestCounter {
             .load::<Metadata>()
             .map(|m| (m.service().to_owned(), m.name().to_owned()))
             .unwrap_or_else(|| ("unknown".to_owned(), "unknown".to_owned()));
-        if let Ok(mut counts) = self.counts.lock() {
-            *counts.entry((service, operation)).or_default() += 1;
-        }
+        self.count(&service, &operation);
         Ok(())
     }
 }

@@ -12,6 +12,7 @@ use orchestrator::clock::{SharedClock, SystemClock};
 use orchestrator::config::{Backend, Config};
 use orchestrator::engine::{Engine, enqueue, run_sweeper};
 use orchestrator::ports::{Batched, Journal, Queue, Store};
+use orchestrator::requests::RequestCounter;
 use orchestrator::sqlite::SqliteBackend;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -192,6 +193,8 @@ struct Parts<S, Q, J> {
     clock: SharedClock,
     /// Where the backend lives, for people.
     location: String,
+    /// The adapters' request counts (empty for SQLite, which sends no requests).
+    requests: RequestCounter,
 }
 
 fn load_config(cli: &Cli) -> Result<Config> {
@@ -262,6 +265,7 @@ async fn run(cli: Cli) -> Result<()> {
                 journal: backend,
                 clock,
                 location,
+                requests: RequestCounter::new(),
             };
             execute(&cli, parts).await
         }
@@ -278,7 +282,7 @@ async fn run(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
-            let counter = orchestrator::aws::RequestCounter::new();
+            let counter = RequestCounter::new();
             let store = Arc::new(
                 orchestrator::aws::dynamo::DynamoStore::connect(&sdk, &names, &counter).await?,
             );
@@ -300,6 +304,7 @@ async fn run(cli: Cli) -> Result<()> {
                     "AWS ({} queues and tables)",
                     names.events_queue.trim_end_matches("-events.fifo")
                 ),
+                requests: counter,
             };
             execute(&cli, parts).await
         }
@@ -342,7 +347,10 @@ async fn execute<S: Store, Q: Queue, J: Journal>(
             let stop = shutdown_signal();
             let engine = engine(&parts, cloud);
             info!(backend = %parts.location, "worker started");
-            engine.run(stop).await;
+            let reporter = tokio::spawn(report_stats(engine.clone(), STATS_EVERY));
+            engine.clone().run(stop).await;
+            reporter.abort();
+            log_stats(&engine);
             info!("worker stopped");
             Ok(())
         }
@@ -384,18 +392,65 @@ async fn start_ingress<S: Store, Q: Queue, J: Journal>(
     )))
 }
 
+/// How often a worker logs what its engine did.
+const STATS_EVERY: Duration = Duration::from_secs(60);
+
+async fn report_stats<S: Store, Q: Queue, J: Journal, A: activities::Activities>(
+    engine: Arc<Engine<S, Q, J, A>>,
+    every: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        log_stats(&engine);
+    }
+}
+
+/// One line of counts since the worker started: transitions, and the requests the adapters
+/// sent (per operation, and per transition).
+fn log_stats<S: Store, Q: Queue, J: Journal, A: activities::Activities>(
+    engine: &Engine<S, Q, J, A>,
+) {
+    let stats = engine.stats().snapshot();
+    let requests = engine.requests();
+    let total: u64 = requests.iter().map(|r| r.count).sum();
+    let by_operation = requests
+        .iter()
+        .map(|r| format!("{}:{}={}", r.service, r.operation, r.count))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let per_transition = if stats.transitions == 0 {
+        0.0
+    } else {
+        total as f64 / stats.transitions as f64
+    };
+    info!(
+        transitions = stats.transitions,
+        activities = stats.activities,
+        duplicates = stats.duplicates,
+        conflicts = stats.conflicts,
+        errors = stats.errors,
+        requests = total,
+        requests_per_transition = format!("{per_transition:.2}"),
+        by_operation,
+        "engine stats"
+    );
+}
+
 fn engine<S: Store, Q: Queue, J: Journal>(
     parts: &Parts<S, Q, J>,
     cloud: SimulatedCloud,
 ) -> Arc<Engine<S, Q, J, SimulatedCloud>> {
-    Arc::new(Engine::new(
-        parts.store.clone(),
-        parts.queue.clone(),
-        parts.journal.clone(),
-        Arc::new(cloud),
-        parts.clock.clone(),
-        parts.config.engine(),
-    ))
+    Arc::new(
+        Engine::new(
+            parts.store.clone(),
+            parts.queue.clone(),
+            parts.journal.clone(),
+            Arc::new(cloud),
+            parts.clock.clone(),
+            parts.config.engine(),
+        )
+        .with_requests(parts.requests.clone()),
+    )
 }
 
 async fn inject_event<S: Store, Q: Queue, J: Journal>(

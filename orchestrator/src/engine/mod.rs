@@ -33,6 +33,7 @@ use crate::ports::{
     Commit, Delivery, Error, Journal, Outgoing, Queue, QueueKind, Receipt, RecordWrite, Store,
     WriteError,
 };
+use crate::requests::{RequestCount, RequestCounter};
 
 pub use sweeper::{ARMED_STATES, SweepConfig, run_sweeper, sweep_once};
 
@@ -163,6 +164,7 @@ pub struct Engine<S, Q, J, A> {
     tenants: Mutex<HashMap<TenantId, (Tenant, Timestamp)>>,
     turns: Mutex<HashMap<WorkflowKey, Arc<tokio::sync::Mutex<()>>>>,
     stats: EngineStats,
+    requests: RequestCounter,
 }
 
 impl<S, Q, J, A> std::fmt::Debug for Engine<S, Q, J, A> {
@@ -246,7 +248,21 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             tenants: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
             stats: EngineStats::default(),
+            requests: RequestCounter::new(),
         }
+    }
+
+    /// The engine with `counter`, the counter its adapters count their requests on, so that
+    /// [`Engine::requests`] reports them.
+    pub fn with_requests(mut self, counter: RequestCounter) -> Self {
+        self.requests = counter;
+        self
+    }
+
+    /// Requests its adapters sent, per service and operation (none for adapters that do not
+    /// count, such as SQLite).
+    pub fn requests(&self) -> Vec<RequestCount> {
+        self.requests.snapshot()
     }
 
     /// What the engine has done so far.
