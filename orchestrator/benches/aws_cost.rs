@@ -212,16 +212,10 @@ async fn run<J: Journal>(
 
     // The engine's clients: what a worker pays.
     let counter = RequestCounter::new();
-    let store = Arc::new(
-        DynamoStore::connect(&sdk, &names, &counter)
-            .await
-            .expect("dynamo"),
-    );
-    let queue = Arc::new(
-        SqsQueue::connect(&sdk, &names, &counter)
-            .await
-            .expect("sqs"),
-    );
+    let stack = orchestrator::aws::connect(&sdk, &names, &counter, o.concurrency)
+        .await
+        .expect("connect");
+    let (store, queue) = (stack.store, stack.queue);
     let journal = make(store.clone(), queue.clone());
     let dir = tempfile::tempdir().expect("tempdir");
     let cloud = SimulatedCloud::open_with_clock(

@@ -11,11 +11,7 @@ use conformance::{Harness, run_all};
 use moto::Moto;
 use orchestrator::aws::dynamo::DynamoStore;
 use orchestrator::aws::sqs::SqsQueue;
-use orchestrator::aws::{Names, RequestCounter};
-use orchestrator::ports::{Batched, Stack};
-
-/// What `orchestrator worker` runs on this backend.
-type AwsStack = Stack<DynamoStore, SqsQueue, Batched>;
+use orchestrator::aws::{AwsStack, Names, RequestCounter};
 
 const MAX_RECEIVES: u32 = 3;
 
@@ -32,26 +28,10 @@ async fn aws() -> (Moto, AwsStack, RequestCounter) {
         .await
         .expect("init");
     let counter = RequestCounter::new();
-    let store = Arc::new(
-        DynamoStore::connect(&sdk, &names, &counter)
-            .await
-            .expect("dynamo"),
-    );
-    let queue = Arc::new(
-        SqsQueue::connect(&sdk, &names, &counter)
-            .await
-            .expect("sqs"),
-    );
-    let journal = Arc::new(Batched::new(store.clone(), queue.clone(), 64));
-    (
-        moto,
-        Stack {
-            store,
-            queue,
-            journal,
-        },
-        counter,
-    )
+    let stack = orchestrator::aws::connect(&sdk, &names, &counter, 64)
+        .await
+        .expect("connect");
+    (moto, stack, counter)
 }
 
 impl Harness for Aws {

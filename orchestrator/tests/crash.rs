@@ -125,10 +125,7 @@ async fn killing_the_worker_at_random_loses_and_repeats_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_workers_on_sqs_and_dynamodb_loses_and_repeats_nothing() {
-    use orchestrator::aws::dynamo::DynamoStore;
-    use orchestrator::aws::sqs::SqsQueue;
     use orchestrator::aws::{Names, RequestCounter};
-    use orchestrator::ports::{Sequential, Stack};
 
     let kills: usize = std::env::var("CRASH_KILLS_AWS")
         .ok()
@@ -140,22 +137,9 @@ async fn killing_workers_on_sqs_and_dynamodb_loses_and_repeats_nothing() {
     orchestrator::aws::init::create_all(&sdk, &names, 10)
         .await
         .expect("init");
-    let counter = RequestCounter::new();
-    let store = std::sync::Arc::new(
-        DynamoStore::connect(&sdk, &names, &counter)
-            .await
-            .expect("dynamo"),
-    );
-    let queue = std::sync::Arc::new(
-        SqsQueue::connect(&sdk, &names, &counter)
-            .await
-            .expect("sqs"),
-    );
-    let stack = Stack {
-        journal: std::sync::Arc::new(Sequential::new(store.clone(), queue.clone())),
-        store,
-        queue,
-    };
+    let stack = orchestrator::aws::connect(&sdk, &names, &RequestCounter::new(), 64)
+        .await
+        .expect("connect");
     let dir = tempfile::tempdir().expect("tempdir");
     let env = WorkerEnv {
         // The simulated cloud keeps its resources in this file.

@@ -10,7 +10,9 @@ pub mod dynamo;
 pub mod init;
 pub mod sqs;
 
-use crate::ports::Error;
+use std::sync::Arc;
+
+use crate::ports::{Batched, Error, Stack};
 pub use crate::requests::{RequestCount, RequestCounter};
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
@@ -54,6 +56,26 @@ impl Names {
             allocations_table: format!("{prefix}-allocations"),
         }
     }
+}
+
+/// What a worker runs on: DynamoDB, SQS and the [`Batched`] journal over both.
+pub type AwsStack = Stack<dynamo::DynamoStore, sqs::SqsQueue, Batched>;
+
+/// Connects to the queues and tables of `names` (checking that they exist), with every request
+/// counted on `counter`; commits group up to `max_group` at a time.
+pub async fn connect(
+    sdk: &aws_config::SdkConfig,
+    names: &Names,
+    counter: &RequestCounter,
+    max_group: usize,
+) -> Result<AwsStack, Error> {
+    let store = Arc::new(dynamo::DynamoStore::connect(sdk, names, counter).await?);
+    let queue = Arc::new(sqs::SqsQueue::connect(sdk, names, counter).await?);
+    Ok(Stack {
+        journal: Arc::new(Batched::new(store.clone(), queue.clone(), max_group)),
+        store,
+        queue,
+    })
 }
 
 /// Loads the AWS configuration the standard way (environment, profiles, credential chain),

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use orchestrator::clock::{SharedClock, SystemClock};
 use orchestrator::config::{Backend, Config};
 use orchestrator::engine::{Engine, enqueue, run_sweeper};
-use orchestrator::ports::{Batched, Journal, Queue, Store};
+use orchestrator::ports::{Journal, Queue, Store};
 use orchestrator::requests::RequestCounter;
 use orchestrator::sqlite::SqliteBackend;
 use tokio_util::sync::CancellationToken;
@@ -283,22 +283,15 @@ async fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let counter = RequestCounter::new();
-            let store = Arc::new(
-                orchestrator::aws::dynamo::DynamoStore::connect(&sdk, &names, &counter).await?,
-            );
-            let queue =
-                Arc::new(orchestrator::aws::sqs::SqsQueue::connect(&sdk, &names, &counter).await?);
             // Commits of concurrent handlers share their send and delete requests.
-            let journal = Arc::new(Batched::new(
-                store.clone(),
-                queue.clone(),
-                config.engine.concurrency,
-            ));
+            let stack =
+                orchestrator::aws::connect(&sdk, &names, &counter, config.engine.concurrency)
+                    .await?;
             let parts = Parts {
                 config,
-                store,
-                queue,
-                journal,
+                store: stack.store,
+                queue: stack.queue,
+                journal: stack.journal,
                 clock,
                 location: format!(
                     "AWS ({} queues and tables)",
