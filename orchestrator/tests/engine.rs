@@ -13,7 +13,7 @@ use activities::{Activities, Invocation, Outcome};
 use conformance::{key, tenant};
 use orchestrator::clock::{SharedClock, SystemClock};
 use orchestrator::engine::{Engine, EngineConfig, enqueue, outgoing, sweep_once};
-use orchestrator::ports::{Queue, QueueKind, RecordWrite, Store, WorkflowFilter};
+use orchestrator::ports::{Batched, Queue, QueueKind, RecordWrite, Store, WorkflowFilter};
 use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
 use tokio_util::sync::CancellationToken;
 use workflows::testing::output_for;
@@ -262,8 +262,8 @@ async fn bad_messages_unknown_tenants_and_corrupt_records_stop_only_themselves()
 async fn a_redelivered_event_applies_once_and_its_commands_are_sent_again() {
     let w = World::new().await;
     let k = key("acme", Environment::Dev);
-    // Apply a push by hand, as if the engine crashed after the write but before sending its
-    // commands and acknowledging.
+    // Apply a push by hand, as if a worker on a journal that is not atomic wrote the record
+    // and died before sending its commands and acknowledging.
     let mut record = workflows::WorkflowRecord::new(k.clone(), w.clock.now());
     let push = Event::Push(Push {
         event_id: EventId::new("push-crash").expect("id"),
@@ -287,23 +287,79 @@ async fn a_redelivered_event_applies_once_and_its_commands_are_sent_again() {
         .write(RecordWrite::new(&record, &entry))
         .await
         .expect("write");
-    // The push is delivered (again).
-    enqueue(&w.backend, &k, push, w.clock.now())
+    // The dead worker had received the push: it comes back as a redelivery.
+    enqueue(&w.backend, &k, push.clone(), w.clock.now())
         .await
         .expect("enqueue");
-    let engine = w.engine(Instant::default(), fast());
-    let (stop, handle) = w.start(&engine);
+    let held = w
+        .backend
+        .receive(
+            QueueKind::Events,
+            1,
+            Duration::from_millis(1),
+            Duration::ZERO,
+        )
+        .await
+        .expect("receive");
+    assert_eq!(held.len(), 1);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    // The engine on a journal that is not atomic, as on SQS and DynamoDB.
+    let b = Arc::new(w.backend.clone());
+    let engine = Arc::new(Engine::new(
+        b.clone(),
+        b.clone(),
+        Arc::new(Batched::new(b.clone(), b, 64)),
+        Arc::new(Instant::default()),
+        w.clock.clone(),
+        fast(),
+    ));
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(engine.clone().run(stop.clone()));
     w.until("live", async |w| w.state(&k).await == Some(State::Live))
         .await;
+    assert_eq!(engine.stats().snapshot().duplicates, 1);
+
     stop.cancel();
     handle.await.expect("stops");
+
+    // A copy delivered for the first time (GitLab sending the hook again) is a duplicate with
+    // nothing to repair: handling it sends nothing.
+    let mut copy = orchestrator::engine::message(
+        &k,
+        workflows::Body::Event(push),
+        Duration::ZERO,
+        w.clock.now(),
+    );
+    // Past the queue's deduplication window: only the record knows it.
+    copy.dedup_id = Some("another-delivery".to_owned());
+    w.backend.send(vec![copy]).await.expect("send");
+    let delivery = w
+        .backend
+        .receive(
+            QueueKind::Events,
+            1,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        )
+        .await
+        .expect("receive")
+        .remove(0);
+    assert_eq!(delivery.receive_count, 1);
+    engine.handle(delivery).await;
+    assert_eq!(engine.stats().snapshot().duplicates, 2);
+    let steps = w.backend.stats(QueueKind::Steps).await.expect("stats");
+    assert_eq!(
+        steps.visible + steps.in_flight + steps.delayed,
+        0,
+        "nothing sent"
+    );
     let history = w.backend.history(&k, 0, 100).await.expect("history");
     let pushes = history
         .iter()
         .filter(|e| e.event.id().as_str() == "push-crash")
         .count();
     assert_eq!(pushes, 1, "applied once");
-    assert_eq!(engine.stats().snapshot().duplicates, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

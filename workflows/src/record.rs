@@ -91,6 +91,32 @@ impl WorkflowRecord {
         &self.machine
     }
 
+    /// Whether the workflow still waits for what `command` starts: a step message whose run,
+    /// step and token are the step's current `running` ones, or a timer for a step in
+    /// `retry_wait` with that token. Once the workflow has moved past a command, the message
+    /// it sent was delivered (its report or timer was applied), so sending it again is only
+    /// useful while this holds.
+    pub fn awaits(&self, command: &Command) -> bool {
+        let status = |run, step, token| {
+            self.machine
+                .active_run()
+                .filter(|r| r.id == run)
+                .and_then(|r| r.step(step))
+                .filter(|s| s.token == token)
+                .map(|s| s.status)
+        };
+        match command {
+            Command::RunStep(task) => {
+                status(task.run, task.step, task.token) == Some(crate::step::StepStatus::Running)
+            }
+            Command::ScheduleTimer { timer, .. } => {
+                status(timer.run, timer.step, timer.token)
+                    == Some(crate::step::StepStatus::RetryWait)
+            }
+            Command::RecordSuperseded { .. } => false,
+        }
+    }
+
     /// Whether `id` was applied recently.
     pub fn has_applied(&self, id: &EventId) -> bool {
         self.applied.contains(id)

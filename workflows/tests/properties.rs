@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use workflows::testing::{Driver, InFlight, output_for};
 use workflows::{
-    Applied, Environment, Event, Release, RepoKind, Settings, Signal, State, StepOutcome,
+    Applied, Command, Environment, Event, Release, RepoKind, Settings, Signal, State, StepOutcome,
     StepStatus, Verdict, WorkflowRecord, decode, encode,
 };
 
@@ -313,6 +313,28 @@ impl World {
             current, outstanding,
             "one current message per outstanding step"
         );
+        // The record awaits a command exactly when delivering its message now would be
+        // applied: what the engine relies on to re-send only what may have been lost.
+        for command in self.d.log.iter().rev().take(24) {
+            let message = match command {
+                Command::RunStep(task) => InFlight::Step(task.clone()),
+                Command::ScheduleTimer { timer, .. } => InFlight::Timer(*timer),
+                Command::RecordSuperseded { .. } => {
+                    assert!(!self.d.record.awaits(command));
+                    continue;
+                }
+            };
+            let mut probe = self.d.clone();
+            let applied = probe.apply(&Driver::delivery(&message, |task| StepOutcome::Done {
+                output: output_for(task),
+            }));
+            assert_eq!(
+                self.d.record.awaits(command),
+                applied.verdict == Verdict::Accepted,
+                "{message:?} in {state}: {:?}",
+                applied.verdict
+            );
+        }
     }
 
     /// Completes everything the way a healthy system would, with people approving and

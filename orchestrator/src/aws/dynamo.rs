@@ -530,7 +530,16 @@ impl Store for DynamoStore {
                 .build(),
             TransactWriteItem::builder().put(put_entry).build(),
         ];
-        let reasons = match self.transact(&format!("record of {key}"), items).await? {
+        let reasons = match self
+            .transact(
+                &format!(
+                    "record of {key} (tables {} and {})",
+                    self.workflows, self.history
+                ),
+                items,
+            )
+            .await?
+        {
             Ok(()) => return Ok(()),
             Err(reasons) => reasons,
         };
@@ -791,7 +800,10 @@ impl Store for DynamoStore {
                 .map_err(build_error)?;
             items.push(TransactWriteItem::builder().delete(delete).build());
         }
-        let reasons = match self.transact(&format!("tenant {id}"), items).await? {
+        let reasons = match self
+            .transact(&format!("tenant {id} (table {})", self.tenants), items)
+            .await?
+        {
             Ok(()) => return Ok(()),
             Err(reasons) => reasons,
         };
@@ -902,7 +914,7 @@ impl Store for DynamoStore {
                 .put(item(owner_slot(owner))?)
                 .build(),
         ];
-        let what = format!("value {value} of pool {pool}");
+        let what = format!("value {value} of pool {pool} (table {})", self.allocations);
         let reasons = match self.transact(&what, items).await? {
             Ok(()) => return Ok(true),
             Err(reasons) => reasons,

@@ -137,7 +137,8 @@ where
         )),
         Some("AccessDeniedException" | "AccessDenied" | "UnauthorizedOperation") => {
             Error::Invalid(format!(
-                "access denied: {action} on {resource} ({backend}); grant that permission: {message}"
+                "access denied: {action} on {resource}; grant {} on it ({message})",
+                permission(backend, action)
             ))
         }
         Some(c)
@@ -161,6 +162,22 @@ where
     }
 }
 
+/// The IAM action that allows `action` of `backend`'s API: batch operations are allowed by
+/// the single-item action, and a DynamoDB transaction by the actions of its items.
+fn permission(backend: &str, action: &str) -> String {
+    let action = match (backend, action) {
+        ("sqs", "SendMessageBatch") => "SendMessage",
+        ("sqs", "DeleteMessageBatch") => "DeleteMessage",
+        ("sqs", "ChangeMessageVisibilityBatch") => "ChangeMessageVisibility",
+        ("dynamodb", "TransactWriteItems") => {
+            return "dynamodb:PutItem, dynamodb:DeleteItem and dynamodb:ConditionCheckItem"
+                .to_owned();
+        }
+        (_, a) => a,
+    };
+    format!("{backend}:{action}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +189,13 @@ mod tests {
         assert_eq!(n.events_dlq, "acme-prod-events-dlq.fifo");
         assert_eq!(n.steps_queue, "acme-prod-steps");
         assert_eq!(n.history_table, "acme-prod-history");
+    }
+
+    #[test]
+    fn denied_actions_name_the_iam_permission() {
+        assert_eq!(permission("sqs", "SendMessageBatch"), "sqs:SendMessage");
+        assert_eq!(permission("sqs", "ReceiveMessage"), "sqs:ReceiveMessage");
+        assert_eq!(permission("dynamodb", "Query"), "dynamodb:Query");
+        assert!(permission("dynamodb", "TransactWriteItems").contains("dynamodb:PutItem"));
     }
 }

@@ -569,29 +569,27 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                     .and_then(|run| run.step(task.step))
                     .is_some_and(|s| s.status == StepStatus::Running && s.token == task.token)
             };
-            let is_current = match self.load(key, false).await {
-                Ok(r) if current(&r) => true,
+            let (is_current, stored) = match self.load(key, false).await {
+                Ok(r) if current(&r) => (true, None),
                 Ok(_) => match self.load(key, true).await {
                     Ok(r) if current(&r) => {
                         // Newer than the cache: keep it for applying the report.
                         self.remember(r);
-                        true
+                        (true, None)
                     }
-                    _ => false,
+                    Ok(r) => (false, Some(r)),
+                    Err(_) => (false, None),
                 },
-                Err(Error::Corrupt { .. }) => false,
+                Err(Error::Corrupt { .. }) => (false, None),
                 Err(e) => return Err(e),
             };
             if !is_current {
                 bump(&self.stats.stale);
                 debug!("stale step message dropped");
-                // Its report may have been applied by a worker that died before sending what
-                // the report started (a journal without an atomic outbox): send that again.
                 let id = workflows::event::step_event_id(task.run, task.step, task.token);
-                let send = if self.journal.is_atomic() {
-                    Vec::new()
-                } else {
-                    self.commands_of(key, &id).await?
+                let send = match &stored {
+                    Some(record) => self.resend(key, &id, record, delivery).await?,
+                    None => Vec::new(),
                 };
                 self.commit(Commit {
                     send,
@@ -650,12 +648,35 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         .await
     }
 
-    /// The messages the commands of the applied event `id` send, if it was applied.
-    async fn commands_of(&self, key: &WorkflowKey, id: &EventId) -> Result<Vec<Outgoing>, Error> {
-        let entry = self.store.history_of_event(key, id).await?;
-        Ok(entry
-            .map(|e| outgoing(key, &e.commands, self.clock.now()))
-            .unwrap_or_default())
+    /// What to send again for `delivery`, whose event `id` was applied before: the messages
+    /// of that event's commands that `record` (the current record) still waits for.
+    ///
+    /// Only a journal that is not atomic can have written the record and died before sending;
+    /// the message that worker held is then delivered again, so a first delivery has nothing to
+    /// repair (it is a duplicate or a late copy, and re-sending for it would make every copy
+    /// breed another). A command the workflow has moved past was delivered: not sent again.
+    async fn resend(
+        &self,
+        key: &WorkflowKey,
+        id: &EventId,
+        record: &WorkflowRecord,
+        delivery: &Delivery,
+    ) -> Result<Vec<Outgoing>, Error> {
+        if self.journal.is_atomic() || delivery.receive_count <= 1 {
+            return Ok(Vec::new());
+        }
+        let Some(entry) = self.store.history_of_event(key, id).await? else {
+            return Ok(Vec::new());
+        };
+        let awaited: Vec<Command> = entry
+            .commands
+            .into_iter()
+            .filter(|c| record.awaits(c))
+            .collect();
+        if !awaited.is_empty() {
+            debug!(event.id = %id, commands = awaited.len(), "sending an applied event's commands again");
+        }
+        Ok(outgoing(key, &awaited, self.clock.now()))
     }
 
     async fn commit(&self, commit: Commit) -> Result<Vec<Delivery>, WriteError> {
@@ -710,7 +731,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                         // them again. Repeating them is safe.
                         Commit {
                             write: None,
-                            send: self.commands_of(key, &event.id()).await?,
+                            send: self.resend(key, &event.id(), &record, delivery).await?,
                             ack: Some(ack.clone()),
                             claim: None,
                         }
@@ -726,11 +747,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                         debug!(reason, "stale event dropped");
                         // A report or timer is stale once applied; if it was applied by a
                         // worker that died before sending its commands, send them now.
-                        let send = if self.journal.is_atomic() {
-                            Vec::new()
-                        } else {
-                            self.commands_of(key, &event.id()).await?
-                        };
+                        let send = self.resend(key, &event.id(), &record, delivery).await?;
                         Commit {
                             send,
                             ack: Some(ack.clone()),

@@ -1,0 +1,116 @@
+//! An engine on a given backend takes a push of each repository to live on two workflows:
+//! shared by the AWS tests (on moto, and on moto behind injected faults).
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use orchestrator::clock::{SharedClock, SystemClock};
+use orchestrator::engine::{Engine, EngineConfig, enqueue};
+use orchestrator::ports::{Journal, Queue, QueueKind, Store};
+use workflows::{
+    Domain, Environment, Event, EventId, GitSha, Push, RepoKind, State, Tenant, TenantId,
+    Timestamp, WorkflowKey,
+};
+
+/// Activities that finish at once with a plausible output.
+struct Instant;
+
+impl activities::Activities for Instant {
+    async fn invoke(&self, invocation: activities::Invocation<'_>) -> activities::Outcome {
+        activities::Outcome::Done(workflows::testing::output_for(invocation.task))
+    }
+}
+
+/// Calls `f` until it succeeds, as a client facing a throttling backend would; a failure
+/// that is not retryable, or ten in a row, fails the test.
+async fn retried<T, E: std::fmt::Display + Retryable, F: AsyncFn() -> Result<T, E>>(f: F) -> T {
+    let mut tries = 0;
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                tries += 1;
+                assert!(e.retryable() && tries < 10, "{e}");
+            }
+        }
+    }
+}
+
+trait Retryable {
+    fn retryable(&self) -> bool;
+}
+
+impl Retryable for orchestrator::ports::Error {
+    fn retryable(&self) -> bool {
+        self.is_retryable()
+    }
+}
+
+/// Registers tenant `acme`, pushes infra and app to its dev and production workflows, runs an
+/// engine until both are live with both, and checks that nothing was dead-lettered. Returns
+/// the transitions the engine made.
+pub async fn pushes_reach_live<B: Queue + Store + Journal>(stack: Arc<B>) -> u64 {
+    let tenant = Tenant::new(
+        TenantId::new("acme").expect("id"),
+        Domain::new("acme.example").expect("domain"),
+        1,
+        2,
+        "00".repeat(32),
+        Timestamp::from_unix_millis(1_000),
+    );
+    retried(async || stack.put_tenant(&tenant, true).await).await;
+    let clock: SharedClock = Arc::new(SystemClock);
+    let engine = Arc::new(Engine::new(
+        stack.clone(),
+        stack.clone(),
+        stack.clone(),
+        Arc::new(Instant),
+        clock.clone(),
+        EngineConfig {
+            wait: Duration::from_millis(200),
+            ..EngineConfig::default()
+        },
+    ));
+    let keys: Vec<WorkflowKey> = [Environment::Dev, Environment::Production]
+        .into_iter()
+        .map(|env| WorkflowKey::new(tenant.id.clone(), env))
+        .collect();
+    for (i, key) in keys.iter().enumerate() {
+        for (n, repo) in [(1u32, RepoKind::Infra), (2, RepoKind::App)] {
+            let event = Event::Push(Push {
+                event_id: EventId::new(format!("p{i}-{n}")).expect("id"),
+                repo,
+                sha: GitSha::new(format!("{n:040x}")).expect("sha"),
+                git_ref: "refs/heads/main".into(),
+                author: "jane".into(),
+                message: "m".into(),
+                received_at: clock.now(),
+            });
+            retried(async || enqueue(&*stack, key, event.clone(), clock.now()).await).await;
+        }
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(engine.clone().run(stop.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut live = true;
+        for key in &keys {
+            live &= matches!(stack.workflow(key).await, Ok(Some(r)) if r.state() == State::Live
+                && r.workflow().deployed.as_ref().is_some_and(|d| d.release.app.is_some() && d.release.infra.is_some()));
+        }
+        if live {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not live in time");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.cancel();
+    running.await.expect("engine stops");
+    for q in QueueKind::ALL {
+        let s = retried(async || stack.stats(q).await).await;
+        assert_eq!(s.dead, 0, "{q}");
+    }
+    engine.stats().snapshot().transitions
+}
