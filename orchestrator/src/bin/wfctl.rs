@@ -9,8 +9,12 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use orchestrator::cli::output::{Format, Printer, color_enabled};
 use orchestrator::cli::tenant::{AddRequest, parse_branch, parse_grace};
 use orchestrator::cli::workflow::{HistoryRequest, ListRequest};
-use orchestrator::cli::{self, BackendArgs, EXIT_FAILED, EXIT_OK, Error, parse_state};
+use orchestrator::cli::{
+    self, BackendArgs, EXIT_FAILED, EXIT_OK, Error, connect_aws_store, open_backend, parse_state,
+};
 use orchestrator::clock::{Clock, SystemClock};
+use orchestrator::config::Backend;
+use orchestrator::ports::Store;
 use workflows::{Domain, Environment, State, TenantId};
 
 const EXIT_CODES: &str = "\
@@ -18,12 +22,20 @@ Exit codes:
   0  success
   1  the operation failed (not found, already exists, corrupt record)
   2  usage or configuration error
-  3  the backend cannot be reached (database file missing or unreadable)
+  3  the backend cannot be reached (database file missing or unreadable; AWS tables
+     unreachable, missing or not readable)
 
 Environment:
   ORCHESTRATOR_CONFIG            configuration file (as --config)
   ORCHESTRATOR__SECTION__KEY     overrides a setting, e.g. ORCHESTRATOR__EMBEDDED__PATH
+  ORCHESTRATOR__BACKEND=aws      use the DynamoDB tables instead of the SQLite file
+  AWS_REGION, AWS_PROFILE, ...   the standard AWS settings, for the AWS backend
   NO_COLOR                       set (non-empty) to never colour the output
+
+Permissions on AWS: `tenant list|show`, `list`, `show` and `history` read only:
+dynamodb:DescribeTable, GetItem, BatchGetItem, Query and Scan on the <prefix>-* tables.
+`tenant add|rotate-token|signing-secret` also write the tenants table: dynamodb:PutItem,
+DeleteItem and ConditionCheckItem (in a transaction) on <prefix>-tenants.
 
 Data goes to stdout, messages and errors to stderr. Colour is used only when stdout is a
 terminal. `-o json` prints JSON with stable snake_case field names: instants are RFC 3339
@@ -38,7 +50,7 @@ null. Each command's --help lists its fields.";
     about = "The operators' tool of the tenant-host orchestrator: tenants, workflows, history",
     long_about = "The operators' tool of the tenant-host orchestrator. It registers tenants and \
                   reads the workflow records and history that the workers write, from the same \
-                  store (the embedded SQLite file).",
+                  store: the embedded SQLite file, or the DynamoDB tables with `backend = \"aws\"`.",
     after_help = EXIT_CODES,
     propagate_version = true
 )]
@@ -305,10 +317,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// Opens the configured backend's store and runs the command on it.
 async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
+    let config = cli.backend.config()?;
+    match config.backend {
+        Backend::Embedded => {
+            // Only registering a tenant may create the database file: a reading command must
+            // not leave an empty file behind a mistyped path.
+            let create = matches!(cli.command, Command::Tenant(TenantCommand::Add(_)));
+            let store = open_backend(&config, create)?;
+            run_on(cli, &store, p).await
+        }
+        Backend::Aws => {
+            let store = connect_aws_store(&config).await?;
+            run_on(cli, &store, p).await
+        }
+    }
+}
+
+async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(), Error> {
     match &cli.command {
         Command::Tenant(TenantCommand::Add(a)) => {
-            let store = cli.backend.open(true)?;
             let req = AddRequest {
                 id: a.id.clone(),
                 domain: a.domain.clone(),
@@ -317,43 +346,30 @@ async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
                 branches: a.branches.clone(),
                 production_approval: a.production_approval,
             };
-            cli::tenant::add(&store, &req, p).await
+            cli::tenant::add(store, &req, p).await
         }
-        Command::Tenant(TenantCommand::List) => {
-            let store = cli.backend.open(false)?;
-            cli::tenant::list(&store, p).await
-        }
-        Command::Tenant(TenantCommand::Show { id }) => {
-            let store = cli.backend.open(false)?;
-            cli::tenant::show(&store, id, p).await
-        }
+        Command::Tenant(TenantCommand::List) => cli::tenant::list(store, p).await,
+        Command::Tenant(TenantCommand::Show { id }) => cli::tenant::show(store, id, p).await,
         Command::Tenant(TenantCommand::RotateToken(a)) => {
-            let store = cli.backend.open(false)?;
-            cli::tenant::rotate_token(&store, &a.id, a.grace, p).await
+            cli::tenant::rotate_token(store, &a.id, a.grace, p).await
         }
         Command::Tenant(TenantCommand::SigningSecret(a)) => {
-            let store = cli.backend.open(false)?;
             if a.generate {
-                cli::tenant::generate_signing_secret(&store, &a.id, p).await
+                cli::tenant::generate_signing_secret(store, &a.id, p).await
             } else {
-                cli::tenant::remove_signing_secret(&store, &a.id, p).await
+                cli::tenant::remove_signing_secret(store, &a.id, p).await
             }
         }
         Command::List(a) => {
-            let store = cli.backend.open(false)?;
             let req = ListRequest {
                 state: a.status,
                 env: a.env,
                 tenant: a.tenant.clone(),
             };
-            cli::workflow::list(&store, &req, p).await
+            cli::workflow::list(store, &req, p).await
         }
-        Command::Show(a) => {
-            let store = cli.backend.open(false)?;
-            cli::workflow::show(&store, &a.tenant, a.env, p).await
-        }
+        Command::Show(a) => cli::workflow::show(store, &a.tenant, a.env, p).await,
         Command::History(a) => {
-            let store = cli.backend.open(false)?;
             let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
             let req = HistoryRequest {
                 tenant: a.tenant.clone(),
@@ -361,7 +377,7 @@ async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
                 limit: a.limit.map(to_usize),
                 after: a.after,
             };
-            cli::workflow::history(&store, &req, p).await
+            cli::workflow::history(store, &req, p).await
         }
     }
 }

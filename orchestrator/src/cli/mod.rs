@@ -1,6 +1,6 @@
 //! The command-line tools' shared parts: errors with exit codes, opening the backend from the
-//! configuration, output (tables, JSON, colour), JSON views, and the implementation of
-//! `wfctl`'s commands over any [`Store`](crate::ports::Store).
+//! configuration (the embedded file, or the AWS tables), output (tables, JSON, colour), JSON
+//! views, and the implementation of `wfctl`'s commands over any [`Store`](crate::ports::Store).
 //!
 //! Exit codes ([`Error::exit_code`]): `0` success, `1` the operation failed (not found, already
 //! exists, corrupt data), `2` usage or configuration error (clap uses `2` for its own), `3`
@@ -63,6 +63,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The AWS backend's tables cannot be used (unreachable, missing, or access denied).
+    #[error("cannot use the AWS backend (prefix {prefix}): {reason}")]
+    AwsUnreachable {
+        /// The configured name prefix of the tables.
+        prefix: String,
+        /// Why, naming the table or permission.
+        reason: String,
+    },
     /// A store operation failed.
     #[error(transparent)]
     Store(ports::Error),
@@ -94,7 +102,9 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Invalid(_) | Error::Config(_) => EXIT_USAGE,
-            Error::NoDatabase { .. } | Error::Unreachable { .. } => EXIT_UNAVAILABLE,
+            Error::NoDatabase { .. } | Error::Unreachable { .. } | Error::AwsUnreachable { .. } => {
+                EXIT_UNAVAILABLE
+            }
             Error::Store(e) if e.is_retryable() => EXIT_UNAVAILABLE,
             Error::NotFound(_)
             | Error::AlreadyExists(_)
@@ -109,7 +119,7 @@ impl Error {
     /// Whether running the same command again may succeed (the backend was busy or down).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Unreachable { .. } => true,
+            Error::Unreachable { .. } | Error::AwsUnreachable { .. } => true,
             Error::Store(e) => e.is_retryable(),
             Error::Invalid(_)
             | Error::Config(_)
@@ -182,6 +192,20 @@ pub fn open_backend(config: &Config, create: bool) -> Result<SqliteBackend, Erro
         reason: open_reason(&path, e),
         path,
     })
+}
+
+/// Connects to the workflow, history, tenant and allocation tables of the AWS backend of
+/// `config` (standard AWS environment and profiles, `[aws] prefix`). Only the store: the
+/// commands that read need read access to the tables and nothing else.
+pub async fn connect_aws_store(config: &Config) -> Result<crate::aws::dynamo::DynamoStore, Error> {
+    let sdk = crate::aws::load_sdk_config().await;
+    let names = crate::aws::Names::new(&config.aws.prefix);
+    crate::aws::dynamo::DynamoStore::connect(&sdk, &names, &crate::aws::RequestCounter::new())
+        .await
+        .map_err(|e| Error::AwsUnreachable {
+            prefix: config.aws.prefix.clone(),
+            reason: e.to_string(),
+        })
 }
 
 /// The reason of an open failure without repeating the path the message already names.

@@ -1,0 +1,191 @@
+//! `wfctl` on the AWS backend (moto): the same commands as on the embedded file, against
+//! tables `orchestrator init` created and a worker process filled; and the one-line errors of
+//! a backend whose tables are missing or cannot be reached.
+
+mod moto;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use moto::Moto;
+use serde_json::Value;
+
+struct Aws {
+    moto: Moto,
+    dir: tempfile::TempDir,
+}
+
+impl Aws {
+    fn env(&self, cmd: &mut Command, endpoint: &str) {
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy().into_owned();
+            if name.starts_with("ORCHESTRATOR") || name.starts_with("AWS_") {
+                cmd.env_remove(&name);
+            }
+        }
+        cmd.current_dir(self.dir.path())
+            .env("ORCHESTRATOR__BACKEND", "aws")
+            .env("ORCHESTRATOR__AWS__PREFIX", "ops")
+            // The simulated cloud's own file.
+            .env(
+                "ORCHESTRATOR__EMBEDDED__PATH",
+                self.dir.path().join("cloud.sqlite"),
+            )
+            .env("AWS_ENDPOINT_URL", endpoint)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test");
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null());
+        self.env(&mut cmd, &self.moto.endpoint);
+        cmd.output().expect("runs")
+    }
+
+    fn wfctl(&self, args: &[&str]) -> Output {
+        self.run(env!("CARGO_BIN_EXE_wfctl"), args)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.wfctl(&all);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wfctl_reads_and_registers_on_dynamodb() {
+    let aws = Aws {
+        moto: Moto::start().await,
+        dir: tempfile::tempdir().expect("tempdir"),
+    };
+
+    // Before `orchestrator init`: one line naming the missing table and what to do.
+    let out = aws.wfctl(&["list"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("ops-") && err.contains("orchestrator init"),
+        "{err}"
+    );
+
+    let orchestrator = env!("CARGO_BIN_EXE_orchestrator");
+    let init = aws.run(orchestrator, &["init"]);
+    assert!(init.status.success(), "{}", text(&init.stderr));
+
+    let add = aws.wfctl(&[
+        "tenant",
+        "add",
+        "acme",
+        "--domain",
+        "acme.example",
+        "--infra-project",
+        "11",
+        "--app-project",
+        "12",
+    ]);
+    assert!(add.status.success(), "{}", text(&add.stderr));
+    assert!(!text(&add.stdout).trim().is_empty(), "the token is printed");
+    let tenants = aws.json(&["tenant", "list"]);
+    assert_eq!(tenants[0]["id"], "acme", "{tenants}");
+
+    for (repo, sha) in [("infra", "1"), ("app", "2")] {
+        let sha = sha.repeat(40);
+        let inject = aws.run(
+            orchestrator,
+            &[
+                "inject", "push", "--tenant", "acme", "--env", "dev", "--repo", repo, "--sha", &sha,
+            ],
+        );
+        assert!(inject.status.success(), "{}", text(&inject.stderr));
+    }
+    let mut worker = {
+        let mut cmd = Command::new(orchestrator);
+        cmd.arg("worker")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(aws.dir.path().join("worker.log"))
+                    .map_or_else(|_| Stdio::null(), Stdio::from),
+            );
+        aws.env(&mut cmd, &aws.moto.endpoint);
+        cmd.env("ORCHESTRATOR__SIMULATED__TIME_SCALE", "0")
+            .env("ORCHESTRATOR__ENGINE__WAIT", "1s");
+        cmd.spawn().expect("worker starts")
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let shown = loop {
+        let out = aws.wfctl(&["show", "acme", "--env", "dev", "-o", "json"]);
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+            if v[0]["state"] == "live" {
+                break v[0].clone();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not live in time: {}\nworker: {}",
+            text(&out.stdout),
+            std::fs::read_to_string(aws.dir.path().join("worker.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert_eq!(shown["key"], "acme#dev");
+    assert_eq!(
+        shown["deployed"]["release"]["app"],
+        "2".repeat(40),
+        "{shown}"
+    );
+
+    let listed = aws.json(&["list"]);
+    let listed = listed.as_array().expect("array");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["state"], "live");
+    let live = aws.json(&["list", "--status", "live"]);
+    assert_eq!(live.as_array().map(Vec::len), Some(1));
+
+    let history = aws.json(&["history", "acme", "--env", "dev"]);
+    let history = history.as_array().expect("array");
+    assert!(history.len() >= 4, "pushes, steps, rollout: {history:?}");
+    assert_eq!(history[0]["version"], 1);
+
+    // A table for people, aligned, without colour on a pipe.
+    let table = aws.wfctl(&["list"]);
+    assert!(table.status.success());
+    let table = text(&table.stdout);
+    assert!(table.contains("acme") && table.contains("live"), "{table}");
+    assert!(!table.contains('\u{1b}'), "{table}");
+
+    // An unknown tenant names the ones that exist.
+    let out = aws.wfctl(&["show", "ghost", "--env", "dev"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("acme"), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_one_line_and_exit_code_3() {
+    let aws = Aws {
+        moto: Moto::start().await,
+        dir: tempfile::tempdir().expect("tempdir"),
+    };
+    // Nothing listens on port 9 of localhost.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wfctl"));
+    cmd.args(["tenant", "list"]).stdin(Stdio::null());
+    aws.env(&mut cmd, "http://127.0.0.1:9");
+    let out = cmd.output().expect("runs");
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("AWS backend (prefix ops)"), "{err}");
+}
