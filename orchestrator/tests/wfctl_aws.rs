@@ -139,6 +139,22 @@ async fn wfctl_reads_and_registers_on_dynamodb() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    // Signals travel through SQS: a redeploy, waited for; a refused retry is not sent.
+    let redeploy = aws.json(&["redeploy", "acme", "--env", "dev", "--wait"]);
+    assert_eq!(redeploy["status"], "accepted", "{redeploy}");
+    assert_eq!(redeploy["from"], "live", "{redeploy}");
+    let retry = aws.wfctl(&["retry", "acme", "--env", "dev"]);
+    assert_eq!(retry.status.code(), Some(1));
+    assert!(
+        text(&retry.stderr).contains("retry refused"),
+        "{}",
+        text(&retry.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while aws.json(&["show", "acme", "--env", "dev"])[0]["state"] != "live" {
+        assert!(Instant::now() < deadline, "not live again in time");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let _ = worker.kill();
     let _ = worker.wait();
     assert_eq!(shown["key"], "acme#dev");

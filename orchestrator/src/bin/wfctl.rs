@@ -7,15 +7,17 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use orchestrator::cli::output::{Format, Printer, color_enabled};
+use orchestrator::cli::signal::SignalRequest;
 use orchestrator::cli::tenant::{AddRequest, parse_branch, parse_grace};
 use orchestrator::cli::workflow::{HistoryRequest, ListRequest};
 use orchestrator::cli::{
-    self, BackendArgs, EXIT_FAILED, EXIT_OK, Error, connect_aws_store, open_backend, parse_state,
+    self, BackendArgs, EXIT_FAILED, EXIT_OK, Error, connect_aws_queue, connect_aws_store,
+    open_backend, parse_state,
 };
 use orchestrator::clock::{Clock, SystemClock};
 use orchestrator::config::Backend;
 use orchestrator::ports::Store;
-use workflows::{Domain, Environment, State, TenantId};
+use workflows::{Domain, Environment, Signal, State, TenantId};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -36,6 +38,8 @@ Permissions on AWS: `tenant list|show`, `list`, `show` and `history` read only:
 dynamodb:DescribeTable, GetItem, BatchGetItem, Query and Scan on the <prefix>-* tables.
 `tenant add|rotate-token|signing-secret` also write the tenants table: dynamodb:PutItem,
 DeleteItem and ConditionCheckItem (in a transaction) on <prefix>-tenants.
+`approve|retry|cancel|redeploy|decommission` read the tables and send to the events queue:
+sqs:GetQueueUrl, GetQueueAttributes and SendMessage on the <prefix>-* queues.
 
 Data goes to stdout, messages and errors to stderr. Colour is used only when stdout is a
 terminal. `-o json` prints JSON with stable snake_case field names: instants are RFC 3339
@@ -86,6 +90,51 @@ enum Command {
     /// Show the history of one workflow: one line per applied event, oldest first.
     #[command(after_long_help = HISTORY_JSON)]
     History(HistoryArgs),
+    /// Let a run that awaits approval before production roll out.
+    #[command(after_long_help = SIGNAL_HELP)]
+    Approve(SignalArgs),
+    /// Resume a failed run at its failed step, with a fresh retry budget.
+    #[command(after_long_help = SIGNAL_HELP)]
+    Retry(SignalArgs),
+    /// Stop the active run; what it created stays, the deployed release keeps serving.
+    #[command(after_long_help = SIGNAL_HELP)]
+    Cancel(SignalArgs),
+    /// Roll out the deployed release again (a new Auto Scaling group from the same image).
+    #[command(after_long_help = SIGNAL_HELP)]
+    Redeploy(SignalArgs),
+    /// Release everything the environment holds: group, routing, database. Final.
+    #[command(after_long_help = SIGNAL_HELP)]
+    Decommission(SignalArgs),
+}
+
+const SIGNAL_HELP: &str = "\
+The signal travels through the events queue; the workers apply it (they are the only writers of
+workflow records). It is first checked against the stored record: a signal the workflow would
+refuse now (approve when nothing awaits approval, retry when nothing failed, ...) is not sent,
+the reason is printed and the exit code is 1. With --wait the command waits until a worker has
+applied it and prints the transition (exit code 1 if it was refused meanwhile or no worker
+applied it within --timeout).
+
+JSON (-o json): {workflow, signal, event_id, status: sent|accepted|ignored, from, to, reason}.";
+
+#[derive(Debug, Args)]
+struct SignalArgs {
+    /// The tenant.
+    tenant: TenantId,
+    /// The workflow's environment: dev, staging or production.
+    #[arg(long)]
+    env: Environment,
+    /// Wait until a worker has applied the signal, and print its effect.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits, e.g. 30s or 5m.
+    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+    timeout: Duration,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?} ({e}): write it like 30s, 5m or 1h"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -320,6 +369,27 @@ fn main() -> ExitCode {
 /// Opens the configured backend's store and runs the command on it.
 async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
     let config = cli.backend.config()?;
+    if let Some((args, signal)) = signal_of(&cli.command) {
+        let req = SignalRequest {
+            tenant: args.tenant.clone(),
+            env: args.env,
+            signal,
+            actor: actor(),
+            wait: args.wait.then_some(args.timeout),
+        };
+        let now = SystemClock.now();
+        return match config.backend {
+            Backend::Embedded => {
+                let backend = open_backend(&config, false)?;
+                cli::signal::send(&backend, &backend, &req, now, p).await
+            }
+            Backend::Aws => {
+                let store = connect_aws_store(&config).await?;
+                let queue = connect_aws_queue(&config).await?;
+                cli::signal::send(&store, &queue, &req, now, p).await
+            }
+        };
+    }
     match config.backend {
         Backend::Embedded => {
             // Only registering a tenant may create the database file: a reading command must
@@ -332,6 +402,25 @@ async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
             let store = connect_aws_store(&config).await?;
             run_on(cli, &store, p).await
         }
+    }
+}
+
+fn signal_of(command: &Command) -> Option<(&SignalArgs, Signal)> {
+    match command {
+        Command::Approve(a) => Some((a, Signal::Approve)),
+        Command::Retry(a) => Some((a, Signal::Retry)),
+        Command::Cancel(a) => Some((a, Signal::Cancel)),
+        Command::Redeploy(a) => Some((a, Signal::Redeploy)),
+        Command::Decommission(a) => Some((a, Signal::Decommission)),
+        _ => None,
+    }
+}
+
+/// Who sends a signal, for the history: `$USER@wfctl`, or `wfctl`.
+fn actor() -> String {
+    match std::env::var("USER") {
+        Ok(user) if !user.is_empty() => format!("{user}@wfctl"),
+        _ => "wfctl".to_owned(),
     }
 }
 
@@ -379,5 +468,13 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
             };
             cli::workflow::history(store, &req, p).await
         }
+        // `run` sends signals before it gets here: they need the queue as well.
+        Command::Approve(_)
+        | Command::Retry(_)
+        | Command::Cancel(_)
+        | Command::Redeploy(_)
+        | Command::Decommission(_) => Err(Error::Invalid(
+            "a signal needs the events queue as well as the store".to_owned(),
+        )),
     }
 }

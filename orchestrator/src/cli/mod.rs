@@ -7,6 +7,7 @@
 //! the backend cannot be reached.
 
 pub mod output;
+pub mod signal;
 pub mod tenant;
 pub mod views;
 pub mod workflow;
@@ -40,6 +41,12 @@ pub enum Error {
     /// What was asked for does not exist; the message lists what does.
     #[error("{0}")]
     NotFound(String),
+    /// An operator's signal does not apply in the workflow's state; the message says why.
+    #[error("{0}")]
+    Refused(String),
+    /// A signal was sent but no worker applied it in time.
+    #[error("{0}")]
+    TimedOut(String),
     /// What was to be created exists already.
     #[error("{0}")]
     AlreadyExists(String),
@@ -107,6 +114,8 @@ impl Error {
             }
             Error::Store(e) if e.is_retryable() => EXIT_UNAVAILABLE,
             Error::NotFound(_)
+            | Error::Refused(_)
+            | Error::TimedOut(_)
             | Error::AlreadyExists(_)
             | Error::Corrupt(_)
             | Error::Store(_)
@@ -119,11 +128,12 @@ impl Error {
     /// Whether running the same command again may succeed (the backend was busy or down).
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Unreachable { .. } | Error::AwsUnreachable { .. } => true,
+            Error::Unreachable { .. } | Error::AwsUnreachable { .. } | Error::TimedOut(_) => true,
             Error::Store(e) => e.is_retryable(),
             Error::Invalid(_)
             | Error::Config(_)
             | Error::NotFound(_)
+            | Error::Refused(_)
             | Error::AlreadyExists(_)
             | Error::Corrupt(_)
             | Error::NoDatabase { .. }
@@ -201,6 +211,19 @@ pub async fn connect_aws_store(config: &Config) -> Result<crate::aws::dynamo::Dy
     let sdk = crate::aws::load_sdk_config().await;
     let names = crate::aws::Names::new(&config.aws.prefix);
     crate::aws::dynamo::DynamoStore::connect(&sdk, &names, &crate::aws::RequestCounter::new())
+        .await
+        .map_err(|e| Error::AwsUnreachable {
+            prefix: config.aws.prefix.clone(),
+            reason: e.to_string(),
+        })
+}
+
+/// Connects to the queues of the AWS backend of `config`, for the commands that send signals
+/// (they need `sqs:GetQueueUrl`, `sqs:GetQueueAttributes` and `sqs:SendMessage`).
+pub async fn connect_aws_queue(config: &Config) -> Result<crate::aws::sqs::SqsQueue, Error> {
+    let sdk = crate::aws::load_sdk_config().await;
+    let names = crate::aws::Names::new(&config.aws.prefix);
+    crate::aws::sqs::SqsQueue::connect(&sdk, &names, &crate::aws::RequestCounter::new())
         .await
         .map_err(|e| Error::AwsUnreachable {
             prefix: config.aws.prefix.clone(),

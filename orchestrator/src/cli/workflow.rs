@@ -58,7 +58,11 @@ async fn tenant_known<S: Store>(store: &S, tenant: &TenantId) -> Result<bool, Er
 
 /// The error for `tenant#env` not existing, naming what does: the tenant's environments, or
 /// the tenants.
-async fn missing_workflow<S: Store>(store: &S, tenant: &TenantId, env: Environment) -> Error {
+pub(crate) async fn missing_workflow<S: Store>(
+    store: &S,
+    tenant: &TenantId,
+    env: Environment,
+) -> Error {
     let key = WorkflowKey::new(tenant.clone(), env);
     let others = match all_workflows(store, &tenant_filter(tenant, None)).await {
         Ok(others) => others,
