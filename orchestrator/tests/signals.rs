@@ -111,6 +111,16 @@ async fn signals_are_checked_sent_applied_and_reported() {
     let mut worker = e.worker();
     e.until_state("production", "awaiting_approval").await;
 
+    // A run waiting for approval is listed as stuck once it waited longer than asked.
+    let stuck = e.wfctl(&["list", "--stuck", "0s", "-o", "json"]);
+    assert!(stuck.status.success(), "{}", text(&stuck.stderr));
+    let v: Value = serde_json::from_slice(&stuck.stdout).expect("json");
+    assert_eq!(v[0]["key"], "acme#production", "{v}");
+    let table = text(&e.wfctl(&["list", "--stuck", "0s"]).stdout);
+    assert!(table.contains("waits for `wfctl approve`"), "{table}");
+    let recent = e.wfctl(&["list", "--stuck", "1h", "-o", "json"]);
+    assert_eq!(text(&recent.stdout).trim(), "[]");
+
     // Nothing failed: retry is refused, says why, and nothing is sent.
     let out = e.wfctl(&["retry", "acme", "--env", "production"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
@@ -138,6 +148,10 @@ async fn signals_are_checked_sent_applied_and_reported() {
     assert_eq!(v["to"], "rolling_out");
     assert_eq!(v["workflow"], "acme#production");
     e.until_state("production", "live").await;
+
+    // Live is at rest: never stuck.
+    let stuck = e.wfctl(&["list", "--stuck", "0s", "-o", "json"]);
+    assert_eq!(text(&stuck.stdout).trim(), "[]");
 
     // Approving again: nothing awaits approval.
     let out = e.wfctl(&["approve", "acme", "--env", "production"]);

@@ -128,11 +128,11 @@ struct SignalArgs {
     #[arg(long)]
     wait: bool,
     /// How long --wait waits, e.g. 30s or 5m.
-    #[arg(long, default_value = "60s", value_parser = parse_timeout)]
+    #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
     timeout: Duration,
 }
 
-fn parse_timeout(s: &str) -> Result<Duration, String> {
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("invalid duration {s:?} ({e}): write it like 30s, 5m or 1h"))
 }
@@ -235,6 +235,11 @@ struct ListArgs {
     /// Only workflows of this tenant.
     #[arg(long, value_name = "ID")]
     tenant: Option<TenantId>,
+    /// Only workflows that are not at rest (not unprovisioned, live or decommissioned) and
+    /// have made no progress for longer than this, e.g. 30m: running steps that stopped
+    /// moving, and runs waiting for an approval or a retry.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    stuck: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -454,6 +459,7 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
                 state: a.status,
                 env: a.env,
                 tenant: a.tenant.clone(),
+                stuck: a.stuck.map(|d| (d, SystemClock.now())),
             };
             cli::workflow::list(store, &req, p).await
         }

@@ -92,6 +92,17 @@ pub struct ListRequest {
     pub env: Option<Environment>,
     /// Only of this tenant.
     pub tenant: Option<TenantId>,
+    /// Only workflows that are not at rest (not unprovisioned, live or decommissioned) and
+    /// have not changed for longer than this, as of `now`.
+    pub stuck: Option<(std::time::Duration, workflows::Timestamp)>,
+}
+
+/// Whether a workflow in `state` is at rest: nothing runs and nothing waits for anyone.
+fn at_rest(state: State) -> bool {
+    matches!(
+        state,
+        State::Unprovisioned | State::Live | State::Decommissioned
+    )
 }
 
 /// Lists workflows.
@@ -104,9 +115,17 @@ pub async fn list<S: Store>(
         state: req.state,
         env: req.env,
         tenant: req.tenant.clone(),
-        updated_before: None,
+        updated_before: req.stuck.map(|(idle, now)| {
+            workflows::Timestamp::from_unix_millis(
+                now.as_unix_millis()
+                    .saturating_sub(i64::try_from(idle.as_millis()).unwrap_or(i64::MAX)),
+            )
+        }),
     };
-    let rows = all_workflows(store, &filter).await?;
+    let mut rows = all_workflows(store, &filter).await?;
+    if req.stuck.is_some() {
+        rows.retain(|s| !at_rest(s.state) || s.corrupt.is_some());
+    }
     if rows.is_empty()
         && let Some(tenant) = &req.tenant
         && !tenant_known(store, tenant).await?
@@ -124,9 +143,15 @@ pub async fn list<S: Store>(
     }
     let mut table = Table::new(["KEY", "STATE", "VERSION", "UPDATED", "NOTE"]);
     for s in &rows {
-        let note = match &s.corrupt {
-            Some(reason) => Cell::styled(format!("corrupt: {reason}"), Style::Red),
-            None => Cell::default(),
+        let note = match (&s.corrupt, s.state) {
+            (Some(reason), _) => Cell::styled(format!("corrupt: {reason}"), Style::Red),
+            (None, State::AwaitingApproval) if req.stuck.is_some() => {
+                Cell::from("waits for `wfctl approve`")
+            }
+            (None, State::Failed) if req.stuck.is_some() => {
+                Cell::from("waits for `wfctl retry` or a push")
+            }
+            (None, _) => Cell::default(),
         };
         table.row([
             Cell::from(s.key.to_string()),
