@@ -131,6 +131,38 @@ async fn signals_are_checked_sent_applied_and_reported() {
         "{err}"
     );
 
+    // Someone follows the history meanwhile (JSON Lines).
+    let mut follower = e
+        .command(
+            env!("CARGO_BIN_EXE_wfctl"),
+            &[
+                "history",
+                "acme",
+                "--env",
+                "production",
+                "--follow",
+                "-o",
+                "json",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("follower starts");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stdout = follower.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
     // Approve, waiting for the worker's verdict.
     let out = e.wfctl(&[
         "approve",
@@ -148,6 +180,28 @@ async fn signals_are_checked_sent_applied_and_reported() {
     assert_eq!(v["to"], "rolling_out");
     assert_eq!(v["workflow"], "acme#production");
     e.until_state("production", "live").await;
+
+    // The follower printed what came before, then the approval and the rollout, one JSON
+    // object per line, as they were written.
+    let mut seen: Vec<Value> = Vec::new();
+    while !seen.iter().any(|v| v["to"] == "live") {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the follower prints new entries");
+        seen.push(serde_json::from_str(&line).expect("one JSON object per line"));
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert_eq!(seen[0]["version"], 1, "from the start");
+    let versions: Vec<u64> = seen.iter().filter_map(|v| v["version"].as_u64()).collect();
+    assert!(
+        versions.windows(2).all(|w| w[1] == w[0] + 1),
+        "{versions:?}"
+    );
+    assert!(
+        seen.iter().any(|v| v.to_string().contains("approve")),
+        "{seen:?}"
+    );
 
     // Live is at rest: never stuck.
     let stuck = e.wfctl(&["list", "--stuck", "0s", "-o", "json"]);

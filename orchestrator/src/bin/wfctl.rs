@@ -265,6 +265,10 @@ struct HistoryArgs {
     /// Only entries after this record version (for paging: pass the last version seen).
     #[arg(long, value_name = "VERSION")]
     after: Option<u64>,
+    /// Keep printing new entries as workers write them, until interrupted. With -o json,
+    /// one JSON object per line (JSON Lines) instead of an array.
+    #[arg(long, short)]
+    follow: bool,
 }
 
 const TENANT_JSON: &str = "\
@@ -471,6 +475,7 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
                 env: a.env,
                 limit: a.limit.map(to_usize),
                 after: a.after,
+                follow: a.follow,
             };
             cli::workflow::history(store, &req, p).await
         }

@@ -354,6 +354,12 @@ impl<'a> Printer<'a> {
         self.out.write_all(b"\n")
     }
 
+    /// Writes `value` as one line of compact JSON (JSON Lines, for streams).
+    pub fn json_line<T: Serialize + ?Sized>(&mut self, value: &T) -> std::io::Result<()> {
+        serde_json::to_writer(&mut *self.out, value)?;
+        self.out.write_all(b"\n")
+    }
+
     /// Writes `table`.
     pub fn table(&mut self, table: &Table) -> std::io::Result<()> {
         self.out.write_all(table.render(self.color).as_bytes())

@@ -495,6 +495,36 @@ pub struct HistoryRequest {
     pub limit: Option<usize>,
     /// Only entries with versions after this one.
     pub after: Option<u64>,
+    /// After the entries so far, keep printing new ones as they are written (until the
+    /// reader goes away or the process is interrupted). JSON becomes one object per line.
+    pub follow: bool,
+}
+
+/// How often `history --follow` looks for new entries.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// One entry of a followed history: a JSON line, or a line with the table's columns.
+fn follow_entry(p: &mut Printer<'_>, e: &HistoryEntry) -> Result<(), Error> {
+    if p.is_json() {
+        p.json_line(&HistoryView::from(e))?;
+    } else {
+        let (verdict, reason) = verdict_parts(&e.verdict);
+        let verdict = match reason {
+            Some(r) => format!("{verdict}: {r}"),
+            None => verdict.to_owned(),
+        };
+        p.line(&format!(
+            "v{:<5} {}  {:<4} {:<38} {:<9} {}  {}",
+            e.version,
+            absolute(e.at),
+            e.run.map_or_else(|| "-".to_owned(), |r| r.to_string()),
+            format!("{} -> {}", e.from, e.to),
+            e.event.kind(),
+            verdict,
+            describe_event(&e.event)
+        ))?;
+    }
+    Ok(())
 }
 
 /// Shows a workflow's history, oldest first.
@@ -537,6 +567,19 @@ pub async fn history<S: Store>(
         }
     }
 
+    if req.follow {
+        for e in &entries {
+            follow_entry(p, e)?;
+        }
+        loop {
+            p.flush()?;
+            tokio::time::sleep(FOLLOW_POLL).await;
+            for e in store.history(&key, cursor, PAGE).await? {
+                cursor = e.version;
+                follow_entry(p, &e)?;
+            }
+        }
+    }
     if p.is_json() {
         let views: Vec<HistoryView> = entries.iter().map(HistoryView::from).collect();
         p.json(&views)?;
