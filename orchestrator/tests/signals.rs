@@ -71,6 +71,16 @@ impl Env {
     }
 }
 
+/// A child process that is killed when dropped, so a failing test leaves no worker behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -108,7 +118,7 @@ async fn signals_are_checked_sent_applied_and_reported() {
         &sha,
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let mut worker = e.worker();
+    let worker = Reaped(e.worker());
     e.until_state("production", "awaiting_approval").await;
 
     // A run waiting for approval is listed as stuck once it waited longer than asked.
@@ -148,9 +158,10 @@ async fn signals_are_checked_sent_applied_and_reported() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(Reaped)
         .expect("follower starts");
     let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
-    let stdout = follower.stdout.take().expect("stdout");
+    let stdout = follower.0.stdout.take().expect("stdout");
     std::thread::spawn(move || {
         use std::io::BufRead as _;
         for line in std::io::BufReader::new(stdout)
@@ -190,8 +201,7 @@ async fn signals_are_checked_sent_applied_and_reported() {
             .expect("the follower prints new entries");
         seen.push(serde_json::from_str(&line).expect("one JSON object per line"));
     }
-    let _ = follower.kill();
-    let _ = follower.wait();
+    drop(follower);
     assert_eq!(seen[0]["version"], 1, "from the start");
     let versions: Vec<u64> = seen.iter().filter_map(|v| v["version"].as_u64()).collect();
     assert!(
@@ -252,8 +262,7 @@ async fn signals_are_checked_sent_applied_and_reported() {
     );
 
     // Without workers, --wait gives up after --timeout and says so.
-    let _ = worker.kill();
-    let _ = worker.wait();
+    drop(worker);
     let out = e.wfctl(&[
         "redeploy",
         "acme",

@@ -57,6 +57,16 @@ impl Aws {
     }
 }
 
+/// A child process that is killed when dropped, so a failing test leaves no worker behind.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -108,7 +118,7 @@ async fn wfctl_reads_and_registers_on_dynamodb() {
         );
         assert!(inject.status.success(), "{}", text(&inject.stderr));
     }
-    let mut worker = {
+    let worker = {
         let mut cmd = Command::new(orchestrator);
         cmd.arg("worker")
             .stdin(Stdio::null())
@@ -120,7 +130,7 @@ async fn wfctl_reads_and_registers_on_dynamodb() {
         aws.env(&mut cmd, &aws.moto.endpoint);
         cmd.env("ORCHESTRATOR__SIMULATED__TIME_SCALE", "0")
             .env("ORCHESTRATOR__ENGINE__WAIT", "1s");
-        cmd.spawn().expect("worker starts")
+        Reaped(cmd.spawn().expect("worker starts"))
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     let shown = loop {
@@ -155,8 +165,7 @@ async fn wfctl_reads_and_registers_on_dynamodb() {
         assert!(Instant::now() < deadline, "not live again in time");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let _ = worker.kill();
-    let _ = worker.wait();
+    drop(worker);
     assert_eq!(shown["key"], "acme#dev");
     assert_eq!(
         shown["deployed"]["release"]["app"],
