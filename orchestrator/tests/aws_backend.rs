@@ -112,3 +112,48 @@ async fn the_engine_takes_pushes_to_live_on_sqs_and_dynamodb() {
     eprintln!("engine on moto: {transitions} transitions, {requests} AWS requests");
     assert!(transitions > 0 && requests > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_redriven_without_applying_an_event_twice_on_sqs() {
+    let (_moto, stack, _) = aws().await;
+    live::redrive::dead_letters_are_assessed_redriven_and_never_applied_twice(
+        Arc::new(stack),
+        false,
+    )
+    .await;
+}
+
+/// A worker shutting down while its long poll is open: SQS hands what arrives meanwhile to the
+/// poll even though the worker no longer wants it. The engine finishes the poll and releases
+/// those messages, so the next worker gets them at once rather than after the visibility
+/// timeout (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_long_poll_hands_back_what_it_received() {
+    use orchestrator::ports::{Queue, QueueKind};
+    let (_moto, stack, _) = aws().await;
+    let stack = Arc::new(stack);
+    let clock: orchestrator::clock::SharedClock = Arc::new(orchestrator::clock::SystemClock);
+    let engine = live::start(&stack, &clock);
+    // The engine polls with a wait of 200 ms, which SQS takes as one second.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = tokio::spawn(engine.stop());
+    stack
+        .send(vec![conformance::step_message("late")])
+        .await
+        .expect("send");
+    stopping.await.expect("stopped");
+    let got = stack
+        .receive(
+            QueueKind::Steps,
+            10,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("receive");
+    assert_eq!(
+        got.iter().map(|d| d.body.clone()).collect::<Vec<_>>(),
+        [b"late".to_vec()],
+        "the message is not hidden by the stopped worker's poll"
+    );
+}

@@ -4,6 +4,7 @@
 //! re-armed by the sweeper; shutdown releases what it could not finish.
 
 mod conformance;
+mod live;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -630,4 +631,16 @@ async fn a_worker_with_an_old_cached_record_applies_newer_step_reports() {
         workflows::StepStatus::Done,
         "applied, not dropped"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_redriven_without_applying_an_event_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend =
+        SqliteBackend::open(SqliteConfig::new(dir.path().join("o.sqlite"))).expect("open");
+    live::redrive::dead_letters_are_assessed_redriven_and_never_applied_twice(
+        Arc::new(backend),
+        true,
+    )
+    .await;
 }

@@ -482,6 +482,12 @@ impl Queue for Down {
     async fn dead_letters(&self, _: QueueKind, _: usize) -> Result<Vec<DeadLetter>, Error> {
         Ok(Vec::new())
     }
+    async fn redrive(&self, _: QueueKind, _: Option<Vec<String>>) -> Result<Vec<String>, Error> {
+        Ok(Vec::new())
+    }
+    async fn discard(&self, _: QueueKind, _: Vec<String>) -> Result<Vec<String>, Error> {
+        Ok(Vec::new())
+    }
     async fn stats(&self, _: QueueKind) -> Result<QueueStats, Error> {
         Ok(QueueStats::default())
     }

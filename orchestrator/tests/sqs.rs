@@ -454,13 +454,13 @@ async fn redrive_moves_dead_letters_back() {
         q.redrive(QueueKind::Steps, Some(vec!["no-such-id".into()]))
             .await
             .expect("redrive nothing"),
-        0
+        Vec::<String>::new()
     );
     assert_eq!(
-        q.redrive(QueueKind::Steps, Some(vec![a_id]))
+        q.redrive(QueueKind::Steps, Some(vec![a_id.clone()]))
             .await
             .expect("redrive a"),
-        1
+        [a_id]
     );
     let dead = q.dead_letters(QueueKind::Steps, 10).await.expect("dead");
     assert_eq!(
@@ -477,7 +477,13 @@ async fn redrive_moves_dead_letters_back() {
     q.ack(QueueKind::Steps, vec![back[0].receipt.clone()])
         .await
         .expect("ack");
-    assert_eq!(q.redrive(QueueKind::Steps, None).await.expect("redrive"), 1);
+    assert_eq!(
+        q.redrive(QueueKind::Steps, None)
+            .await
+            .expect("redrive")
+            .len(),
+        1
+    );
     assert!(
         q.dead_letters(QueueKind::Steps, 10)
             .await
@@ -508,7 +514,7 @@ async fn redrive_moves_dead_letters_back() {
     assert_eq!(dead[0].group.as_deref(), Some("acme#dev"));
     assert_eq!(
         q.redrive(QueueKind::Events, None).await.expect("redrive"),
-        1
+        [dead[0].id.clone()]
     );
     let back = aws.receive_all(QueueKind::Events).await;
     assert_eq!(back.iter().map(body).collect::<Vec<_>>(), ["push"]);

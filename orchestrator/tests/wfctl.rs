@@ -1147,6 +1147,226 @@ fn help_documents_exit_codes_and_json_fields() {
     run.code(2);
 }
 
+const DEAD_LETTER_FIELDS: [&str; 12] = [
+    "queue",
+    "id",
+    "workflow",
+    "message",
+    "event_id",
+    "summary",
+    "reason",
+    "receive_count",
+    "sent_at",
+    "dead_at",
+    "status",
+    "status_detail",
+];
+
+impl Fixture {
+    /// Sends `messages` and quarantines each with `reason`, as a worker does with a message it
+    /// cannot handle.
+    fn dead_letter(&self, messages: Vec<orchestrator::ports::Outgoing>, reason: &str) {
+        use orchestrator::ports::{Queue, QueueKind};
+        self.rt.block_on(async {
+            let n = messages.len();
+            self.store.send(messages).await.expect("send");
+            let mut done = 0;
+            while done < n {
+                for q in QueueKind::ALL {
+                    let got = self
+                        .store
+                        .receive(q, 10, Duration::from_secs(30), Duration::ZERO)
+                        .await
+                        .expect("receive");
+                    for d in got {
+                        self.store.quarantine(&d, reason).await.expect("quarantine");
+                        done += 1;
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn event_message(
+    key: &WorkflowKey,
+    event: Event,
+    body: Option<&[u8]>,
+) -> orchestrator::ports::Outgoing {
+    let envelope =
+        workflows::Envelope::new(key.clone(), now(), workflows::Body::Event(event.clone()));
+    orchestrator::ports::Outgoing {
+        queue: orchestrator::ports::QueueKind::Events,
+        group: Some(key.to_string()),
+        dedup_id: Some(event.id().to_string()),
+        delay: Duration::ZERO,
+        body: body.map_or_else(|| workflows::encode(&envelope), <[u8]>::to_vec),
+        attributes: std::collections::BTreeMap::new(),
+    }
+}
+
+#[test]
+fn dlq_lists_shows_redrives_and_discards_dead_letters() {
+    let f = Fixture::new();
+    f.wfctl(&["dlq", "list"]).ok();
+    let empty = f.wfctl(&["dlq", "list"]);
+    assert_eq!(empty.stdout, "", "{empty:?}");
+    assert!(empty.stderr.contains("no dead letters"), "{empty:?}");
+    assert_eq!(
+        f.wfctl(&["dlq", "list", "-o", "json"]).ok().json(),
+        Value::Array(vec![])
+    );
+
+    let ghost = WorkflowKey::new(TenantId::new("ghost").expect("id"), Environment::Dev);
+    let push = Event::Push(Push {
+        event_id: event_id("ghost-1"),
+        repo: RepoKind::App,
+        sha: commit(7),
+        git_ref: "refs/heads/dev".into(),
+        author: "jane".into(),
+        message: "first".into(),
+        received_at: now(),
+    });
+    let mut garbage = event_message(&ghost, push.clone(), Some(b"\x1b[31mnot json"));
+    garbage.dedup_id = Some("garbage".into());
+    f.dead_letter(
+        vec![event_message(&ghost, push, None), garbage],
+        "unknown tenant ghost",
+    );
+
+    let listed = f.wfctl(&["dlq", "list", "-o", "json"]).ok().json();
+    let rows = listed.as_array().expect("array");
+    assert_eq!(rows.len(), 2, "{listed:#}");
+    for row in rows {
+        assert_eq!(keys(row), sorted(DEAD_LETTER_FIELDS.to_vec()), "{row:#}");
+        assert_eq!(row["reason"], "unknown tenant ghost");
+        assert_eq!(row["queue"], "events");
+    }
+    let (push_row, garbage_row) = (&rows[0], &rows[1]);
+    assert_eq!(push_row["status"], "pending", "{push_row:#}");
+    assert_eq!(push_row["message"], "push");
+    assert_eq!(push_row["event_id"], "ghost-1");
+    assert_eq!(push_row["workflow"], "ghost#dev");
+    assert_eq!(garbage_row["status"], "undecodable", "{garbage_row:#}");
+    let push_id = push_row["id"].as_str().expect("id").to_owned();
+    let garbage_id = garbage_row["id"].as_str().expect("id").to_owned();
+
+    let table = f.wfctl(&["dlq", "list"]);
+    table.ok();
+
+    for expected in [
+        "QUEUE",
+        "STATUS",
+        "REASON",
+        "ghost#dev",
+        "pending",
+        "undecodable",
+        "push: app",
+    ] {
+        assert!(
+            table.stdout.contains(expected),
+            "{expected}: {}",
+            table.stdout
+        );
+    }
+    assert_eq!(
+        f.wfctl(&["dlq", "list", "--queue", "steps", "-o", "json"])
+            .ok()
+            .json(),
+        Value::Array(vec![])
+    );
+    let one = f
+        .wfctl(&["dlq", "list", "--limit", "1", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(one.as_array().map(Vec::len), Some(1));
+
+    // show: every field, the envelope, or the body that does not decode (escapes removed).
+    let shown = f
+        .wfctl(&["dlq", "show", &push_id, "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(shown["envelope"]["key"], "ghost#dev", "{shown:#}");
+    let shown = f.wfctl(&["dlq", "show", &garbage_id]);
+    shown.ok();
+    assert!(
+        shown.stdout.contains("undecodable") && shown.stdout.contains("not json"),
+        "{}",
+        shown.stdout
+    );
+    let missing = f.wfctl(&["dlq", "show", "12345"]);
+    missing.code(1);
+    assert!(
+        missing.stderr.contains("12345") && missing.stderr.contains(&push_id),
+        "{}",
+        missing.stderr
+    );
+
+    // Usage errors: exit 2, nothing moved.
+    f.wfctl(&["dlq", "redrive"]).code(2);
+    f.wfctl(&["dlq", "redrive", "--all", &push_id]).code(2);
+    let bad = f.wfctl(&["dlq", "list", "--queue", "nope"]);
+    bad.code(2);
+    assert!(bad.stderr.contains("events, steps"), "{}", bad.stderr);
+    f.wfctl(&["dlq", "redrive", &push_id, "999"]).code(1);
+    assert_eq!(
+        f.wfctl(&["dlq", "list", "-o", "json"])
+            .ok()
+            .json()
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+
+    // Redrive one: it is back on the events queue, in its group.
+    let moved = f
+        .wfctl(&["dlq", "redrive", &push_id, "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(moved[0]["action"], "redriven", "{moved:#}");
+    assert_eq!(moved[0]["id"], push_id.as_str());
+    let back = f.rt.block_on(async {
+        use orchestrator::ports::{Queue, QueueKind};
+        f.store
+            .receive(
+                QueueKind::Events,
+                10,
+                Duration::from_secs(30),
+                Duration::ZERO,
+            )
+            .await
+            .expect("receive")
+    });
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].group.as_deref(), Some("ghost#dev"));
+
+    // Discard the rest.
+    let discarded = f.wfctl(&["dlq", "discard", "--all"]);
+    discarded.ok();
+
+    assert!(
+        discarded.stdout.contains("discarded"),
+        "{}",
+        discarded.stdout
+    );
+    assert!(
+        discarded.stderr.contains("0 redriven, 1 discarded"),
+        "{}",
+        discarded.stderr
+    );
+    assert_eq!(
+        f.wfctl(&["dlq", "list", "-o", "json"]).ok().json(),
+        Value::Array(vec![])
+    );
+    let help = wfctl_in(f.dir.path(), &["dlq", "redrive", "--help"]);
+    help.ok();
+    assert!(
+        help.stdout.contains("applied") && help.stdout.contains("discards it"),
+        "{}",
+        help.stdout
+    );
+}
+
 /// Now, from the system clock, as wfctl reads it.
 fn now() -> Timestamp {
     Timestamp::from(jiff::Timestamp::now())

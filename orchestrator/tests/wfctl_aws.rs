@@ -57,6 +57,23 @@ impl Aws {
     }
 }
 
+/// Waits until `wfctl dlq list` shows `n` dead letters, and returns them.
+async fn until_dead_letters(aws: &Aws, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed = aws.json(&["dlq", "list"]);
+        let rows = listed.as_array().cloned().unwrap_or_default();
+        if rows.len() == n {
+            return rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} dead letters expected: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// A child process that is killed when dropped, so a failing test leaves no worker behind.
 struct Reaped(std::process::Child);
 
@@ -165,6 +182,45 @@ async fn wfctl_reads_and_registers_on_dynamodb() {
         assert!(Instant::now() < deadline, "not live again in time");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // Dead letters on SQS: garbage the worker quarantines is listed, shown, redriven (and
+    // quarantined again), then discarded.
+    let queue = orchestrator::aws::sqs::SqsQueue::connect(
+        &aws.moto.sdk_config(),
+        &orchestrator::aws::Names::new("ops"),
+        &orchestrator::aws::RequestCounter::new(),
+    )
+    .await
+    .expect("queues");
+    orchestrator::ports::Queue::send(
+        &queue,
+        vec![orchestrator::ports::Outgoing {
+            queue: orchestrator::ports::QueueKind::Events,
+            group: Some("acme#dev".into()),
+            dedup_id: Some("garbage".into()),
+            delay: Duration::ZERO,
+            body: b"garbage".to_vec(),
+            attributes: std::collections::BTreeMap::new(),
+        }],
+    )
+    .await
+    .expect("send");
+    let dead = until_dead_letters(&aws, 1).await;
+    assert_eq!(dead[0]["status"], "undecodable", "{dead:?}");
+    assert_eq!(dead[0]["workflow"], "acme#dev", "{dead:?}");
+    let id = dead[0]["id"].as_str().expect("id").to_owned();
+    let letter = aws.json(&["dlq", "show", &id]);
+    assert_eq!(letter["raw"], "garbage", "{letter}");
+    let moved = aws.json(&["dlq", "redrive", &id]);
+    assert_eq!(moved[0]["action"], "redriven", "{moved}");
+    let dead = until_dead_letters(&aws, 1).await;
+    assert_ne!(
+        dead[0]["id"],
+        id.as_str(),
+        "quarantined again, under a new id"
+    );
+    let gone = aws.json(&["dlq", "discard", "--all"]);
+    assert_eq!(gone[0]["action"], "discarded", "{gone}");
+    assert_eq!(aws.json(&["dlq", "list"]), Value::Array(vec![]));
     drop(worker);
     assert_eq!(shown["key"], "acme#dev");
     assert_eq!(

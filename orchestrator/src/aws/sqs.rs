@@ -223,19 +223,25 @@ impl SqsQueue {
         }
     }
 
-    /// Moves dead letters of `queue` back to it (all, or the ones whose dead-letter ids are in
-    /// `ids`): receives them from the dead-letter queue, sends them to the queue (events in
-    /// their group, under a new deduplication id derived from the dead letter's id, so the
-    /// original id's window does not drop them), and deletes them from the dead-letter queue.
-    /// Returns how many were moved. At least once: a failure between the send and the delete
-    /// leaves a copy in both queues (a FIFO queue drops the second send within five minutes).
-    pub async fn redrive(&self, queue: QueueKind, ids: Option<Vec<String>>) -> Result<u64, Error> {
+    /// Moves dead letters of `queue` back to it (`back`) or deletes them: all, or the ones
+    /// whose dead-letter ids are in `ids`. Pages through the dead-letter queue receiving them;
+    /// a moved one is sent to the queue (events in their group, under a new deduplication id
+    /// derived from the dead letter's id, so the original id's window does not drop them), then
+    /// deleted from the dead-letter queue; the others are released. Returns the ids handled. At
+    /// least once: a failure between the send and the delete leaves a copy in both queues (a
+    /// FIFO queue drops the second send within five minutes).
+    async fn settle(
+        &self,
+        queue: QueueKind,
+        ids: Option<Vec<String>>,
+        back: bool,
+    ) -> Result<Vec<String>, Error> {
         let pair = self.pair(queue);
         let mut wanted: Option<HashSet<String>> = ids.map(|ids| ids.into_iter().collect());
         if wanted.as_ref().is_some_and(HashSet::is_empty) {
-            return Ok(0);
+            return Ok(Vec::new());
         }
-        let mut moved = 0_u64;
+        let mut done: Vec<String> = Vec::new();
         let mut skipped: Vec<String> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
         let mut first = true;
@@ -258,6 +264,7 @@ impl SqsQueue {
             }
             let mut entries = Vec::new();
             let mut receipts = Vec::new();
+            let mut handled = Vec::new();
             for m in messages {
                 let (Some(id), Some(receipt)) = (m.message_id(), m.receipt_handle()) else {
                     warn!(queue = %pair.dlq.name, "dead letter without an id or receipt; skipped");
@@ -285,26 +292,35 @@ impl SqsQueue {
                 };
                 entries.push(prepared);
                 receipts.push(receipt.to_owned());
+                handled.push(id.to_owned());
                 if let Some(w) = wanted.as_mut() {
                     w.remove(id);
                 }
             }
-            if !entries.is_empty() {
-                if let Err(e) = self.send_prepared(&pair.main, entries).await {
+            if !receipts.is_empty() {
+                if back && let Err(e) = self.send_prepared(&pair.main, entries).await {
                     break Err(e);
                 }
-                let n = receipts.len();
-                let failed = self.delete_batch(&pair.dlq, receipts).await;
-                match failed {
-                    Ok(failed) if !failed.is_empty() => warn!(
+                let failed = match self.delete_batch(&pair.dlq, receipts.clone()).await {
+                    Ok(failed) => failed,
+                    Err(e) => break Err(e),
+                };
+                if !failed.is_empty() {
+                    warn!(
                         queue = %pair.dlq.name,
                         count = failed.len(),
-                        "redriven dead letters could not be deleted; they stay in the dead-letter queue too"
-                    ),
-                    Ok(_) => {}
-                    Err(e) => break Err(e),
+                        "dead letters could not be deleted; they stay in the dead-letter queue"
+                    );
                 }
-                moved += u64::try_from(n).unwrap_or(u64::MAX);
+                // A redriven message whose delete failed was moved all the same (a copy
+                // stays); a discarded one was not discarded.
+                done.extend(
+                    handled
+                        .into_iter()
+                        .zip(receipts)
+                        .filter(|(_, r)| back || !failed.contains(r))
+                        .map(|(id, _)| id),
+                );
             }
             if wanted.as_ref().is_some_and(HashSet::is_empty) {
                 break Ok(());
@@ -314,8 +330,12 @@ impl SqsQueue {
             warn!(queue = %pair.dlq.name, error = %e, "cannot release dead letters left in place");
         }
         result?;
-        info!(queue = %pair.main.name, moved, "dead letters redriven");
-        Ok(moved)
+        if back {
+            info!(queue = %pair.main.name, count = done.len(), "dead letters redriven");
+        } else {
+            info!(queue = %pair.dlq.name, count = done.len(), "dead letters discarded");
+        }
+        Ok(done)
     }
 
     /// Sends prepared messages to `target` in batches of at most 10 messages and 256 KiB, in
@@ -752,6 +772,18 @@ impl Queue for SqsQueue {
         dead.sort_by_key(|d| (d.dead_at, d.sent_at));
         dead.truncate(limit);
         Ok(dead)
+    }
+
+    async fn redrive(
+        &self,
+        queue: QueueKind,
+        ids: Option<Vec<String>>,
+    ) -> Result<Vec<String>, Error> {
+        self.settle(queue, ids, true).await
+    }
+
+    async fn discard(&self, queue: QueueKind, ids: Vec<String>) -> Result<Vec<String>, Error> {
+        self.settle(queue, Some(ids), false).await
     }
 
     async fn stats(&self, queue: QueueKind) -> Result<QueueStats, Error> {

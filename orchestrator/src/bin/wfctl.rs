@@ -1,11 +1,12 @@
-//! `wfctl`, the operators' tool: registers tenants and reads the workflows, records and
-//! history the workers write. See `wfctl --help`.
+//! `wfctl`, the operators' tool: registers tenants, reads the workflows, records and history
+//! the workers write, sends signals, and handles dead letters. See `wfctl --help`.
 
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
+use orchestrator::cli::dlq::{self, Selection};
 use orchestrator::cli::output::{Format, Printer, color_enabled};
 use orchestrator::cli::signal::SignalRequest;
 use orchestrator::cli::tenant::{AddRequest, parse_branch, parse_grace};
@@ -16,7 +17,7 @@ use orchestrator::cli::{
 };
 use orchestrator::clock::{Clock, SystemClock};
 use orchestrator::config::Backend;
-use orchestrator::ports::Store;
+use orchestrator::ports::{Queue, QueueKind, Store};
 use workflows::{Domain, Environment, Signal, State, TenantId};
 
 const EXIT_CODES: &str = "\
@@ -40,6 +41,10 @@ dynamodb:DescribeTable, GetItem, BatchGetItem, Query and Scan on the <prefix>-* 
 DeleteItem and ConditionCheckItem (in a transaction) on <prefix>-tenants.
 `approve|retry|cancel|redeploy|decommission` read the tables and send to the events queue:
 sqs:GetQueueUrl, GetQueueAttributes and SendMessage on the <prefix>-* queues.
+`dlq list|show` read the tables and peek at the dead-letter queues (SQS has no peek: they
+receive and at once release): sqs:GetQueueUrl, GetQueueAttributes, ReceiveMessage and
+ChangeMessageVisibility on the <prefix>-* queues. `dlq redrive|discard` also need
+sqs:SendMessage (on the main queues) and DeleteMessage (on the dead-letter queues).
 
 Data goes to stdout, messages and errors to stderr. Colour is used only when stdout is a
 terminal. `-o json` prints JSON with stable snake_case field names: instants are RFC 3339
@@ -51,10 +56,13 @@ null. Each command's --help lists its fields.";
 #[command(
     name = "wfctl",
     version,
-    about = "The operators' tool of the tenant-host orchestrator: tenants, workflows, history",
-    long_about = "The operators' tool of the tenant-host orchestrator. It registers tenants and \
-                  reads the workflow records and history that the workers write, from the same \
-                  store: the embedded SQLite file, or the DynamoDB tables with `backend = \"aws\"`.",
+    about = "The operators' tool of the tenant-host orchestrator: tenants, workflows, history, \
+             signals, dead letters",
+    long_about = "The operators' tool of the tenant-host orchestrator. It registers tenants, \
+                  reads the workflow records and history that the workers write, sends operators' \
+                  signals through the events queue, and lists, redrives or discards dead \
+                  letters, on the same backend as the workers: the embedded SQLite file, or \
+                  SQS and DynamoDB with `backend = \"aws\"`.",
     after_help = EXIT_CODES,
     propagate_version = true
 )]
@@ -105,7 +113,125 @@ enum Command {
     /// Release everything the environment holds: group, routing, database. Final.
     #[command(after_long_help = SIGNAL_HELP)]
     Decommission(SignalArgs),
+    /// Dead letters: list them, show one, put them back once the cause is fixed, or discard
+    /// them.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
 }
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List the dead letters: queue, id, workflow, what they carry, why they were
+    /// dead-lettered, and their status.
+    #[command(after_long_help = DLQ_LIST_HELP)]
+    List(DlqListArgs),
+    /// Show one dead letter in full: its fields, status, and the message it carries.
+    #[command(after_long_help = DLQ_SHOW_HELP)]
+    Show(DlqShowArgs),
+    /// Put dead letters back on their queue once the cause is fixed. Events the workflow has
+    /// already applied are discarded instead: putting them back would apply them twice.
+    #[command(after_long_help = DLQ_SETTLE_HELP)]
+    Redrive(DlqSettleArgs),
+    /// Delete dead letters for good (a message that can never be handled).
+    #[command(after_long_help = DLQ_SETTLE_HELP)]
+    Discard(DlqSettleArgs),
+}
+
+#[derive(Debug, Args)]
+struct DlqListArgs {
+    /// Only this queue's dead letters: events or steps.
+    #[arg(long, value_name = "QUEUE")]
+    queue: Option<QueueKind>,
+    /// At most N dead letters per queue, oldest first.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    limit: u64,
+}
+
+#[derive(Debug, Args)]
+struct DlqShowArgs {
+    /// The dead letter's id, as `wfctl dlq list` shows it.
+    id: String,
+    /// Look only in this queue's dead letters: events or steps.
+    #[arg(long, value_name = "QUEUE")]
+    queue: Option<QueueKind>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("which").required(true).args(["all", "ids"])))]
+struct DlqSettleArgs {
+    /// The dead letters' ids, as `wfctl dlq list` shows them. Nothing is done unless every
+    /// one is found.
+    #[arg(value_name = "ID")]
+    ids: Vec<String>,
+    /// Every dead letter there is when the command starts (of --queue, or of both queues).
+    #[arg(long, conflicts_with = "ids")]
+    all: bool,
+    /// Only this queue's dead letters: events or steps.
+    #[arg(long, value_name = "QUEUE")]
+    queue: Option<QueueKind>,
+}
+
+/// The statuses of dead letters, for the help of the `dlq` commands.
+macro_rules! dlq_status {
+    () => {
+        "\
+Status of a dead letter, as the store tells it:
+  pending      an event (push, provision, signal, rearm) the workflow has not applied:
+               redrive applies it
+  applied      an event the workflow has applied (its history says at which version):
+               redrive discards it, since putting it back would apply it twice
+  awaited      a step message or retry timer the active run still waits for: redrive resumes
+               the step
+  stale        a step message or timer of a run or attempt that has moved on: the engine
+               drops it
+  no_workflow  for a workflow that does not exist (yet: redrive once the tenant is there)
+  undecodable  the body is not a queue envelope this version understands: the workers
+               quarantine it again unless they have been upgraded to understand it
+  unknown      the workflow's record does not decode
+"
+    };
+}
+
+const DLQ_LIST_HELP: &str = concat!(
+    dlq_status!(),
+    "
+JSON output (-o json): an array of
+  queue          events or steps
+  id             the id in the dead-letter queue
+  workflow       \"tenant#env\", or null
+  message        push, provision, signal, timer, rearm, step or undecodable
+  event_id       the event's id, or null
+  summary        the message in words
+  reason         why it was dead-lettered
+  receive_count  how many times it had been received
+  sent_at, dead_at
+  status         as above
+  status_detail  the status in words"
+);
+
+const DLQ_SHOW_HELP: &str = concat!(
+    dlq_status!(),
+    "
+JSON output (-o json): the object of `wfctl dlq list -o json`, and
+  envelope       the message as decoded (absent when it does not decode)
+  raw            the first 4096 bytes of a body that does not decode, as text (absent
+                 otherwise)"
+);
+
+const DLQ_SETTLE_HELP: &str = concat!(
+    dlq_status!(),
+    "
+Redrive puts every selected dead letter back on the queue it came from (an event into its
+workflow's FIFO group, past the queue's deduplication window), except applied events, which it
+discards. Discard deletes the selected dead letters. Each dead letter is listed with what was
+done to it; the exit code is 1 when a selected one was gone before it could be moved.
+
+JSON output (-o json): an array of
+  queue, id, workflow
+  action         redriven or discarded
+  status         as above, when it was moved
+  detail         the status in words"
+);
 
 const SIGNAL_HELP: &str = "\
 The signal travels through the events queue; the workers apply it (they are the only writers of
@@ -378,6 +504,19 @@ fn main() -> ExitCode {
 /// Opens the configured backend's store and runs the command on it.
 async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
     let config = cli.backend.config()?;
+    if let Command::Dlq(command) = &cli.command {
+        return match config.backend {
+            Backend::Embedded => {
+                let backend = open_backend(&config, false)?;
+                run_dlq(command, &backend, &backend, p).await
+            }
+            Backend::Aws => {
+                let store = connect_aws_store(&config).await?;
+                let queue = connect_aws_queue(&config).await?;
+                run_dlq(command, &store, &queue, p).await
+            }
+        };
+    }
     if let Some((args, signal)) = signal_of(&cli.command) {
         let req = SignalRequest {
             tenant: args.tenant.clone(),
@@ -410,6 +549,34 @@ async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
         Backend::Aws => {
             let store = connect_aws_store(&config).await?;
             run_on(cli, &store, p).await
+        }
+    }
+}
+
+async fn run_dlq<S: Store, Q: Queue>(
+    command: &DlqCommand,
+    store: &S,
+    queue: &Q,
+    p: &mut Printer<'_>,
+) -> Result<(), Error> {
+    let selection = |a: &DlqSettleArgs| {
+        if a.all {
+            Selection::All
+        } else {
+            Selection::Ids(a.ids.clone())
+        }
+    };
+    match command {
+        DlqCommand::List(a) => {
+            let limit = usize::try_from(a.limit).unwrap_or(usize::MAX);
+            dlq::list(store, queue, &dlq::queues(a.queue), limit, p).await
+        }
+        DlqCommand::Show(a) => dlq::show(store, queue, &dlq::queues(a.queue), &a.id, p).await,
+        DlqCommand::Redrive(a) => {
+            dlq::redrive(store, queue, &dlq::queues(a.queue), &selection(a), p).await
+        }
+        DlqCommand::Discard(a) => {
+            dlq::discard(store, queue, &dlq::queues(a.queue), &selection(a), p).await
         }
     }
 }
@@ -479,13 +646,14 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
             };
             cli::workflow::history(store, &req, p).await
         }
-        // `run` sends signals before it gets here: they need the queue as well.
+        // `run` sends signals and runs `dlq` before it gets here: they need the queues too.
         Command::Approve(_)
         | Command::Retry(_)
         | Command::Cancel(_)
         | Command::Redeploy(_)
-        | Command::Decommission(_) => Err(Error::Invalid(
-            "a signal needs the events queue as well as the store".to_owned(),
+        | Command::Decommission(_)
+        | Command::Dlq(_) => Err(Error::Invalid(
+            "this command needs the queues as well as the store".to_owned(),
         )),
     }
 }

@@ -6,6 +6,7 @@
 //! exists, corrupt data), `2` usage or configuration error (clap uses `2` for its own), `3`
 //! the backend cannot be reached.
 
+pub mod dlq;
 pub mod output;
 pub mod signal;
 pub mod tenant;

@@ -325,9 +325,27 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                         }
                     }
                     let n = permits.available_permits().clamp(1, self.config.batch);
+                    let receive =
+                        self.queue
+                            .receive(*queue, n, self.config.visibility, self.config.wait);
+                    tokio::pin!(receive);
                     let received = tokio::select! {
-                        () = shutdown.cancelled() => break,
-                        r = self.queue.receive(*queue, n, self.config.visibility, self.config.wait) => r,
+                        () = shutdown.cancelled() => {
+                            // The backend may have handed out messages already (a long poll
+                            // answers a client that went away): dropping the receive would hide
+                            // them for the visibility timeout. It ends within `wait`; what it
+                            // got goes back at once.
+                            if let Ok(got) = receive.await {
+                                for d in &got {
+                                    let _ = self.queue.extend(d.queue, &d.receipt, Duration::ZERO).await;
+                                }
+                                if !got.is_empty() {
+                                    info!(queue = %queue, released = got.len(), "shutdown; released messages received meanwhile");
+                                }
+                            }
+                            break;
+                        }
+                        r = &mut receive => r,
                     };
                     match received {
                         Ok(d) => {

@@ -10,6 +10,8 @@
 //!   acknowledged; its visibility can be extended or released.
 //! - A message received more than `max_receives` times is moved to the dead-letter queue on
 //!   its next receive, with that reason; a handler can quarantine a message with its own reason.
+//! - Dead letters can be listed, moved back to their queue (redriven: an event keeps its group,
+//!   and the deduplication window of its original id does not drop it) or discarded.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -187,6 +189,22 @@ pub trait Queue: Send + Sync + 'static {
         queue: QueueKind,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<DeadLetter>, Error>> + Send;
+
+    /// Moves dead letters of `queue` back to it: all of them (`None`), or the ones whose
+    /// dead-letter ids are in `ids`. Returns the ids moved (ids not found are left out). At
+    /// least once: an adapter that cannot move atomically may leave a copy in both queues.
+    fn redrive(
+        &self,
+        queue: QueueKind,
+        ids: Option<Vec<String>>,
+    ) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
+
+    /// Deletes the dead letters of `queue` whose ids are in `ids`. Returns the ids deleted.
+    fn discard(
+        &self,
+        queue: QueueKind,
+        ids: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
 
     /// Counts of `queue`.
     fn stats(&self, queue: QueueKind) -> impl Future<Output = Result<QueueStats, Error>> + Send;

@@ -62,6 +62,16 @@ impl<S: Store, Q: Queue, J: Journal> Queue for Stack<S, Q, J> {
     async fn dead_letters(&self, queue: QueueKind, limit: usize) -> Result<Vec<DeadLetter>, Error> {
         self.queue.dead_letters(queue, limit).await
     }
+    async fn redrive(
+        &self,
+        queue: QueueKind,
+        ids: Option<Vec<String>>,
+    ) -> Result<Vec<String>, Error> {
+        self.queue.redrive(queue, ids).await
+    }
+    async fn discard(&self, queue: QueueKind, ids: Vec<String>) -> Result<Vec<String>, Error> {
+        self.queue.discard(queue, ids).await
+    }
     async fn stats(&self, queue: QueueKind) -> Result<QueueStats, Error> {
         self.queue.stats(queue).await
     }

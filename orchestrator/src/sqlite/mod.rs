@@ -224,13 +224,18 @@ impl SqliteBackend {
         }
     }
 
-    /// Moves dead letters back to their queue (all of `queue`'s, or the ones with `ids`).
-    /// Returns how many were moved.
-    pub async fn redrive(&self, queue: QueueKind, ids: Option<Vec<String>>) -> Result<u64, Error> {
-        match self.write_op(Op::Redrive { queue, ids }).await? {
-            Reply::Count(n) => {
-                self.wake([queue]);
-                Ok(n)
+    async fn settle(
+        &self,
+        queue: QueueKind,
+        ids: Option<Vec<String>>,
+        back: bool,
+    ) -> Result<Vec<String>, Error> {
+        match self.write_op(Op::Settle { queue, ids, back }).await? {
+            Reply::Ids(ids) => {
+                if back {
+                    self.wake([queue]);
+                }
+                Ok(ids)
             }
             other => Err(unexpected(other)),
         }
@@ -393,6 +398,18 @@ impl Queue for SqliteBackend {
             rows.collect::<Result<Vec<_>, _>>().map_err(sql)
         })
         .await
+    }
+
+    async fn redrive(
+        &self,
+        queue: QueueKind,
+        ids: Option<Vec<String>>,
+    ) -> Result<Vec<String>, Error> {
+        self.settle(queue, ids, true).await
+    }
+
+    async fn discard(&self, queue: QueueKind, ids: Vec<String>) -> Result<Vec<String>, Error> {
+        self.settle(queue, Some(ids), false).await
     }
 
     async fn stats(&self, queue: QueueKind) -> Result<QueueStats, Error> {

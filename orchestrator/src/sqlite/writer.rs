@@ -58,9 +58,11 @@ pub(super) enum Op {
         value: u64,
         owner: String,
     },
-    Redrive {
+    /// Redrive (`back`) or discard dead letters.
+    Settle {
         queue: QueueKind,
         ids: Option<Vec<String>>,
+        back: bool,
     },
 }
 
@@ -74,7 +76,8 @@ pub(super) enum Reply {
     /// Receipts that were not current.
     Failed(Vec<Receipt>),
     Allocated(bool),
-    Count(u64),
+    /// Ids of the dead letters handled.
+    Ids(Vec<String>),
 }
 
 type Responder = oneshot::Sender<Result<Reply, Error>>;
@@ -304,7 +307,7 @@ fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Result
             .map_err(sql)?;
             Ok(Reply::Done)
         }
-        Op::Redrive { queue, ids } => redrive(conn, queue, ids, now),
+        Op::Settle { queue, ids, back } => settle(conn, queue, ids, back, now),
     }
 }
 
@@ -602,20 +605,17 @@ fn dead_letter(
     Ok(())
 }
 
-fn redrive(
+/// Moves dead letters back to their queue (`back`) or deletes them: all of `queue`'s, or the
+/// ones with `ids` (an id that is not a number is not found, like one that does not exist).
+fn settle(
     conn: &Connection,
     queue: QueueKind,
     ids: Option<Vec<String>>,
+    back: bool,
     now: i64,
 ) -> Result<Reply, Error> {
     let wanted: Vec<i64> = match ids {
-        Some(ids) => ids
-            .iter()
-            .map(|i| {
-                i.parse()
-                    .map_err(|_| Error::Invalid(format!("dead letter id {i:?} is not a number")))
-            })
-            .collect::<Result<_, _>>()?,
+        Some(ids) => ids.iter().filter_map(|i| i.parse().ok()).collect(),
         None => conn
             .prepare_cached("SELECT id FROM dead_letters WHERE queue = ?1 ORDER BY id")
             .map_err(sql)?
@@ -624,10 +624,12 @@ fn redrive(
             .collect::<Result<_, _>>()
             .map_err(sql)?,
     };
-    let mut moved = 0;
+    let mut done = Vec::new();
     for id in wanted {
-        let n = conn
-            .prepare_cached(
+        if back {
+            // The deduplication window is not consulted: the message was accepted once, and
+            // the record's own window drops an event that was applied.
+            conn.prepare_cached(
                 "INSERT INTO messages (queue, grp, dedup_id, body, attributes, sent_at, visible_at) \
                  SELECT queue, grp, dedup_id, body, attributes, sent_at, ?1 \
                  FROM dead_letters WHERE id = ?2 AND queue = ?3",
@@ -635,15 +637,17 @@ fn redrive(
             .map_err(sql)?
             .execute(params![now, id, queue.as_str()])
             .map_err(sql)?;
+        }
+        let n = conn
+            .prepare_cached("DELETE FROM dead_letters WHERE id = ?1 AND queue = ?2")
+            .map_err(sql)?
+            .execute(params![id, queue.as_str()])
+            .map_err(sql)?;
         if n == 1 {
-            conn.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")
-                .map_err(sql)?
-                .execute([id])
-                .map_err(sql)?;
-            moved += 1;
+            done.push(id.to_string());
         }
     }
-    Ok(Reply::Count(moved))
+    Ok(Reply::Ids(done))
 }
 
 fn put_tenant(

@@ -60,6 +60,7 @@ pub(crate) async fn run_all<H: Harness>(make: impl AsyncFn() -> H) {
     duplicate_dedup_ids_are_dropped_within_the_window(&make().await).await;
     too_many_receives_dead_letter(&make().await).await;
     quarantine_dead_letters_with_the_reason(&make().await).await;
+    dead_letters_are_redriven_or_discarded(&make().await).await;
     oversized_messages_are_refused(&make().await).await;
     writes_are_conditional_on_the_version(&make().await).await;
     workflows_are_listed_by_state_env_and_tenant(&make().await).await;
@@ -329,6 +330,84 @@ pub(crate) async fn quarantine_dead_letters_with_the_reason<H: Harness>(h: &H) {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, "undecodable: expected value at line 1");
     assert_eq!(dead[0].group.as_deref(), Some("a#dev"));
+}
+
+pub(crate) async fn dead_letters_are_redriven_or_discarded<H: Harness>(h: &H) {
+    let b = h.backend();
+    let mut y = event_message("b#dev", "e-y", "y");
+    y.attributes
+        .insert("traceparent".into(), "00-abc-def-01".into());
+    b.send(vec![
+        event_message("a#dev", "e-x", "x"),
+        y,
+        event_message("c#dev", "e-z", "z"),
+    ])
+    .await
+    .expect("send");
+    let got = receive_all(h, QueueKind::Events).await;
+    assert_eq!(bodies(&got), ["x", "y", "z"]);
+    for d in &got {
+        b.quarantine(d, "poison").await.expect("quarantine");
+    }
+    let dead = b
+        .dead_letters(QueueKind::Events, 10)
+        .await
+        .expect("dead letters");
+    assert_eq!(dead.len(), 3);
+    let id_of = |body: &[u8]| {
+        dead.iter()
+            .find(|d| d.body == body)
+            .map(|d| d.id.clone())
+            .expect("dead letter")
+    };
+    let (x, y, z) = (id_of(b"x"), id_of(b"y"), id_of(b"z"));
+
+    assert_eq!(
+        b.discard(QueueKind::Events, vec![x.clone(), "404".into()])
+            .await
+            .expect("discard"),
+        std::slice::from_ref(&x)
+    );
+    assert!(
+        b.redrive(QueueKind::Events, Some(vec![x, "no-such-id".into()]))
+            .await
+            .expect("redrive nothing")
+            .is_empty(),
+        "a discarded or unknown id is not found"
+    );
+    assert!(
+        b.redrive(QueueKind::Steps, None)
+            .await
+            .expect("redrive the empty one")
+            .is_empty()
+    );
+    // `y`'s deduplication id is still within its window: redriven all the same.
+    assert_eq!(
+        b.redrive(QueueKind::Events, Some(vec![y.clone()]))
+            .await
+            .expect("redrive y"),
+        [y]
+    );
+    assert_eq!(
+        b.redrive(QueueKind::Events, None)
+            .await
+            .expect("redrive all"),
+        [z]
+    );
+    assert!(
+        b.dead_letters(QueueKind::Events, 10)
+            .await
+            .expect("dead letters")
+            .is_empty()
+    );
+    let back = receive_all(h, QueueKind::Events).await;
+    assert_eq!(bodies(&back), ["y", "z"]);
+    let y = back.iter().find(|d| d.body == b"y").expect("y");
+    assert_eq!(y.group.as_deref(), Some("b#dev"), "back in its group");
+    assert_eq!(
+        y.attributes.get("traceparent").map(String::as_str),
+        Some("00-abc-def-01")
+    );
 }
 
 pub(crate) async fn oversized_messages_are_refused<H: Harness>(h: &H) {

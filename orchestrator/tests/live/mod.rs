@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod redrive;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,17 +64,7 @@ pub async fn pushes_reach_live<B: Queue + Store + Journal>(stack: Arc<B>) -> u64
     );
     retried(async || stack.put_tenant(&tenant, true).await).await;
     let clock: SharedClock = Arc::new(SystemClock);
-    let engine = Arc::new(Engine::new(
-        stack.clone(),
-        stack.clone(),
-        stack.clone(),
-        Arc::new(Instant),
-        clock.clone(),
-        EngineConfig {
-            wait: Duration::from_millis(200),
-            ..EngineConfig::default()
-        },
-    ));
+    let engine = engine(&stack, &clock);
     let keys: Vec<WorkflowKey> = [Environment::Dev, Environment::Production]
         .into_iter()
         .map(|env| WorkflowKey::new(tenant.id.clone(), env))
@@ -113,4 +105,43 @@ pub async fn pushes_reach_live<B: Queue + Store + Journal>(stack: Arc<B>) -> u64
         assert_eq!(s.dead, 0, "{q}");
     }
     engine.stats().snapshot().transitions
+}
+
+/// An engine running in a task of this process.
+pub struct Running {
+    stop: tokio_util::sync::CancellationToken,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Shuts the engine down and waits until it has stopped.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.handle.await.expect("engine stops");
+    }
+}
+
+/// An engine on `stack` with instant activities, polling every 200 ms.
+fn engine<B: Queue + Store + Journal>(
+    stack: &Arc<B>,
+    clock: &SharedClock,
+) -> Arc<Engine<B, B, B, Instant>> {
+    Arc::new(Engine::new(
+        stack.clone(),
+        stack.clone(),
+        stack.clone(),
+        Arc::new(Instant),
+        clock.clone(),
+        EngineConfig {
+            wait: Duration::from_millis(200),
+            ..EngineConfig::default()
+        },
+    ))
+}
+
+/// Starts an engine on `stack` with instant activities.
+pub fn start<B: Queue + Store + Journal>(stack: &Arc<B>, clock: &SharedClock) -> Running {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(engine(stack, clock).run(stop.clone()));
+    Running { stop, handle }
 }
