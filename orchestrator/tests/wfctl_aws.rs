@@ -166,6 +166,19 @@ async fn wfctl_reads_and_registers_on_dynamodb() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
+    // `history --follow` streams what the worker writes from here on.
+    let version = shown["version"].as_u64().expect("version").to_string();
+    let follow = {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wfctl"));
+        cmd.args([
+            "history", "acme", "--env", "dev", "--follow", "--after", &version, "-o", "json",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+        aws.env(&mut cmd, &aws.moto.endpoint);
+        Reaped(cmd.spawn().expect("wfctl history --follow starts"))
+    };
     // Signals travel through SQS: a redeploy, waited for; a refused retry is not sent.
     let redeploy = aws.json(&["redeploy", "acme", "--env", "dev", "--wait"]);
     assert_eq!(redeploy["status"], "accepted", "{redeploy}");
@@ -222,6 +235,28 @@ async fn wfctl_reads_and_registers_on_dynamodb() {
     assert_eq!(gone[0]["action"], "discarded", "{gone}");
     assert_eq!(aws.json(&["dlq", "list"]), Value::Array(vec![]));
     drop(worker);
+    let mut follow = follow;
+    let _ = follow.0.kill();
+    let mut streamed = String::new();
+    if let Some(mut out) = follow.0.stdout.take() {
+        std::io::Read::read_to_string(&mut out, &mut streamed).expect("read");
+    }
+    let entries: Vec<Value> = streamed
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert!(
+        entries.iter().any(|e| e["event"] == "signal"
+            && e["summary"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("redeploy"))),
+        "the redeploy was streamed: {streamed}"
+    );
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["version"].as_u64() > shown["version"].as_u64())
+    );
     assert_eq!(shown["key"], "acme#dev");
     assert_eq!(
         shown["deployed"]["release"]["app"],
@@ -235,6 +270,8 @@ async fn wfctl_reads_and_registers_on_dynamodb() {
     assert_eq!(listed[0]["state"], "live");
     let live = aws.json(&["list", "--status", "live"]);
     assert_eq!(live.as_array().map(Vec::len), Some(1));
+    // Live is at rest: never stuck.
+    assert_eq!(aws.json(&["list", "--stuck", "0s"]), Value::Array(vec![]));
 
     let history = aws.json(&["history", "acme", "--env", "dev"]);
     let history = history.as_array().expect("array");
