@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use workflows::{Domain, RetryPolicy, StepKind, StepOutput, StepTask, WorkflowKey};
 
+pub mod aws;
 pub mod clock;
 pub mod gate;
 pub mod simulated;

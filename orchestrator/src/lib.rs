@@ -2,6 +2,7 @@
 //! adapters (SQLite; SQS and DynamoDB), the engine, configuration, and the
 //! `orchestrator` and `wfctl` binaries.
 
+pub mod allocations;
 pub mod aws;
 pub mod cli;
 pub mod clock;

@@ -63,7 +63,18 @@ impl Moto {
                 .args(["-c", SERVER, "-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                // MOTO_LOG=<file> keeps the server's log (tracebacks of its 500s).
+                .stderr(
+                    std::env::var_os("MOTO_LOG")
+                        .and_then(|p| {
+                            std::fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(p)
+                                .ok()
+                        })
+                        .map_or_else(Stdio::null, Stdio::from),
+                )
                 .spawn()
                 .expect("python3 with moto starts (pip install 'moto[server]')");
             let moto = Moto {

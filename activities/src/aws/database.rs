@@ -1,0 +1,149 @@
+//! `database`: the environment's RDS MySQL instance.
+//!
+//! Created encrypted (with the configured KMS key, or RDS's default key), with
+//! `ManageMasterUserPassword` (RDS keeps the master password in a Secrets Manager secret and
+//! the orchestrator never sees it), in the configured DB subnet group, behind the network
+//! step's database security group, not publicly accessible. The step is done when the
+//! instance is available; its output is the endpoint and the secret's ARN.
+
+use aws_sdk_rds::types::{DbInstance, Tag};
+use workflows::{DatabaseOutput, StepOutput};
+
+use super::error::{classify, code};
+use super::{Allocations, AwsCloud, Error, Names, tags};
+use crate::{Invocation, Outcome};
+
+/// Statuses that end by themselves.
+const SETTLING: &[&str] = &[
+    "creating",
+    "backing-up",
+    "modifying",
+    "configuring-enhanced-monitoring",
+    "configuring-iam-database-auth",
+    "configuring-log-exports",
+    "rebooting",
+    "starting",
+    "maintenance",
+    "upgrading",
+    "storage-optimization",
+    "renaming",
+    "resetting-master-credentials",
+    "converting-to-vpc",
+    "moving-to-vpc",
+];
+
+pub(super) async fn reconcile<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    invocation: Invocation<'_>,
+) -> Result<Outcome, Error> {
+    let id = names.database();
+    let Some(db) = find(cloud, &id).await? else {
+        create(cloud, names, invocation, &id).await?;
+        return Ok(cloud.progress(format!("database {id} creating")));
+    };
+    let status = db.db_instance_status().unwrap_or("unknown");
+    match status {
+        "available" => {
+            let endpoint = db.endpoint().and_then(|e| {
+                e.address()
+                    .map(|a| format!("{a}:{}", e.port().unwrap_or(3306)))
+            });
+            let Some(endpoint) = endpoint else {
+                return Ok(
+                    cloud.progress(format!("database {id} available without an endpoint yet"))
+                );
+            };
+            let secret = db
+                .master_user_secret()
+                .and_then(|s| s.secret_arn())
+                .ok_or_else(|| {
+                    Error::Terminal(format!(
+                        "database {id} has no RDS-managed master secret (it was not created with ManageMasterUserPassword)"
+                    ))
+                })?;
+            Ok(Outcome::Done(StepOutput::Database(DatabaseOutput {
+                instance_id: id,
+                endpoint,
+                secret_arn: secret.to_owned(),
+            })))
+        }
+        s if SETTLING.contains(&s) => Ok(cloud.progress(format!("database {id} {s}"))),
+        "deleting" => Err(Error::Retryable(format!(
+            "database {id} is being deleted; it is created again once it is gone"
+        ))),
+        other => Err(Error::Terminal(format!(
+            "database {id} is {other}: it needs an operator"
+        ))),
+    }
+}
+
+/// The instance `id`, if it exists.
+pub(super) async fn find<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    id: &str,
+) -> Result<Option<DbInstance>, Error> {
+    match cloud
+        .clients
+        .rds
+        .describe_db_instances()
+        .db_instance_identifier(id)
+        .send()
+        .await
+    {
+        Ok(out) => Ok(out.db_instances().first().cloned()),
+        Err(e) if code(&e) == Some("DBInstanceNotFound") => Ok(None),
+        Err(e) => Err(classify("rds:DescribeDBInstances", id, &e)),
+    }
+}
+
+async fn create<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    invocation: Invocation<'_>,
+    id: &str,
+) -> Result<(), Error> {
+    let infra = &cloud.infra;
+    let group = invocation
+        .task
+        .resources
+        .network
+        .as_ref()
+        .map(|n| n.database_security_group.clone())
+        .ok_or_else(|| {
+            Error::Terminal("the database needs the network step's security group".to_owned())
+        })?;
+    let rds_tags: Vec<Tag> = tags(names, invocation.task.run)
+        .into_iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect();
+    let result = cloud
+        .clients
+        .rds
+        .create_db_instance()
+        .db_instance_identifier(id)
+        .engine("mysql")
+        .db_instance_class(&infra.db_instance_class)
+        .allocated_storage(infra.db_allocated_storage_gib)
+        .master_username("admin")
+        .manage_master_user_password(true)
+        .set_master_user_secret_kms_key_id(infra.kms_key_id.clone())
+        .storage_encrypted(true)
+        .set_kms_key_id(infra.kms_key_id.clone())
+        .db_subnet_group_name(&infra.db_subnet_group)
+        .vpc_security_group_ids(group)
+        .publicly_accessible(false)
+        .copy_tags_to_snapshot(true)
+        .set_tags(Some(rds_tags))
+        .send()
+        .await;
+    match result {
+        Ok(_) => {
+            tracing::info!(database = id, "database creation requested");
+            Ok(())
+        }
+        // Another attempt created it: the next look adopts it.
+        Err(e) if code(&e) == Some("DBInstanceAlreadyExists") => Ok(()),
+        Err(e) => Err(classify("rds:CreateDBInstance", id, &e)),
+    }
+}

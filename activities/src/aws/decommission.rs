@@ -1,0 +1,239 @@
+//! `decommission`: releases everything the environment holds, in an order the services
+//! accept: groups (and so instances), launch template, listener rule (and its priority),
+//! target group, builders and images, the database (with a final snapshot), then the
+//! security groups once nothing uses them. Each invocation deletes what it can and waits for
+//! what is still going; the step is done when nothing is left.
+
+use aws_sdk_ec2::types::Filter;
+use workflows::StepOutput;
+
+use super::error::{classify, code};
+use super::names::{TAG_ENV, TAG_TENANT};
+use super::{Allocations, AwsCloud, Error, Names, database, network, rollout, routing};
+use crate::{Invocation, Outcome};
+
+pub(super) async fn reconcile<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    invocation: Invocation<'_>,
+) -> Result<Outcome, Error> {
+    let mut going: Vec<String> = Vec::new();
+
+    let groups = rollout::managed_groups(cloud, names).await?;
+    for g in &groups {
+        if let Some(name) = g.auto_scaling_group_name() {
+            rollout::delete_group(cloud, name).await?;
+            going.push(format!("group {name}"));
+        }
+    }
+    delete_launch_templates(cloud, names).await?;
+
+    let host = format!("{}.{}", names.key().env, invocation.domain);
+    if let Some(rule) = routing::find_rule(cloud, &host).await? {
+        let arn = rule.rule_arn().unwrap_or_default();
+        match cloud.clients.elb.delete_rule().rule_arn(arn).send().await {
+            Ok(_) => tracing::info!(host = %host, "listener rule deleted"),
+            Err(e) if code(&e) == Some("RuleNotFound") => {}
+            Err(e) => return Err(classify("elasticloadbalancing:DeleteRule", arn, &e)),
+        }
+    }
+    let pool = cloud.priority_pool();
+    let owner = names.key().to_string();
+    if let Some(priority) = cloud.allocations.allocation_of(&pool, &owner).await? {
+        cloud.allocations.release(&pool, priority, &owner).await?;
+    }
+    if let Some(arn) = routing::find_target_group(cloud, &names.target_group()).await? {
+        match cloud
+            .clients
+            .elb
+            .delete_target_group()
+            .target_group_arn(&arn)
+            .send()
+            .await
+        {
+            Ok(_) => tracing::info!(target_group = %arn, "target group deleted"),
+            Err(e) if code(&e) == Some("ResourceInUse") => {
+                going.push(format!("target group {arn} (in use)"));
+            }
+            Err(e) if code(&e) == Some("TargetGroupNotFound") => {}
+            Err(e) => return Err(classify("elasticloadbalancing:DeleteTargetGroup", &arn, &e)),
+        }
+    }
+
+    going.extend(terminate_instances(cloud, names).await?);
+    deregister_images(cloud, names).await?;
+
+    let db = names.database();
+    if let Some(instance) = database::find(cloud, &db).await? {
+        if instance.db_instance_status() != Some("deleting") {
+            let snapshot = format!("{}-{}", names.final_snapshot(), invocation.task.run);
+            match cloud
+                .clients
+                .rds
+                .delete_db_instance()
+                .db_instance_identifier(&db)
+                .skip_final_snapshot(false)
+                .final_db_snapshot_identifier(&snapshot)
+                .delete_automated_backups(false)
+                .send()
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(database = %db, snapshot = %snapshot, "database deletion requested")
+                }
+                Err(e) if code(&e) == Some("DBInstanceNotFound") => {}
+                Err(e) => return Err(classify("rds:DeleteDBInstance", &db, &e)),
+            }
+        }
+        going.push(format!("database {db}"));
+    }
+
+    if !going.is_empty() {
+        return Ok(cloud.progress(format!("waiting for {} to go", going.join(", "))));
+    }
+    for name in [
+        names.database_security_group(),
+        names.instance_security_group(),
+    ] {
+        let Some(group) = network::find_group(cloud, &name).await? else {
+            continue;
+        };
+        let id = group.group_id().unwrap_or_default();
+        match cloud
+            .clients
+            .ec2
+            .delete_security_group()
+            .group_id(id)
+            .send()
+            .await
+        {
+            Ok(_) => tracing::info!(group = %name, "security group deleted"),
+            Err(e) if code(&e) == Some("InvalidGroup.NotFound") => {}
+            // Network interfaces of terminated instances linger for a while.
+            Err(e) if code(&e) == Some("DependencyViolation") => {
+                return Ok(cloud.progress(format!("security group {name} still in use")));
+            }
+            Err(e) => return Err(classify("ec2:DeleteSecurityGroup", &name, &e)),
+        }
+    }
+    Ok(Outcome::Done(StepOutput::Decommissioned))
+}
+
+fn env_filters(names: &Names) -> [Filter; 2] {
+    [
+        Filter::builder()
+            .name(format!("tag:{TAG_TENANT}"))
+            .values(names.key().tenant.as_str())
+            .build(),
+        Filter::builder()
+            .name(format!("tag:{TAG_ENV}"))
+            .values(names.key().env.to_string())
+            .build(),
+    ]
+}
+
+/// Deletes the environment's launch templates (one per run, tagged with tenant and env).
+async fn delete_launch_templates<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+) -> Result<(), Error> {
+    let [tenant, env] = env_filters(names);
+    let out = cloud
+        .clients
+        .ec2
+        .describe_launch_templates()
+        .filters(tenant)
+        .filters(env)
+        .send()
+        .await
+        .map_err(|e| classify("ec2:DescribeLaunchTemplates", names.base(), &e))?;
+    for t in out.launch_templates() {
+        if let Some(name) = t.launch_template_name() {
+            rollout::delete_template(cloud, name).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Terminates the environment's instances that are still there (builders; group instances
+/// go with their groups). Returns what is still going.
+async fn terminate_instances<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+) -> Result<Vec<String>, Error> {
+    let [tenant, env] = env_filters(names);
+    let out = cloud
+        .clients
+        .ec2
+        .describe_instances()
+        .filters(tenant)
+        .filters(env)
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .values("stopping")
+                .values("stopped")
+                .values("shutting-down")
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| classify("ec2:DescribeInstances", names.base(), &e))?;
+    let ids: Vec<String> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect();
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    match cloud
+        .clients
+        .ec2
+        .terminate_instances()
+        .set_instance_ids(Some(ids.clone()))
+        .send()
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if code(&e) == Some("InvalidInstanceID.NotFound") => {}
+        Err(e) => return Err(classify("ec2:TerminateInstances", names.base(), &e)),
+    }
+    Ok(ids.into_iter().map(|id| format!("instance {id}")).collect())
+}
+
+async fn deregister_images<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+) -> Result<(), Error> {
+    let [tenant, env] = env_filters(names);
+    let out = cloud
+        .clients
+        .ec2
+        .describe_images()
+        .owners("self")
+        .filters(tenant)
+        .filters(env)
+        .send()
+        .await
+        .map_err(|e| classify("ec2:DescribeImages", names.base(), &e))?;
+    for image in out.images() {
+        let Some(id) = image.image_id() else { continue };
+        match cloud
+            .clients
+            .ec2
+            .deregister_image()
+            .image_id(id)
+            .send()
+            .await
+        {
+            Ok(_) => tracing::info!(image = id, "image deregistered"),
+            Err(e) if code(&e).is_some_and(|c| c.starts_with("InvalidAMIID")) => {}
+            Err(e) => return Err(classify("ec2:DeregisterImage", id, &e)),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,329 @@
+//! `image`: the environment's machine image for the run's infrastructure commit.
+//!
+//! One invocation looks at the image `<t>-<e>-<sha>` and the builder instance
+//! `<t>-<e>-builder-<short sha>` and takes the next action:
+//!
+//! | found | action |
+//! |---|---|
+//! | image available | terminate the builder if it is still there; done |
+//! | image pending | wait |
+//! | image failed | deregister it; retryable (the next attempt builds again) |
+//! | no image, no builder | launch the builder from the base image with the user data below (client token from key, step and commit); wait |
+//! | builder pending or running | wait; past `builder_timeout_secs` terminate it and fail terminally |
+//! | builder stopping | wait |
+//! | builder stopped | create the image from it (a duplicate name means another attempt did: adopt); wait |
+//!
+//! The builder's user data fetches the infra artifact, runs `provision/*.sh` in name order and
+//! powers off (its shutdown behaviour is `stop`, so the stopped builder is what the image is
+//! made from). With a KMS key configured its root volume, and so the image, is encrypted
+//! with that key.
+
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, IamInstanceProfileSpecification, Image, ImageState,
+    Instance, InstanceStateName, ResourceType, ShutdownBehavior, TagSpecification,
+};
+use base64::Engine as _;
+use workflows::{GitSha, ImageOutput, RepoKind, StepKind, StepOutput};
+
+use super::error::{classify, code};
+use super::network::ec2_tags;
+use super::{Allocations, AwsCloud, Error, Names};
+use crate::{Invocation, Outcome};
+
+pub(super) async fn reconcile<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    invocation: Invocation<'_>,
+) -> Result<Outcome, Error> {
+    let sha =
+        invocation.task.release.infra.as_ref().ok_or_else(|| {
+            Error::Terminal("the release has no infra commit to build".to_owned())
+        })?;
+    let image_name = names.image(sha);
+    let builder = find_builder(cloud, &names.builder(sha)).await?;
+    if let Some(image) = find_image(cloud, &image_name).await? {
+        let id = image.image_id().unwrap_or_default().to_owned();
+        match image.state() {
+            Some(ImageState::Available) => {
+                if let Some(b) = &builder {
+                    terminate(cloud, b).await?;
+                }
+                return Ok(Outcome::Done(StepOutput::Image(ImageOutput {
+                    infra_sha: sha.clone(),
+                    image_id: id,
+                })));
+            }
+            Some(ImageState::Pending) | None => {
+                return Ok(cloud.progress(format!("image {id} pending")));
+            }
+            Some(state) => {
+                let reason = image
+                    .state_reason()
+                    .and_then(|r| r.message())
+                    .unwrap_or("no reason given")
+                    .to_owned();
+                cloud
+                    .clients
+                    .ec2
+                    .deregister_image()
+                    .image_id(&id)
+                    .send()
+                    .await
+                    .map_err(|e| classify("ec2:DeregisterImage", &id, &e))?;
+                return Err(Error::Retryable(format!(
+                    "image {id} ended {}: {reason}; deregistered, the next attempt builds again",
+                    state.as_str()
+                )));
+            }
+        }
+    }
+    let Some(builder) = builder else {
+        launch_builder(cloud, names, invocation, sha).await?;
+        return Ok(cloud.progress("builder launched"));
+    };
+    let builder_id = builder.instance_id().unwrap_or_default().to_owned();
+    match builder.state().and_then(|s| s.name()) {
+        Some(InstanceStateName::Stopped) => {
+            create_image(cloud, names, invocation, &builder_id, &image_name).await?;
+            Ok(cloud.progress(format!(
+                "image {image_name} requested from builder {builder_id}"
+            )))
+        }
+        Some(InstanceStateName::Stopping) => {
+            Ok(cloud.progress(format!("builder {builder_id} powering off")))
+        }
+        _ => {
+            let started = builder
+                .launch_time()
+                .map_or(i64::MAX, |t| t.to_millis().unwrap_or(i64::MAX));
+            let now = cloud.clock.now().as_unix_millis();
+            let limit = i64::try_from(cloud.infra.builder_timeout_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX);
+            if now.saturating_sub(started) > limit {
+                terminate(cloud, &builder).await?;
+                return Err(Error::Terminal(format!(
+                    "builder {builder_id} did not power off within {} s: the provisioning scripts failed or hang (see /var/log/tenant-image-build.log on it); it was terminated",
+                    cloud.infra.builder_timeout_secs
+                )));
+            }
+            Ok(cloud.progress(format!(
+                "builder {builder_id} running the provisioning scripts"
+            )))
+        }
+    }
+}
+
+/// The image named `name` owned by this account.
+async fn find_image<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    name: &str,
+) -> Result<Option<Image>, Error> {
+    let out = cloud
+        .clients
+        .ec2
+        .describe_images()
+        .owners("self")
+        .filters(Filter::builder().name("name").values(name).build())
+        .send()
+        .await
+        .map_err(|e| classify("ec2:DescribeImages", name, &e))?;
+    Ok(out.images().first().cloned())
+}
+
+/// The builder instance tagged `name` that is not terminated or being terminated.
+async fn find_builder<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    name: &str,
+) -> Result<Option<Instance>, Error> {
+    let out = cloud
+        .clients
+        .ec2
+        .describe_instances()
+        .filters(Filter::builder().name("tag:Name").values(name).build())
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .values("stopping")
+                .values("stopped")
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| classify("ec2:DescribeInstances", name, &e))?;
+    Ok(out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .next()
+        .cloned())
+}
+
+async fn terminate<A: Allocations>(cloud: &AwsCloud<A>, builder: &Instance) -> Result<(), Error> {
+    let Some(id) = builder.instance_id() else {
+        return Ok(());
+    };
+    match cloud
+        .clients
+        .ec2
+        .terminate_instances()
+        .instance_ids(id)
+        .send()
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(builder = id, "builder terminated");
+            Ok(())
+        }
+        Err(e) if code(&e) == Some("InvalidInstanceID.NotFound") => Ok(()),
+        Err(e) => Err(classify("ec2:TerminateInstances", id, &e)),
+    }
+}
+
+/// The builder's user data: fetch the infra artifact, run its provisioning scripts, power off.
+pub(super) fn builder_user_data(bucket: &str, key: &str) -> String {
+    format!(
+        "#!/bin/bash\n\
+         # Written by the tenant-host orchestrator: builds the image, then powers off.\n\
+         set -euo pipefail\n\
+         exec >/var/log/tenant-image-build.log 2>&1\n\
+         mkdir -p /opt/tenant/infra\n\
+         aws s3 cp 's3://{bucket}/{key}' /tmp/infra.tar.gz\n\
+         tar -xzf /tmp/infra.tar.gz -C /opt/tenant/infra\n\
+         cd /opt/tenant/infra\n\
+         for script in $(ls provision/*.sh 2>/dev/null | sort); do bash \"$script\"; done\n\
+         shutdown -h now\n"
+    )
+}
+
+async fn launch_builder<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    invocation: Invocation<'_>,
+    sha: &GitSha,
+) -> Result<(), Error> {
+    let infra = &cloud.infra;
+    let name = names.builder(sha);
+    let user_data = builder_user_data(
+        &infra.artifact_bucket,
+        &names.artifact_key(RepoKind::Infra, sha),
+    );
+    let mut tags = ec2_tags(names, invocation.task.run, &name);
+    tags.push(
+        aws_sdk_ec2::types::Tag::builder()
+            .key(super::names::TAG_INFRA_SHA)
+            .value(sha.as_str())
+            .build(),
+    );
+    let mut request = cloud
+        .clients
+        .ec2
+        .run_instances()
+        .image_id(&infra.base_image_id)
+        .instance_type(aws_sdk_ec2::types::InstanceType::from(
+            infra.builder_instance_type.as_str(),
+        ))
+        .min_count(1)
+        .max_count(1)
+        .subnet_id(infra.subnet_ids.first().cloned().unwrap_or_default())
+        .iam_instance_profile(
+            IamInstanceProfileSpecification::builder()
+                .name(&infra.instance_profile)
+                .build(),
+        )
+        .user_data(base64::engine::general_purpose::STANDARD.encode(user_data))
+        .instance_initiated_shutdown_behavior(ShutdownBehavior::Stop)
+        .client_token(names.token(StepKind::Image, sha.as_str()))
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Instance)
+                .set_tags(Some(tags.clone()))
+                .build(),
+        )
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Volume)
+                .set_tags(Some(tags))
+                .build(),
+        );
+    if let Some(network) = &invocation.task.resources.network {
+        request = request.security_group_ids(&network.instance_security_group);
+    }
+    if let Some(kms) = &infra.kms_key_id {
+        let root = root_device(cloud, &infra.base_image_id).await?;
+        request = request.block_device_mappings(
+            BlockDeviceMapping::builder()
+                .device_name(root)
+                .ebs(
+                    EbsBlockDevice::builder()
+                        .encrypted(true)
+                        .kms_key_id(kms)
+                        .delete_on_termination(true)
+                        .build(),
+                )
+                .build(),
+        );
+    }
+    let out = request
+        .send()
+        .await
+        .map_err(|e| classify("ec2:RunInstances", &name, &e))?;
+    let id = out
+        .instances()
+        .first()
+        .and_then(|i| i.instance_id())
+        .unwrap_or("?");
+    tracing::info!(builder = %name, instance = id, "builder launched");
+    Ok(())
+}
+
+/// The root device name of `image` (where an encrypted volume must be mapped).
+async fn root_device<A: Allocations>(cloud: &AwsCloud<A>, image: &str) -> Result<String, Error> {
+    let out = cloud
+        .clients
+        .ec2
+        .describe_images()
+        .image_ids(image)
+        .send()
+        .await
+        .map_err(|e| classify("ec2:DescribeImages", image, &e))?;
+    out.images()
+        .first()
+        .and_then(|i| i.root_device_name())
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Terminal(format!("base image {image} not found")))
+}
+
+async fn create_image<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    invocation: Invocation<'_>,
+    builder: &str,
+    name: &str,
+) -> Result<(), Error> {
+    let result = cloud
+        .clients
+        .ec2
+        .create_image()
+        .instance_id(builder)
+        .name(name)
+        .description(format!("{} at {}", names.key(), invocation.task.release))
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Image)
+                .set_tags(Some(ec2_tags(names, invocation.task.run, name)))
+                .build(),
+        )
+        .send()
+        .await;
+    match result {
+        Ok(out) => {
+            tracing::info!(image = %name, id = out.image_id().unwrap_or("?"), "image requested");
+            Ok(())
+        }
+        // Another attempt asked for it already: the next look finds it.
+        Err(e) if code(&e) == Some("InvalidAMIName.Duplicate") => Ok(()),
+        Err(e) => Err(classify("ec2:CreateImage", name, &e)),
+    }
+}

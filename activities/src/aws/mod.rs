@@ -1,0 +1,417 @@
+//! The reconcilers on AWS (DESIGN.md §6): EC2 security groups, builder instances, images and
+//! launch templates; S3 artifacts; RDS MySQL with a managed master secret; ELBv2 target
+//! groups and listener rules; Auto Scaling groups rolled out blue/green.
+//!
+//! Every invocation observes, takes at most one action that has to be waited for, and says
+//! where the step stands. Resources are named by [`Names`] from tenant, environment and
+//! release, tagged `tenant`, `env`, `run`, `managed-by`, and looked up before anything is
+//! created: an "already exists" answer means adopt. Idempotency tokens come from the workflow
+//! key, the step and the target ([`Names::token`]), never from randomness. Errors are
+//! classified by code ([`error::classify`]).
+//!
+//! | step | what it does |
+//! |---|---|
+//! | network | security groups `<t>-<e>-instances` (HTTP from the load balancer's group only) and `<t>-<e>-database` (3306 from the instances' group only) |
+//! | source_infra, source_app | `git` fetches the pushed commit (a deploy token from Secrets Manager for private repositories), `git archive` packs it, S3 keeps it at `<tenant>/<repo>/<sha>.tar.gz` (skipped when present) |
+//! | image | a builder instance from the base image runs the tenant's scripts from the infra artifact and powers off; the image `<t>-<e>-<sha>` is made from the stopped builder (its volumes encrypted with the KMS key when one is configured); once available the builder is terminated |
+//! | database | RDS MySQL `<t>-<e>`, encrypted, `ManageMasterUserPassword`, in the configured subnet group behind the database group; endpoint and secret ARN are recorded, never a password |
+//! | routing | target group `<t>-<e>`, a listener priority held through [`Allocations`] (a conditional write), a rule for host `<env>.<domain>` tagged with tenant and env so a retry finds it |
+//! | rollout | a launch template version per run (image, user data that installs the app artifact), a new Auto Scaling group `<t>-<e>-<run>` on the target group; once its targets are healthy the previous group is detached and deleted; if they never are, the new group is deleted and the old one keeps serving |
+//! | decommission | groups, launch template, rule (priority freed), target group, builders and images, the database (with a final snapshot), then the security groups |
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::SdkConfig;
+use serde::{Deserialize, Serialize};
+use tracing::instrument;
+use workflows::{RetryPolicy, StepKind};
+
+use crate::clock::Clock;
+use crate::{Activities, Invocation, Outcome};
+
+mod database;
+mod decommission;
+pub mod error;
+mod image;
+mod names;
+mod network;
+mod rollout;
+mod routing;
+pub mod sandbox;
+mod source;
+
+pub use error::Error;
+pub use names::{MANAGED_BY, Names};
+
+/// The shared infrastructure the reconcilers build on, from configuration
+/// (`[aws.infrastructure]` of the orchestrator); `orchestrator init --sandbox` creates one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Infrastructure {
+    /// The VPC everything lives in.
+    pub vpc_id: String,
+    /// Subnets of the Auto Scaling groups and builders (at least two zones for the load
+    /// balancer).
+    pub subnet_ids: Vec<String>,
+    /// The shared load balancer's HTTP(S) listener that gets one rule per environment.
+    pub listener_arn: String,
+    /// The load balancer's security group: the only source the instances admit.
+    pub alb_security_group_id: String,
+    /// The S3 bucket of source artifacts.
+    pub artifact_bucket: String,
+    /// The image builders start from (and that serves before the first infra push).
+    pub base_image_id: String,
+    /// The instance profile of builders and instances (reads the artifact bucket).
+    pub instance_profile: String,
+    /// The DB subnet group of the databases.
+    pub db_subnet_group: String,
+    /// KMS key for image volumes and databases; none: the services' default keys.
+    pub kms_key_id: Option<String>,
+    /// Where the repositories are: `{tenant}` and `{repo}` (`infra` or `app`) are replaced,
+    /// e.g. `https://gitlab.example.com/{tenant}/{repo}.git` or `file:///srv/git/{tenant}-{repo}.git`.
+    pub source_url: String,
+    /// Secrets Manager secret (name or ARN; `{tenant}` is replaced) holding a GitLab deploy
+    /// token for private repositories: `{"username": ..., "token": ...}`. None: public.
+    pub deploy_token_secret: Option<String>,
+    /// Instance type of the serving instances.
+    pub instance_type: String,
+    /// Instance type of the image builders.
+    pub builder_instance_type: String,
+    /// RDS instance class.
+    pub db_instance_class: String,
+    /// RDS storage in GiB.
+    pub db_allocated_storage_gib: i32,
+    /// Instances per Auto Scaling group.
+    pub group_size: i32,
+    /// The port the application listens on.
+    pub app_port: i32,
+    /// The target group's health check path.
+    pub health_check_path: String,
+    /// How long a builder may run the scripts before the build fails.
+    pub builder_timeout_secs: u64,
+    /// How long a new group may take to become healthy before it is rolled back.
+    pub rollout_timeout_secs: u64,
+    /// How long to wait before looking again at something under way.
+    pub recheck_secs: u64,
+}
+
+impl Default for Infrastructure {
+    fn default() -> Self {
+        Self {
+            vpc_id: String::new(),
+            subnet_ids: Vec::new(),
+            listener_arn: String::new(),
+            alb_security_group_id: String::new(),
+            artifact_bucket: String::new(),
+            base_image_id: String::new(),
+            instance_profile: String::new(),
+            db_subnet_group: String::new(),
+            kms_key_id: None,
+            source_url: String::new(),
+            deploy_token_secret: None,
+            instance_type: "t3.micro".to_owned(),
+            builder_instance_type: "t3.small".to_owned(),
+            db_instance_class: "db.t3.micro".to_owned(),
+            db_allocated_storage_gib: 20,
+            group_size: 1,
+            app_port: 80,
+            health_check_path: "/".to_owned(),
+            builder_timeout_secs: 3600,
+            rollout_timeout_secs: 1200,
+            recheck_secs: 15,
+        }
+    }
+}
+
+impl Infrastructure {
+    /// The required settings that are empty, each with what it is.
+    pub fn missing(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        let mut need = |empty: bool, what: &'static str| {
+            if empty {
+                missing.push(what);
+            }
+        };
+        need(self.vpc_id.is_empty(), "vpc_id (the VPC of everything)");
+        need(
+            self.subnet_ids.is_empty(),
+            "subnet_ids (subnets of the groups and builders)",
+        );
+        need(
+            self.listener_arn.is_empty(),
+            "listener_arn (the load balancer listener that gets the rules)",
+        );
+        need(
+            self.alb_security_group_id.is_empty(),
+            "alb_security_group_id (the load balancer's security group)",
+        );
+        need(
+            self.artifact_bucket.is_empty(),
+            "artifact_bucket (S3 bucket of source artifacts)",
+        );
+        need(
+            self.base_image_id.is_empty(),
+            "base_image_id (the AMI builders start from)",
+        );
+        need(
+            self.instance_profile.is_empty(),
+            "instance_profile (of builders and instances)",
+        );
+        need(
+            self.db_subnet_group.is_empty(),
+            "db_subnet_group (DB subnet group of the databases)",
+        );
+        need(
+            self.source_url.is_empty(),
+            "source_url (where the repositories are, with {tenant} and {repo})",
+        );
+        missing
+    }
+
+    fn recheck(&self) -> Duration {
+        Duration::from_secs(self.recheck_secs.max(1))
+    }
+}
+
+/// Exclusive values of named pools (listener rule priorities), held by owners: the store's
+/// allocations (a conditional write), so no two workflows ever hold one priority.
+pub trait Allocations: Send + Sync + 'static {
+    /// Takes `value` of `pool` for `owner`; false if someone else holds it (or `owner` holds
+    /// another value of the pool).
+    fn allocate(
+        &self,
+        pool: &str,
+        value: u64,
+        owner: &str,
+    ) -> impl Future<Output = Result<bool, Error>> + Send;
+    /// Frees `value` of `pool` if `owner` holds it.
+    fn release(
+        &self,
+        pool: &str,
+        value: u64,
+        owner: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// The value of `pool` that `owner` holds.
+    fn allocation_of(
+        &self,
+        pool: &str,
+        owner: &str,
+    ) -> impl Future<Output = Result<Option<u64>, Error>> + Send;
+}
+
+/// Allocations in memory, for tests and a single process; the orchestrator uses its store.
+#[derive(Debug, Default)]
+pub struct MemoryAllocations {
+    held: std::sync::Mutex<std::collections::BTreeMap<(String, u64), String>>,
+}
+
+impl MemoryAllocations {
+    fn held(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<(String, u64), String>> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Allocations for MemoryAllocations {
+    async fn allocate(&self, pool: &str, value: u64, owner: &str) -> Result<bool, Error> {
+        let mut held = self.held();
+        let owns_other = held
+            .iter()
+            .any(|((p, v), o)| p == pool && *v != value && o == owner);
+        match held.get(&(pool.to_owned(), value)) {
+            Some(o) => Ok(o == owner),
+            None if owns_other => Ok(false),
+            None => {
+                held.insert((pool.to_owned(), value), owner.to_owned());
+                Ok(true)
+            }
+        }
+    }
+
+    async fn release(&self, pool: &str, value: u64, owner: &str) -> Result<(), Error> {
+        let mut held = self.held();
+        if held
+            .get(&(pool.to_owned(), value))
+            .is_some_and(|o| o == owner)
+        {
+            held.remove(&(pool.to_owned(), value));
+        }
+        Ok(())
+    }
+
+    async fn allocation_of(&self, pool: &str, owner: &str) -> Result<Option<u64>, Error> {
+        Ok(self
+            .held()
+            .iter()
+            .find(|((p, _), o)| p == pool && o.as_str() == owner)
+            .map(|((_, v), _)| *v))
+    }
+}
+
+/// The AWS service clients.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    /// EC2.
+    pub ec2: aws_sdk_ec2::Client,
+    /// Auto Scaling.
+    pub autoscaling: aws_sdk_autoscaling::Client,
+    /// Elastic Load Balancing v2.
+    pub elb: aws_sdk_elasticloadbalancingv2::Client,
+    /// RDS.
+    pub rds: aws_sdk_rds::Client,
+    /// S3.
+    pub s3: aws_sdk_s3::Client,
+    /// Secrets Manager.
+    pub secrets: aws_sdk_secretsmanager::Client,
+}
+
+impl Clients {
+    /// Clients of every service from one SDK configuration. S3 uses path-style addressing
+    /// when the configuration has an endpoint override (a local endpoint has no bucket
+    /// subdomains).
+    pub fn new(sdk: &SdkConfig) -> Self {
+        let s3 = aws_sdk_s3::config::Builder::from(sdk)
+            .force_path_style(sdk.endpoint_url().is_some())
+            .build();
+        Self {
+            ec2: aws_sdk_ec2::Client::new(sdk),
+            autoscaling: aws_sdk_autoscaling::Client::new(sdk),
+            elb: aws_sdk_elasticloadbalancingv2::Client::new(sdk),
+            rds: aws_sdk_rds::Client::new(sdk),
+            s3: aws_sdk_s3::Client::from_conf(s3),
+            secrets: aws_sdk_secretsmanager::Client::new(sdk),
+        }
+    }
+}
+
+/// The reconcilers on AWS.
+pub struct AwsCloud<A: Allocations> {
+    clients: Clients,
+    infra: Infrastructure,
+    allocations: A,
+    clock: Arc<dyn Clock>,
+}
+
+impl<A: Allocations> std::fmt::Debug for AwsCloud<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsCloud")
+            .field("infra", &self.infra)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Allocations> AwsCloud<A> {
+    /// Reconcilers on `clients`, building on `infra`; refuses an `infra` with missing
+    /// settings, naming each.
+    pub fn new(
+        clients: Clients,
+        infra: Infrastructure,
+        allocations: A,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, Error> {
+        let missing = infra.missing();
+        if !missing.is_empty() {
+            return Err(Error::Terminal(format!(
+                "the AWS infrastructure settings lack: {}",
+                missing.join("; ")
+            )));
+        }
+        Ok(Self {
+            clients,
+            infra,
+            allocations,
+            clock,
+        })
+    }
+
+    /// The service clients.
+    pub fn clients(&self) -> &Clients {
+        &self.clients
+    }
+
+    /// The infrastructure settings.
+    pub fn infrastructure(&self) -> &Infrastructure {
+        &self.infra
+    }
+
+    /// The pool of listener rule priorities of the configured listener.
+    pub fn priority_pool(&self) -> String {
+        format!("listener-priority:{}", self.infra.listener_arn)
+    }
+
+    fn progress(&self, note: impl Into<String>) -> Outcome {
+        Outcome::Progress {
+            recheck_after: self.infra.recheck(),
+            note: note.into(),
+        }
+    }
+}
+
+impl<A: Allocations> Activities for AwsCloud<A> {
+    #[instrument(skip_all, fields(tenant.id = %invocation.key.tenant, workflow.env = %invocation.key.env, step = %invocation.task.step, run = %invocation.task.run))]
+    async fn invoke(&self, invocation: Invocation<'_>) -> Outcome {
+        let names = Names::new(invocation.key);
+        let result = match invocation.task.step {
+            StepKind::Network => network::reconcile(self, &names, invocation).await,
+            StepKind::SourceInfra => {
+                source::reconcile(self, &names, invocation, workflows::RepoKind::Infra).await
+            }
+            StepKind::SourceApp => {
+                source::reconcile(self, &names, invocation, workflows::RepoKind::App).await
+            }
+            StepKind::Image => image::reconcile(self, &names, invocation).await,
+            StepKind::Database => database::reconcile(self, &names, invocation).await,
+            StepKind::Routing => routing::reconcile(self, &names, invocation).await,
+            StepKind::Rollout => rollout::reconcile(self, &names, invocation).await,
+            StepKind::Decommission => decommission::reconcile(self, &names, invocation).await,
+        };
+        match result {
+            Ok(outcome) => {
+                if let Outcome::Progress { note, .. } = &outcome {
+                    tracing::debug!(note = %note, "step under way");
+                }
+                outcome
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "step failed retryably");
+                Outcome::Retryable(e.to_string())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "step failed terminally");
+                Outcome::Terminal(e.to_string())
+            }
+        }
+    }
+
+    fn retry_policy(&self, step: StepKind) -> RetryPolicy {
+        let (initial_s, max_s, max_attempts, within_min) = match step {
+            StepKind::Network | StepKind::SourceInfra | StepKind::SourceApp | StepKind::Routing => {
+                (2, 60, 8, 30)
+            }
+            StepKind::Image | StepKind::Database => (10, 300, 10, 120),
+            StepKind::Rollout => (5, 120, 10, 60),
+            StepKind::Decommission => (5, 300, 20, 240),
+        };
+        RetryPolicy {
+            initial_delay: Duration::from_secs(initial_s),
+            factor: 2.0,
+            max_delay: Duration::from_secs(max_s),
+            max_attempts,
+            max_elapsed: Some(Duration::from_secs(within_min * 60)),
+            full_jitter: true,
+        }
+    }
+}
+
+/// The tags of a resource of `names`' environment created by `run`.
+fn tags(names: &Names, run: workflows::RunId) -> Vec<(&'static str, String)> {
+    vec![
+        (names::TAG_TENANT, names.key().tenant.to_string()),
+        (names::TAG_ENV, names.key().env.to_string()),
+        (names::TAG_RUN, run.to_string()),
+        (names::TAG_MANAGED_BY, MANAGED_BY.to_owned()),
+    ]
+}

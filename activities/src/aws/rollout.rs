@@ -1,0 +1,474 @@
+//! `rollout`: blue/green replacement of the environment's Auto Scaling group.
+//!
+//! Each run gets a launch template `<t>-<e>-<run>` (found by name on a retry) with the image
+//! and user data that installs the app artifact, and a new group
+//! `<t>-<e>-<run>` on the environment's target group. Once as many of its instances are
+//! healthy targets as the group's size, the groups of earlier runs are detached from the
+//! target group and deleted, and the step is done. If the new group's targets are not healthy
+//! within `rollout_timeout_secs` of the step's first attempt, the new group is deleted and the
+//! step fails: the previous group never stopped serving.
+//!
+//! A step message of an older run that arrives late (redelivered, or of a cancelled run) finds
+//! a group of a newer run and neither creates its own nor deletes the newer one.
+
+use aws_sdk_autoscaling::types::{AutoScalingGroup, Filter, LaunchTemplateSpecification, Tag};
+use aws_sdk_ec2::types::{
+    LaunchTemplateIamInstanceProfileSpecificationRequest, LaunchTemplateTagSpecificationRequest,
+    RequestLaunchTemplateData, ResourceType,
+};
+use aws_sdk_elasticloadbalancingv2::types::TargetHealthStateEnum;
+use base64::Engine as _;
+use workflows::{DeploymentOutput, RepoKind, RunId, StepKind, StepOutput};
+
+use super::error::{classify, code};
+use super::names::{TAG_ENV, TAG_MANAGED_BY, TAG_NAME, TAG_RUN, TAG_TENANT};
+use super::network::ec2_tags;
+use super::{Allocations, AwsCloud, Error, MANAGED_BY, Names, tags};
+use crate::{Invocation, Outcome};
+
+pub(super) async fn reconcile<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    invocation: Invocation<'_>,
+) -> Result<Outcome, Error> {
+    let task = invocation.task;
+    let run = task.run;
+    let routing = task.resources.routing.as_ref().ok_or_else(|| {
+        Error::Terminal("the rollout needs the routing step's target group".to_owned())
+    })?;
+    let image_id = match (&task.release.infra, &task.resources.image) {
+        (Some(sha), Some(image)) if &image.infra_sha == sha => image.image_id.clone(),
+        (Some(sha), _) => {
+            return Err(Error::Terminal(format!(
+                "the rollout needs the image of infra {sha}, which the image step has not recorded"
+            )));
+        }
+        (None, _) => cloud.infra.base_image_id.clone(),
+    };
+    let name = names.group(run);
+    let groups = managed_groups(cloud, names).await?;
+    if let Some(newer) = groups
+        .iter()
+        .filter_map(|g| group_run(g).map(|r| (r, g)))
+        .filter(|(r, _)| *r > run)
+        .map(|(_, g)| g.auto_scaling_group_name().unwrap_or_default())
+        .next()
+    {
+        return Err(Error::Terminal(format!(
+            "superseded: group {newer} of a newer run exists; {name} is neither created nor is the newer one touched"
+        )));
+    }
+    let Some(mine) = groups
+        .iter()
+        .find(|g| g.auto_scaling_group_name() == Some(name.as_str()))
+    else {
+        let template = ensure_template(cloud, names, invocation, &image_id).await?;
+        create_group(
+            cloud,
+            names,
+            run,
+            &name,
+            &template,
+            &routing.target_group_arn,
+        )
+        .await?;
+        return Ok(cloud.progress(format!("group {name} created; waiting for healthy targets")));
+    };
+    let healthy = healthy_targets(cloud, mine, &routing.target_group_arn).await?;
+    let size = usize::try_from(cloud.infra.group_size).unwrap_or(1);
+    if healthy >= size {
+        for old in groups
+            .iter()
+            .filter(|g| g.auto_scaling_group_name() != Some(name.as_str()))
+        {
+            retire(cloud, old, &routing.target_group_arn).await?;
+        }
+        return Ok(Outcome::Done(StepOutput::Rollout(DeploymentOutput {
+            group_name: name,
+            image_id,
+            run,
+            release: task.release.clone(),
+        })));
+    }
+    let waited_ms = cloud
+        .clock
+        .now()
+        .as_unix_millis()
+        .saturating_sub(task.first_attempt_at.as_unix_millis());
+    let limit_ms =
+        i64::try_from(cloud.infra.rollout_timeout_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
+    if waited_ms > limit_ms {
+        delete_group(cloud, &name).await?;
+        delete_template(cloud, &name).await?;
+        let serving = task
+            .resources
+            .deployment
+            .as_ref()
+            .map_or("nothing (first rollout)".to_owned(), |d| {
+                d.group_name.clone()
+            });
+        return Err(Error::Terminal(format!(
+            "group {name} had {healthy} of {size} healthy targets after {} s: rolled back (deleted); {serving} keeps serving",
+            cloud.infra.rollout_timeout_secs
+        )));
+    }
+    Ok(cloud.progress(format!("group {name}: {healthy} of {size} targets healthy")))
+}
+
+/// The run a managed group belongs to (its `run` tag).
+fn group_run(group: &AutoScalingGroup) -> Option<RunId> {
+    group
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some(TAG_RUN))
+        .and_then(|t| t.value())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The environment's groups (tagged with its tenant and env by the orchestrator) that are not
+/// being deleted.
+pub(super) async fn managed_groups<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+) -> Result<Vec<AutoScalingGroup>, Error> {
+    let mut all = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let out = cloud
+            .clients
+            .autoscaling
+            .describe_auto_scaling_groups()
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{TAG_TENANT}"))
+                    .values(names.key().tenant.as_str())
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{TAG_ENV}"))
+                    .values(names.key().env.to_string())
+                    .build(),
+            )
+            .set_next_token(next.clone())
+            .send()
+            .await
+            .map_err(|e| classify("autoscaling:DescribeAutoScalingGroups", names.base(), &e))?;
+        all.extend(out.auto_scaling_groups().iter().cloned());
+        match out.next_token() {
+            Some(t) if !t.is_empty() => next = Some(t.to_owned()),
+            _ => break,
+        }
+    }
+    // The tags are checked here as well: not every endpoint applies the filters.
+    Ok(all
+        .into_iter()
+        .filter(|g| {
+            let tagged = |key: &str, value: &str| {
+                g.tags()
+                    .iter()
+                    .any(|t| t.key() == Some(key) && t.value() == Some(value))
+            };
+            tagged(TAG_MANAGED_BY, MANAGED_BY)
+                && tagged(TAG_TENANT, names.key().tenant.as_str())
+                && tagged(TAG_ENV, &names.key().env.to_string())
+                && g.status().is_none_or(|s| !s.starts_with("Delete"))
+        })
+        .collect())
+}
+
+/// The app install user data: fetch the app artifact, unpack it, run its `install.sh`.
+pub(super) fn app_user_data(bucket: &str, key: Option<&str>) -> String {
+    let mut script = String::from(
+        "#!/bin/bash\n\
+         # Written by the tenant-host orchestrator: installs the application release.\n\
+         set -euo pipefail\n\
+         exec >/var/log/tenant-app-install.log 2>&1\n",
+    );
+    if let Some(key) = key {
+        script.push_str(&format!(
+            "mkdir -p /opt/tenant/app\n\
+             aws s3 cp 's3://{bucket}/{key}' /tmp/app.tar.gz\n\
+             tar -xzf /tmp/app.tar.gz -C /opt/tenant/app\n\
+             cd /opt/tenant/app\n\
+             if [ -x install.sh ]; then ./install.sh; fi\n"
+        ));
+    }
+    script
+}
+
+/// The launch template of this run (`<t>-<e>-<run>`, one version), creating it if needed; a
+/// template per run keeps a release's settings immutable and goes with its group.
+async fn ensure_template<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    invocation: Invocation<'_>,
+    image_id: &str,
+) -> Result<String, Error> {
+    let template = names.launch_template(invocation.task.run);
+    let described = cloud
+        .clients
+        .ec2
+        .describe_launch_templates()
+        .launch_template_names(&template)
+        .send()
+        .await;
+    match described {
+        Ok(out) if !out.launch_templates().is_empty() => return Ok(template),
+        Ok(_) => {}
+        Err(e) if code(&e).is_some_and(|c| c.starts_with("InvalidLaunchTemplateName.NotFound")) => {
+        }
+        Err(e) => return Err(classify("ec2:DescribeLaunchTemplates", &template, &e)),
+    }
+    let data = template_data(cloud, names, invocation, image_id)?;
+    let created = cloud
+        .clients
+        .ec2
+        .create_launch_template()
+        .launch_template_name(&template)
+        .version_description(invocation.task.run.to_string())
+        .launch_template_data(data)
+        .client_token(names.token(StepKind::Rollout, &template))
+        .tag_specifications(
+            aws_sdk_ec2::types::TagSpecification::builder()
+                .resource_type(ResourceType::LaunchTemplate)
+                .set_tags(Some(ec2_tags(names, invocation.task.run, &template)))
+                .build(),
+        )
+        .send()
+        .await;
+    match created {
+        Ok(_) => {
+            tracing::info!(launch_template = %template, "launch template created");
+            Ok(template)
+        }
+        // Created meanwhile by another attempt: adopt it.
+        Err(e)
+            if code(&e)
+                .is_some_and(|c| c.starts_with("InvalidLaunchTemplateName.AlreadyExists")) =>
+        {
+            Ok(template)
+        }
+        Err(e) => Err(classify("ec2:CreateLaunchTemplate", &template, &e)),
+    }
+}
+
+/// Deletes launch template `name`; one already gone is fine.
+pub(super) async fn delete_template<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    name: &str,
+) -> Result<(), Error> {
+    match cloud
+        .clients
+        .ec2
+        .delete_launch_template()
+        .launch_template_name(name)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if code(&e).is_some_and(|c| c.contains("NotFound")) => Ok(()),
+        Err(e) => Err(classify("ec2:DeleteLaunchTemplate", name, &e)),
+    }
+}
+
+fn template_data<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    invocation: Invocation<'_>,
+    image_id: &str,
+) -> Result<RequestLaunchTemplateData, Error> {
+    let task = invocation.task;
+    let network = task.resources.network.as_ref().ok_or_else(|| {
+        Error::Terminal("the rollout needs the network step's security group".to_owned())
+    })?;
+    let app_key = task
+        .release
+        .app
+        .as_ref()
+        .map(|sha| names.artifact_key(RepoKind::App, sha));
+    let user_data = app_user_data(&cloud.infra.artifact_bucket, app_key.as_deref());
+    let group = names.group(task.run);
+    Ok(RequestLaunchTemplateData::builder()
+        .image_id(image_id)
+        .instance_type(aws_sdk_ec2::types::InstanceType::from(
+            cloud.infra.instance_type.as_str(),
+        ))
+        .security_group_ids(&network.instance_security_group)
+        .iam_instance_profile(
+            LaunchTemplateIamInstanceProfileSpecificationRequest::builder()
+                .name(&cloud.infra.instance_profile)
+                .build(),
+        )
+        .user_data(base64::engine::general_purpose::STANDARD.encode(user_data))
+        .tag_specifications(
+            LaunchTemplateTagSpecificationRequest::builder()
+                .resource_type(ResourceType::Instance)
+                .set_tags(Some(ec2_tags(names, task.run, &group)))
+                .build(),
+        )
+        .build())
+}
+
+async fn create_group<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    run: RunId,
+    name: &str,
+    template: &str,
+    target_group: &str,
+) -> Result<(), Error> {
+    let mut group_tags: Vec<Tag> = tags(names, run)
+        .into_iter()
+        .map(|(k, v)| {
+            Tag::builder()
+                .key(k)
+                .value(v)
+                .propagate_at_launch(true)
+                .resource_id(name)
+                .resource_type("auto-scaling-group")
+                .build()
+        })
+        .collect();
+    group_tags.push(
+        Tag::builder()
+            .key(TAG_NAME)
+            .value(name)
+            .propagate_at_launch(true)
+            .resource_id(name)
+            .resource_type("auto-scaling-group")
+            .build(),
+    );
+    let size = cloud.infra.group_size;
+    let result = cloud
+        .clients
+        .autoscaling
+        .create_auto_scaling_group()
+        .auto_scaling_group_name(name)
+        .launch_template(
+            LaunchTemplateSpecification::builder()
+                .launch_template_name(template)
+                .version("1")
+                .build(),
+        )
+        .min_size(size)
+        .max_size(size)
+        .desired_capacity(size)
+        .vpc_zone_identifier(cloud.infra.subnet_ids.join(","))
+        .target_group_arns(target_group)
+        .health_check_type("ELB")
+        .health_check_grace_period(300)
+        .set_tags(Some(group_tags))
+        .send()
+        .await;
+    match result {
+        Ok(_) => {
+            tracing::info!(group = name, "auto scaling group created");
+            Ok(())
+        }
+        Err(e) if code(&e) == Some("AlreadyExists") => Ok(()),
+        Err(e) => Err(classify("autoscaling:CreateAutoScalingGroup", name, &e)),
+    }
+}
+
+/// How many of `group`'s instances are healthy targets of `target_group`.
+async fn healthy_targets<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    group: &AutoScalingGroup,
+    target_group: &str,
+) -> Result<usize, Error> {
+    let instances: Vec<&str> = group
+        .instances()
+        .iter()
+        .filter_map(|i| i.instance_id())
+        .collect();
+    if instances.is_empty() {
+        return Ok(0);
+    }
+    let out = cloud
+        .clients
+        .elb
+        .describe_target_health()
+        .target_group_arn(target_group)
+        .send()
+        .await
+        .map_err(|e| {
+            classify(
+                "elasticloadbalancing:DescribeTargetHealth",
+                target_group,
+                &e,
+            )
+        })?;
+    Ok(out
+        .target_health_descriptions()
+        .iter()
+        .filter(|d| {
+            d.target()
+                .and_then(|t| t.id())
+                .is_some_and(|id| instances.contains(&id))
+                && d.target_health().and_then(|h| h.state())
+                    == Some(&TargetHealthStateEnum::Healthy)
+        })
+        .count())
+}
+
+/// Takes an earlier group out of the target group and deletes it.
+async fn retire<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    group: &AutoScalingGroup,
+    target_group: &str,
+) -> Result<(), Error> {
+    let Some(name) = group.auto_scaling_group_name() else {
+        return Ok(());
+    };
+    if group.target_group_arns().iter().any(|t| t == target_group) {
+        match cloud
+            .clients
+            .autoscaling
+            .detach_load_balancer_target_groups()
+            .auto_scaling_group_name(name)
+            .target_group_arns(target_group)
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_gone(code(&e)) => {}
+            Err(e) => {
+                return Err(classify(
+                    "autoscaling:DetachLoadBalancerTargetGroups",
+                    name,
+                    &e,
+                ));
+            }
+        }
+    }
+    delete_group(cloud, name).await?;
+    // The group's template is named like the group.
+    delete_template(cloud, name).await?;
+    tracing::info!(group = name, "previous group detached and deleted");
+    Ok(())
+}
+
+fn is_gone(code: Option<&str>) -> bool {
+    code.is_some_and(|c| c == "ValidationError" || c.ends_with("NotFound"))
+}
+
+/// Deletes group `name` and its instances; a group already gone or going is fine.
+pub(super) async fn delete_group<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    name: &str,
+) -> Result<(), Error> {
+    match cloud
+        .clients
+        .autoscaling
+        .delete_auto_scaling_group()
+        .auto_scaling_group_name(name)
+        .force_delete(true)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_gone(code(&e)) || code(&e) == Some("ScalingActivityInProgress") => Ok(()),
+        Err(e) => Err(classify("autoscaling:DeleteAutoScalingGroup", name, &e)),
+    }
+}

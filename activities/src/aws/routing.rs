@@ -1,0 +1,288 @@
+//! `routing`: the environment's target group and its listener rule for `<env>.<domain>`.
+//!
+//! The rule's priority is held in the store's allocations (pool `listener-priority:<listener
+//! ARN>`, owner the workflow key), taken by conditional write, so no two workflows ever hold
+//! one. The first value tried is derived from the key (spreading tenants over the range), then
+//! the next ones. A priority the load balancer says is in use by a rule the orchestrator does
+//! not manage is marked as held by that rule, and another one is taken on the next attempt.
+//! A retry finds its rule by host header (and tags) on the listener before creating one.
+
+use aws_sdk_elasticloadbalancingv2::types::{
+    Action, ActionTypeEnum, HostHeaderConditionConfig, ProtocolEnum, Rule, RuleCondition, Tag,
+    TargetTypeEnum,
+};
+use sha2::{Digest, Sha256};
+use workflows::{RoutingOutput, StepOutput};
+
+use super::error::{classify, code};
+use super::{Allocations, AwsCloud, Error, Names, tags};
+use crate::{Invocation, Outcome};
+
+/// Listener rule priorities range from 1 to 50,000.
+const MAX_PRIORITY: u64 = 50_000;
+/// How many values are tried from the derived one before giving up for this attempt.
+const PROBES: u64 = 64;
+
+pub(super) async fn reconcile<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    invocation: Invocation<'_>,
+) -> Result<Outcome, Error> {
+    let host = format!("{}.{}", names.key().env, invocation.domain);
+    let run = invocation.task.run;
+    let target_group = ensure_target_group(cloud, names, run).await?;
+    let owner = names.key().to_string();
+    if let Some(rule) = find_rule(cloud, &host).await? {
+        let arn = rule.rule_arn().unwrap_or_default().to_owned();
+        let priority: u32 = rule
+            .priority()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| Error::Retryable(format!("rule {arn} has no numeric priority")))?;
+        if !forwards_to(&rule, &target_group) {
+            cloud
+                .clients
+                .elb
+                .modify_rule()
+                .rule_arn(&arn)
+                .actions(forward(&target_group))
+                .send()
+                .await
+                .map_err(|e| classify("elasticloadbalancing:ModifyRule", &arn, &e))?;
+        }
+        return Ok(done(host, target_group, arn, priority));
+    }
+    let priority = acquire(cloud, &owner).await?;
+    let created = cloud
+        .clients
+        .elb
+        .create_rule()
+        .listener_arn(&cloud.infra.listener_arn)
+        .priority(i32::try_from(priority).unwrap_or(i32::MAX))
+        .conditions(host_condition(&host))
+        .actions(forward(&target_group))
+        .set_tags(Some(elb_tags(names, run)))
+        .send()
+        .await;
+    match created {
+        Ok(out) => {
+            let arn = out
+                .rules()
+                .first()
+                .and_then(Rule::rule_arn)
+                .map(str::to_owned)
+                .ok_or_else(|| Error::Retryable("CreateRule returned no rule".to_owned()))?;
+            tracing::info!(host = %host, priority, "listener rule created");
+            Ok(done(host, target_group, arn, priority))
+        }
+        Err(e) if code(&e) == Some("PriorityInUse") => {
+            // Held by a rule we do not manage: keep it marked as such, free ours, try another.
+            let pool = cloud.priority_pool();
+            cloud
+                .allocations
+                .release(&pool, u64::from(priority), &owner)
+                .await?;
+            cloud
+                .allocations
+                .allocate(
+                    &pool,
+                    u64::from(priority),
+                    &format!("foreign-rule:{priority}"),
+                )
+                .await?;
+            Err(Error::Retryable(format!(
+                "listener priority {priority} is in use by a rule the orchestrator does not manage; another is taken next"
+            )))
+        }
+        Err(e) => Err(classify(
+            "elasticloadbalancing:CreateRule",
+            &cloud.infra.listener_arn,
+            &e,
+        )),
+    }
+}
+
+fn done(host: String, target_group: String, rule: String, priority: u32) -> Outcome {
+    Outcome::Done(StepOutput::Routing(RoutingOutput {
+        host,
+        target_group_arn: target_group,
+        rule_arn: rule,
+        priority,
+    }))
+}
+
+pub(super) fn elb_tags(names: &Names, run: workflows::RunId) -> Vec<Tag> {
+    tags(names, run)
+        .into_iter()
+        .map(|(k, v)| Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
+fn host_condition(host: &str) -> RuleCondition {
+    RuleCondition::builder()
+        .field("host-header")
+        .host_header_config(HostHeaderConditionConfig::builder().values(host).build())
+        .build()
+}
+
+fn forward(target_group: &str) -> Action {
+    Action::builder()
+        .r#type(ActionTypeEnum::Forward)
+        .target_group_arn(target_group)
+        .build()
+}
+
+fn forwards_to(rule: &Rule, target_group: &str) -> bool {
+    rule.actions()
+        .iter()
+        .any(|a| a.target_group_arn() == Some(target_group))
+}
+
+/// The rule of the listener whose host header is `host`.
+pub(super) async fn find_rule<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    host: &str,
+) -> Result<Option<Rule>, Error> {
+    let listener = &cloud.infra.listener_arn;
+    let mut marker: Option<String> = None;
+    loop {
+        let out = cloud
+            .clients
+            .elb
+            .describe_rules()
+            .listener_arn(listener)
+            .set_marker(marker.clone())
+            .send()
+            .await
+            .map_err(|e| classify("elasticloadbalancing:DescribeRules", listener, &e))?;
+        let found = out.rules().iter().find(|r| {
+            r.conditions().iter().any(|c| {
+                c.field() == Some("host-header")
+                    && (c.values().iter().any(|v| v == host)
+                        || c.host_header_config()
+                            .is_some_and(|h| h.values().iter().any(|v| v == host)))
+            })
+        });
+        if let Some(rule) = found {
+            return Ok(Some(rule.clone()));
+        }
+        match out.next_marker() {
+            Some(m) if !m.is_empty() => marker = Some(m.to_owned()),
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// The target group's ARN, creating it if it does not exist.
+pub(super) async fn find_target_group<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    name: &str,
+) -> Result<Option<String>, Error> {
+    let found = cloud
+        .clients
+        .elb
+        .describe_target_groups()
+        .names(name)
+        .send()
+        .await;
+    match found {
+        Ok(out) => Ok(out
+            .target_groups()
+            .first()
+            .and_then(|g| g.target_group_arn())
+            .map(str::to_owned)),
+        Err(e) if code(&e) == Some("TargetGroupNotFound") => Ok(None),
+        Err(e) => Err(classify(
+            "elasticloadbalancing:DescribeTargetGroups",
+            name,
+            &e,
+        )),
+    }
+}
+
+async fn ensure_target_group<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    run: workflows::RunId,
+) -> Result<String, Error> {
+    let name = names.target_group();
+    if let Some(arn) = find_target_group(cloud, &name).await? {
+        return Ok(arn);
+    }
+    // AWS returns an existing group with the same settings; some endpoints answer
+    // DuplicateTargetGroupName instead: adopt it either way.
+    let created = cloud
+        .clients
+        .elb
+        .create_target_group()
+        .name(&name)
+        .protocol(ProtocolEnum::Http)
+        .port(cloud.infra.app_port)
+        .vpc_id(&cloud.infra.vpc_id)
+        .target_type(TargetTypeEnum::Instance)
+        .health_check_path(&cloud.infra.health_check_path)
+        .set_tags(Some(elb_tags(names, run)))
+        .send()
+        .await;
+    let out = match created {
+        Ok(out) => out,
+        Err(e) if code(&e) == Some("DuplicateTargetGroupName") => {
+            return find_target_group(cloud, &name).await?.ok_or_else(|| {
+                Error::Retryable(format!("target group {name} exists but is not visible yet"))
+            });
+        }
+        Err(e) => {
+            return Err(classify(
+                "elasticloadbalancing:CreateTargetGroup",
+                &name,
+                &e,
+            ));
+        }
+    };
+    tracing::info!(target_group = %name, "target group created");
+    out.target_groups()
+        .first()
+        .and_then(|g| g.target_group_arn())
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Retryable(format!("CreateTargetGroup {name} returned no group")))
+}
+
+/// The priority `owner` holds, taking a free one if it holds none.
+async fn acquire<A: Allocations>(cloud: &AwsCloud<A>, owner: &str) -> Result<u32, Error> {
+    let pool = cloud.priority_pool();
+    if let Some(v) = cloud.allocations.allocation_of(&pool, owner).await? {
+        return u32::try_from(v).map_err(|_| Error::Terminal(format!("priority {v} out of range")));
+    }
+    let start = first_choice(owner);
+    for i in 0..PROBES {
+        let value = (start - 1 + i) % MAX_PRIORITY + 1;
+        if cloud.allocations.allocate(&pool, value, owner).await? {
+            return u32::try_from(value)
+                .map_err(|_| Error::Terminal(format!("priority {value} out of range")));
+        }
+    }
+    Err(Error::Retryable(format!(
+        "no free listener priority among {PROBES} tried from {start}"
+    )))
+}
+
+/// Where `owner` starts looking for a priority: spread over the range by a digest.
+fn first_choice(owner: &str) -> u64 {
+    let d = Sha256::digest(owner.as_bytes());
+    let mut n = [0_u8; 8];
+    n.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(n) % MAX_PRIORITY + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_choices_are_in_range_and_spread() {
+        let picks: std::collections::BTreeSet<u64> = (0..100)
+            .map(|i| first_choice(&format!("tenant{i}#dev")))
+            .collect();
+        assert!(picks.iter().all(|p| (1..=MAX_PRIORITY).contains(p)));
+        assert!(picks.len() > 95, "{}", picks.len());
+    }
+}
