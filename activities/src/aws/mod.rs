@@ -41,6 +41,8 @@ mod rollout;
 mod routing;
 pub mod sandbox;
 mod source;
+#[cfg(test)]
+mod tests;
 
 pub use error::Error;
 pub use names::{MANAGED_BY, Names};
