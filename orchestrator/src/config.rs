@@ -10,6 +10,7 @@
 //!
 //! ```toml
 //! backend = "embedded"            # or "aws": SQS and DynamoDB
+//! activities = "simulated"        # or "aws": the AWS reconcilers on [infrastructure]
 //!
 //! [aws]                           # region, endpoint and credentials: the standard AWS
 //! prefix = "orchestrator"         # environment and profiles (AWS_REGION, AWS_ENDPOINT_URL, ...)
@@ -40,6 +41,20 @@
 //!
 //! [simulated]                     # the simulated cloud; see `activities::simulated::SimConfig`
 //! time_scale = 60.0
+//!
+//! [infrastructure]                # what they build on; `orchestrator init --sandbox` prints one
+//! vpc_id = "vpc-..."
+//! subnet_ids = ["subnet-...", "subnet-..."]
+//! listener_arn = "arn:aws:elasticloadbalancing:..."
+//! alb_security_group_id = "sg-..."
+//! artifact_bucket = "..."
+//! base_image_id = "ami-..."
+//! instance_profile = "..."
+//! db_subnet_group = "..."
+//! source_url = "https://gitlab.example.com/{tenant}/{repo}.git"
+//! # kms_key_id, deploy_token_secret, instance_type, builder_instance_type, db_instance_class,
+//! # db_allocated_storage_gib, group_size, app_port, health_check_path, builder_timeout_secs,
+//! # rollout_timeout_secs, recheck_secs: see `activities::aws::Infrastructure`
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -91,12 +106,27 @@ pub enum Backend {
     Aws,
 }
 
+/// Which activities run the steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivitiesKind {
+    /// The simulated cloud, in the embedded file.
+    #[default]
+    Simulated,
+    /// The AWS reconcilers, on `[infrastructure]`.
+    Aws,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Which backend.
     pub backend: Backend,
+    /// Which activities.
+    pub activities: ActivitiesKind,
+    /// The shared AWS infrastructure the AWS activities build on.
+    pub infrastructure: activities::aws::Infrastructure,
     /// The embedded backend.
     pub embedded: Embedded,
     /// The AWS backend.

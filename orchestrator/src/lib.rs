@@ -6,6 +6,7 @@ pub mod allocations;
 pub mod aws;
 pub mod cli;
 pub mod clock;
+pub mod cloud;
 pub mod config;
 pub mod engine;
 pub mod ingress;

@@ -268,6 +268,8 @@ pub struct Clients {
     pub s3: aws_sdk_s3::Client,
     /// Secrets Manager.
     pub secrets: aws_sdk_secretsmanager::Client,
+    /// IAM (read at start-up only).
+    pub iam: aws_sdk_iam::Client,
 }
 
 impl Clients {
@@ -285,6 +287,7 @@ impl Clients {
             rds: aws_sdk_rds::Client::new(sdk),
             s3: aws_sdk_s3::Client::from_conf(s3),
             secrets: aws_sdk_secretsmanager::Client::new(sdk),
+            iam: aws_sdk_iam::Client::new(sdk),
         }
     }
 }
@@ -326,6 +329,176 @@ impl<A: Allocations> AwsCloud<A> {
             infra,
             allocations,
             clock,
+        })
+    }
+
+    /// Checks that the configured infrastructure exists and can be seen: one line per
+    /// setting whose resource is missing or cannot be read, naming the setting, the value and
+    /// what the service said. Run at start-up, so a worker with a wrong setting stops at once
+    /// instead of failing every step.
+    pub async fn verify(&self) -> Result<(), Error> {
+        let c = &self.clients;
+        let i = &self.infra;
+        let mut problems: Vec<String> = Vec::new();
+        let mut retryable = false;
+        let mut note = |setting: &str, value: &str, e: Option<Error>| {
+            if let Some(e) = e {
+                retryable |= e.is_retryable();
+                problems.push(format!("{setting} = {value:?}: {e}"));
+            }
+        };
+        let vpc = c.ec2.describe_vpcs().vpc_ids(&i.vpc_id).send().await;
+        note(
+            "vpc_id",
+            &i.vpc_id,
+            match vpc {
+                Ok(out) if out.vpcs().is_empty() => Some(Error::Terminal("no such VPC".into())),
+                Ok(_) => None,
+                Err(e) => Some(error::classify("ec2:DescribeVpcs", &i.vpc_id, &e)),
+            },
+        );
+        let subnets = c
+            .ec2
+            .describe_subnets()
+            .set_subnet_ids(Some(i.subnet_ids.clone()))
+            .send()
+            .await;
+        let joined = i.subnet_ids.join(",");
+        note(
+            "subnet_ids",
+            &joined,
+            match subnets {
+                Ok(out) if out.subnets().len() < i.subnet_ids.len() => {
+                    Some(Error::Terminal("not every subnet exists".into()))
+                }
+                Ok(out)
+                    if out
+                        .subnets()
+                        .iter()
+                        .any(|s| s.vpc_id() != Some(i.vpc_id.as_str())) =>
+                {
+                    Some(Error::Terminal("a subnet is not in vpc_id".into()))
+                }
+                Ok(_) => None,
+                Err(e) => Some(error::classify("ec2:DescribeSubnets", &joined, &e)),
+            },
+        );
+        let listener = c
+            .elb
+            .describe_listeners()
+            .listener_arns(&i.listener_arn)
+            .send()
+            .await;
+        note(
+            "listener_arn",
+            &i.listener_arn,
+            match listener {
+                Ok(out) if out.listeners().is_empty() => {
+                    Some(Error::Terminal("no such listener".into()))
+                }
+                Ok(_) => None,
+                Err(e) => Some(error::classify(
+                    "elasticloadbalancing:DescribeListeners",
+                    &i.listener_arn,
+                    &e,
+                )),
+            },
+        );
+        let alb = c
+            .ec2
+            .describe_security_groups()
+            .group_ids(&i.alb_security_group_id)
+            .send()
+            .await;
+        note(
+            "alb_security_group_id",
+            &i.alb_security_group_id,
+            match alb {
+                Ok(out) if out.security_groups().is_empty() => {
+                    Some(Error::Terminal("no such security group".into()))
+                }
+                Ok(_) => None,
+                Err(e) => Some(error::classify(
+                    "ec2:DescribeSecurityGroups",
+                    &i.alb_security_group_id,
+                    &e,
+                )),
+            },
+        );
+        let bucket = c.s3.head_bucket().bucket(&i.artifact_bucket).send().await;
+        note(
+            "artifact_bucket",
+            &i.artifact_bucket,
+            match bucket {
+                Ok(_) => None,
+                Err(e) => Some(error::classify("s3:HeadBucket", &i.artifact_bucket, &e)),
+            },
+        );
+        let image = c
+            .ec2
+            .describe_images()
+            .image_ids(&i.base_image_id)
+            .send()
+            .await;
+        note(
+            "base_image_id",
+            &i.base_image_id,
+            match image {
+                Ok(out) if out.images().is_empty() => Some(Error::Terminal("no such image".into())),
+                Ok(_) => None,
+                Err(e) => Some(error::classify("ec2:DescribeImages", &i.base_image_id, &e)),
+            },
+        );
+        let subnet_group = c
+            .rds
+            .describe_db_subnet_groups()
+            .db_subnet_group_name(&i.db_subnet_group)
+            .send()
+            .await;
+        note(
+            "db_subnet_group",
+            &i.db_subnet_group,
+            match subnet_group {
+                Ok(out) if out.db_subnet_groups().is_empty() => {
+                    Some(Error::Terminal("no such DB subnet group".into()))
+                }
+                Ok(_) => None,
+                Err(e) => Some(error::classify(
+                    "rds:DescribeDBSubnetGroups",
+                    &i.db_subnet_group,
+                    &e,
+                )),
+            },
+        );
+        let profile = c
+            .iam
+            .get_instance_profile()
+            .instance_profile_name(&i.instance_profile)
+            .send()
+            .await;
+        note(
+            "instance_profile",
+            &i.instance_profile,
+            match profile {
+                Ok(_) => None,
+                Err(e) => Some(error::classify(
+                    "iam:GetInstanceProfile",
+                    &i.instance_profile,
+                    &e,
+                )),
+            },
+        );
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let text = format!(
+            "the AWS infrastructure settings name resources that cannot be used:\n  {}",
+            problems.join("\n  ")
+        );
+        Err(if retryable {
+            Error::Retryable(text)
+        } else {
+            Error::Terminal(text)
         })
     }
 

@@ -24,7 +24,7 @@ pub async fn create(
     source_url: &str,
 ) -> Result<Infrastructure, Error> {
     let clients = Clients::new(sdk);
-    let iam = aws_sdk_iam::Client::new(sdk);
+    let iam = clients.iam.clone();
     let region = sdk
         .region()
         .map_or_else(|| "us-east-1".to_owned(), |r| r.to_string());

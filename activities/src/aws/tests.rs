@@ -87,6 +87,7 @@ fn cloud(m: Mocks, clock: &ManualClock) -> AwsCloud<MemoryAllocations> {
         rds: m.rds.unwrap_or_else(|| idle(aws_sdk_rds::Client::new)),
         s3: idle(aws_sdk_s3::Client::new),
         secrets: idle(aws_sdk_secretsmanager::Client::new),
+        iam: idle(aws_sdk_iam::Client::new),
     };
     AwsCloud::new(
         clients,

@@ -9,7 +9,8 @@ use activities::simulated::{SimConfig, SimulatedCloud};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use orchestrator::clock::{SharedClock, SystemClock};
-use orchestrator::config::{Backend, Config};
+use orchestrator::cloud::Cloud;
+use orchestrator::config::{ActivitiesKind, Backend, Config};
 use orchestrator::engine::{Engine, enqueue, run_sweeper};
 use orchestrator::ports::{Journal, Queue, Store};
 use orchestrator::requests::RequestCounter;
@@ -60,8 +61,30 @@ enum Command {
     /// Put an event on the events queue, as the GitLab ingress or wfctl would.
     #[command(subcommand)]
     Inject(Inject),
-    /// Create the embedded backend's file and tables (the other commands do it too).
-    Init,
+    /// Create the backend's queues and tables (the embedded file, or on AWS the SQS queues and
+    /// DynamoDB tables); with --sandbox also a sandbox of the shared AWS infrastructure.
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// Also create (or find) a sandbox of the infrastructure the AWS activities build on: a
+    /// VPC with two subnets, a load balancer with a listener, an artifact bucket, an instance
+    /// profile, a DB subnet group, and the newest Amazon Linux 2023 image as the base image.
+    /// Its `[infrastructure]` settings are printed on stdout, to add to the configuration.
+    #[arg(long)]
+    sandbox: bool,
+    /// The name of the sandbox (the prefix of its resources).
+    #[arg(long, default_value = "orchestrator-sandbox", requires = "sandbox")]
+    sandbox_name: String,
+    /// Where the tenants' repositories are, with {tenant} and {repo}; printed as the
+    /// sandbox's source_url.
+    #[arg(
+        long,
+        default_value = "https://gitlab.example.com/{tenant}/{repo}.git",
+        requires = "sandbox"
+    )]
+    source_url: String,
 }
 
 #[derive(Debug, Args)]
@@ -272,15 +295,15 @@ async fn run(cli: Cli) -> Result<()> {
         Backend::Aws => {
             let sdk = orchestrator::aws::load_sdk_config().await;
             let names = orchestrator::aws::Names::new(&config.aws.prefix);
-            if let Command::Init = cli.command {
+            if let Command::Init(args) = &cli.command {
                 orchestrator::aws::init::create_all(&sdk, &names, config.aws.max_receives)
                     .await
                     .context("creating the queues and tables")?;
-                println!(
+                eprintln!(
                     "queues and tables with prefix {} are ready",
                     config.aws.prefix
                 );
-                return Ok(());
+                return sandbox(args).await;
             }
             let counter = RequestCounter::new();
             // Commits of concurrent handlers share their send and delete requests.
@@ -309,9 +332,9 @@ async fn execute<S: Store, Q: Queue, J: Journal>(
     mut parts: Parts<S, Q, J>,
 ) -> Result<()> {
     match &cli.command {
-        Command::Init => {
-            println!("{}", parts.location);
-            Ok(())
+        Command::Init(args) => {
+            eprintln!("{}", parts.location);
+            sandbox(args).await
         }
         Command::Inject(inject) => inject_event(&parts, inject).await,
         Command::Sweeper => {
@@ -330,13 +353,7 @@ async fn execute<S: Store, Q: Queue, J: Journal>(
             if let Some(c) = args.concurrency {
                 parts.config.engine.concurrency = c;
             }
-            let sim = sim_config(&parts.config, 1.0, None)?;
-            let cloud = SimulatedCloud::open_with_clock(
-                &parts.config.embedded.path,
-                sim,
-                parts.clock.clone(),
-            )
-            .context("opening the simulated cloud")?;
+            let cloud = open_cloud(&parts, 1.0, None).await?;
             let stop = shutdown_signal();
             let engine = engine(&parts, cloud);
             info!(backend = %parts.location, "worker started");
@@ -429,10 +446,62 @@ fn log_stats<S: Store, Q: Queue, J: Journal, A: activities::Activities>(
     );
 }
 
+/// With `--sandbox`, creates (or finds) the sandbox and prints its `[infrastructure]`.
+async fn sandbox(args: &InitArgs) -> Result<()> {
+    if !args.sandbox {
+        return Ok(());
+    }
+    let sdk = orchestrator::aws::load_sdk_config().await;
+    let infra = activities::aws::sandbox::create(&sdk, &args.sandbox_name, &args.source_url)
+        .await
+        .context("creating the sandbox")?;
+    let mut doc = toml::Table::new();
+    doc.insert(
+        "infrastructure".into(),
+        toml::Value::try_from(&infra).context("writing the settings")?,
+    );
+    println!("activities = \"aws\"\n\n{}", toml::to_string(&doc)?);
+    eprintln!(
+        "sandbox {} is ready; add the settings above to the configuration",
+        args.sandbox_name
+    );
+    Ok(())
+}
+
+/// The configured activities: the simulated cloud in the embedded file (time scale from
+/// `[simulated]`, else `default_scale`, overridden by `flag`), or the AWS reconcilers, whose
+/// settings and infrastructure are checked before anything runs.
+async fn open_cloud<S: Store, Q: Queue, J: Journal>(
+    parts: &Parts<S, Q, J>,
+    default_scale: f64,
+    flag: Option<f64>,
+) -> Result<Cloud<S>> {
+    match parts.config.activities {
+        ActivitiesKind::Simulated => {
+            let sim = sim_config(&parts.config, default_scale, flag)?;
+            let cloud = SimulatedCloud::open_with_clock(
+                &parts.config.embedded.path,
+                sim,
+                parts.clock.clone(),
+            )
+            .context("opening the simulated cloud")?;
+            Ok(Cloud::Simulated(cloud))
+        }
+        ActivitiesKind::Aws => {
+            let cloud =
+                orchestrator::cloud::aws(&parts.config, parts.store.clone(), parts.clock.clone())
+                    .await
+                    .context("the AWS activities cannot start")?;
+            info!(vpc = %cloud.infrastructure().vpc_id, "AWS activities ready");
+            Ok(Cloud::Aws(Box::new(cloud)))
+        }
+    }
+}
+
 fn engine<S: Store, Q: Queue, J: Journal>(
     parts: &Parts<S, Q, J>,
-    cloud: SimulatedCloud,
-) -> Arc<Engine<S, Q, J, SimulatedCloud>> {
+    cloud: Cloud<S>,
+) -> Arc<Engine<S, Q, J, Cloud<S>>> {
     Arc::new(
         Engine::new(
             parts.store.clone(),
@@ -516,16 +585,14 @@ async fn inject_event<S: Store, Q: Queue, J: Journal>(
 const DEMO_TENANT: &str = "demo";
 
 async fn dev<S: Store, Q: Queue, J: Journal>(parts: &Parts<S, Q, J>, args: &DevArgs) -> Result<()> {
-    let sim = sim_config(&parts.config, 60.0, args.time_scale)?;
-    let cloud = SimulatedCloud::open_with_clock(
-        &parts.config.embedded.path,
-        sim.clone(),
-        parts.clock.clone(),
-    )
-    .context("opening the simulated cloud")?;
+    let cloud = open_cloud(parts, 60.0, args.time_scale).await?;
     let stop = shutdown_signal();
+    let time_scale = match &cloud {
+        Cloud::Simulated(c) => c.config().time_scale,
+        Cloud::Aws(_) => 1.0,
+    };
     let engine = engine(parts, cloud);
-    info!(backend = %parts.location, time_scale = sim.time_scale, "dev: ingress, workers and sweeper in one process");
+    info!(backend = %parts.location, time_scale, "dev: ingress, workers and sweeper in one process");
     let ingress = if args.no_ingress {
         None
     } else {
