@@ -847,3 +847,98 @@ async fn two_tenants_two_environments_on_moto() {
         "the priority was freed"
     );
 }
+
+/// Private repositories: the deploy token comes from Secrets Manager; a missing or malformed
+/// secret is a terminal error that names the secret and never quotes its content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_token_is_read_from_secrets_manager() {
+    let moto = Moto::start().await;
+    let sdk = moto.sdk_config();
+    let repos = Repos {
+        dir: tempfile::tempdir().expect("tempdir"),
+    };
+    let mut infra = activities::aws::sandbox::create(&sdk, "sbx", &repos.url_template())
+        .await
+        .expect("sandbox");
+    infra.deploy_token_secret = Some("paas/{tenant}/deploy-token".into());
+    let clients = Clients::new(&sdk);
+    let cloud = AwsCloud::new(
+        clients.clone(),
+        infra.clone(),
+        activities::aws::MemoryAllocations::default(),
+        Arc::new(SystemClock),
+    )
+    .expect("complete");
+    let sha = repos.commit("acme", "app", &[("index.html", "acme")]);
+    let key = WorkflowKey::new(TenantId::new("acme").expect("id"), Environment::Dev);
+    let domain = Domain::new("acme.example").expect("domain");
+    let task = StepTask {
+        run: workflows::RunId::FIRST,
+        step: StepKind::SourceApp,
+        token: 1,
+        attempt: 1,
+        first_attempt_at: Timestamp::from_unix_millis(1_000),
+        delay: Duration::ZERO,
+        release: workflows::Release {
+            infra: None,
+            app: Some(sha.clone()),
+        },
+        resources: workflows::Resources::default(),
+    };
+    let invoke = || {
+        cloud.invoke(Invocation {
+            key: &key,
+            domain: &domain,
+            task: &task,
+        })
+    };
+    match invoke().await {
+        Outcome::Terminal(e) => assert!(
+            e.contains("paas/acme/deploy-token") && e.contains("does not exist"),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let secrets = aws_sdk_secretsmanager::Client::new(&sdk);
+    secrets
+        .create_secret()
+        .name("paas/acme/deploy-token")
+        .secret_string("hunter2-not-json")
+        .send()
+        .await
+        .expect("secret");
+    match invoke().await {
+        Outcome::Terminal(e) => {
+            assert!(e.contains("not JSON"), "{e}");
+            assert!(
+                !e.contains("hunter2"),
+                "the secret's content is never quoted: {e}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    secrets
+        .put_secret_value()
+        .secret_id("paas/acme/deploy-token")
+        .secret_string(r#"{"username": "gitlab+deploy-token-1", "token": "s3cr3t"}"#)
+        .send()
+        .await
+        .expect("secret value");
+    match invoke().await {
+        Outcome::Done(workflows::StepOutput::Source(s)) => {
+            assert_eq!(s.sha, sha);
+            assert_eq!(s.artifact_key, format!("acme/app/{sha}.tar.gz"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let object = clients
+        .s3
+        .get_object()
+        .bucket(&infra.artifact_bucket)
+        .key(format!("acme/app/{sha}.tar.gz"))
+        .send()
+        .await
+        .expect("artifact");
+    let bytes = object.body.collect().await.expect("body").into_bytes();
+    assert_eq!(&bytes[..2], [0x1f, 0x8b], "a gzip archive");
+}
