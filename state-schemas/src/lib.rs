@@ -62,8 +62,25 @@ pub fn file_name<T: Persisted>(stem: &str) -> String {
     format!("{stem}.v{}.schema.json", T::SCHEMA_VERSION)
 }
 
+/// `value` with the keys of every object in sorted order. serde_json keeps insertion order when
+/// any crate of the build enables its `preserve_order` feature (some AWS SDK crates do), so the
+/// printed schema is made independent of which crates are built together.
+fn sorted(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<(String, serde_json::Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.into_iter().map(sorted).collect())
+        }
+        other => other,
+    }
+}
+
 fn schema_file<T: Persisted + JsonSchema>(stem: &'static str) -> SchemaFile {
-    let mut contents = serde_json::to_string_pretty(&schema_for::<T>())
+    let mut contents = serde_json::to_string_pretty(&sorted(schema_for::<T>()))
         .unwrap_or_else(|e| unreachable!("a JSON value always prints: {e}"));
     contents.push('\n');
     SchemaFile {
