@@ -13,4 +13,5 @@ pub mod ingress;
 pub mod ports;
 pub mod requests;
 pub mod sqlite;
+pub mod telemetry;
 pub mod tenants;

@@ -274,7 +274,7 @@ async fn gitlab_pushes_over_http_reach_live_on_aws() {
         &[
             ("ORCHESTRATOR__INFRASTRUCTURE__RECHECK_SECS", "1"),
             ("ORCHESTRATOR__ENGINE__WAIT", "1s"),
-            ("RUST_LOG", "info"),
+            ("RUST_LOG", "debug"),
         ],
         "worker.log",
     );

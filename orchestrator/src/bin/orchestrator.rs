@@ -15,6 +15,7 @@ use orchestrator::engine::{Engine, enqueue, run_sweeper};
 use orchestrator::ports::{Journal, Queue, Store};
 use orchestrator::requests::RequestCounter;
 use orchestrator::sqlite::SqliteBackend;
+use orchestrator::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use workflows::{
@@ -42,6 +43,9 @@ struct Cli {
     /// The embedded backend's SQLite file (overrides [embedded] path).
     #[arg(long, global = true)]
     db: Option<PathBuf>,
+    /// Log lines on stderr: readable text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -178,16 +182,6 @@ fn main() -> std::process::ExitCode {
     };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .compact()
-        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -198,7 +192,23 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    // The OTLP exporters need the runtime.
+    let telemetry = {
+        let _entered = runtime.enter();
+        match telemetry::init("orchestrator", cli.log_format, default_filter, ansi) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    {
+        let _entered = runtime.enter();
+        telemetry.shutdown();
+    }
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -364,7 +374,7 @@ async fn execute<S: Store, Q: Queue, J: Journal>(
             info!("worker stopped");
             Ok(())
         }
-        Command::Dev(args) => dev(&parts, args).await,
+        Command::Dev(args) => dev(&parts, args, cli.log_format).await,
         Command::Ingress(args) => {
             let stop = shutdown_signal();
             let listen = args
@@ -584,7 +594,11 @@ async fn inject_event<S: Store, Q: Queue, J: Journal>(
 
 const DEMO_TENANT: &str = "demo";
 
-async fn dev<S: Store, Q: Queue, J: Journal>(parts: &Parts<S, Q, J>, args: &DevArgs) -> Result<()> {
+async fn dev<S: Store, Q: Queue, J: Journal>(
+    parts: &Parts<S, Q, J>,
+    args: &DevArgs,
+    log_format: LogFormat,
+) -> Result<()> {
     let cloud = open_cloud(parts, 60.0, args.time_scale).await?;
     let stop = shutdown_signal();
     let time_scale = match &cloud {
@@ -606,7 +620,12 @@ async fn dev<S: Store, Q: Queue, J: Journal>(parts: &Parts<S, Q, J>, args: &DevA
     if !args.no_demo {
         demo_keys = start_demo(parts).await?;
         for key in &demo_keys {
-            tokio::spawn(watch(parts.store.clone(), key.clone(), stop.clone()));
+            tokio::spawn(watch(
+                parts.store.clone(),
+                key.clone(),
+                stop.clone(),
+                log_format == LogFormat::Json,
+            ));
         }
     }
     let sweeper = {
@@ -690,8 +709,9 @@ async fn start_demo<S: Store, Q: Queue, J: Journal>(
     Ok(vec![key])
 }
 
-/// Prints every new history entry of `key` to stderr, as it is written.
-async fn watch<S: Store>(backend: Arc<S>, key: WorkflowKey, stop: CancellationToken) {
+/// Prints every new history entry of `key` to stderr, as it is written: a plain line, or with
+/// `json` a log event (so every line of `--log-format json` is JSON).
+async fn watch<S: Store>(backend: Arc<S>, key: WorkflowKey, stop: CancellationToken, json: bool) {
     let mut after = match backend.workflow(&key).await {
         Ok(Some(r)) => r.version,
         _ => 0,
@@ -713,7 +733,11 @@ async fn watch<S: Store>(backend: Arc<S>, key: WorkflowKey, stop: CancellationTo
                             said.remove(&r.step);
                         }
                     }
-                    eprintln!("{}", describe(&e));
+                    if json {
+                        info!(workflow = %key, version = e.version, "{}", describe(&e));
+                    } else {
+                        eprintln!("{}", describe(&e));
+                    }
                 }
             }
             Err(e) => warn!(error = %e, "watch: history not readable"),
