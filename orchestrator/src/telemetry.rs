@@ -9,12 +9,16 @@
 //! else the binary's name), `service.version` and `OTEL_RESOURCE_ATTRIBUTES`. W3C trace context
 //! is the propagator.
 
+use std::collections::BTreeMap;
+
 use opentelemetry::KeyValue;
+use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -167,4 +171,44 @@ pub fn init(
         .try_init()
         .map_err(|e| Error::Subscriber(e.to_string()))?;
     Ok(telemetry)
+}
+
+struct Writer<'a>(&'a mut BTreeMap<String, String>);
+
+impl Injector for Writer<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct Reader<'a>(&'a BTreeMap<String, String>);
+
+impl Extractor for Reader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+/// The W3C trace context (`traceparent`, `tracestate`) of the current span, as message
+/// attributes; empty when traces are not exported.
+pub fn current_context() -> BTreeMap<String, String> {
+    let mut attributes = BTreeMap::new();
+    let cx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut Writer(&mut attributes));
+    });
+    attributes
+}
+
+/// Makes `span` continue the trace whose context `attributes` carry (a message's), so one
+/// push is one trace across processes and retries.
+pub fn continue_trace(span: &tracing::Span, attributes: &BTreeMap<String, String>) {
+    if !attributes.contains_key("traceparent") {
+        return;
+    }
+    let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Reader(attributes)));
+    let _ = span.set_parent(cx);
 }

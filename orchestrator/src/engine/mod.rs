@@ -193,7 +193,8 @@ pub fn message(key: &WorkflowKey, body: Body, delay: Duration, now: Timestamp) -
         dedup_id,
         delay,
         body: workflows::encode(&envelope),
-        attributes: Default::default(),
+        // The sender's span: the receiver continues its trace.
+        attributes: crate::telemetry::current_context(),
     }
 }
 
@@ -436,7 +437,17 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
     pub async fn handle(&self, delivery: Delivery) -> Vec<Delivery> {
         debug!(queue = %delivery.queue, message.id = %delivery.id, receive_count = delivery.receive_count, "handling message");
         let heartbeat = self.heartbeat(&delivery);
-        let result = self.handle_inner(&delivery).await;
+        let span = info_span!(
+            "process",
+            otel.kind = "consumer",
+            messaging.system = "orchestrator",
+            messaging.operation.type = "process",
+            messaging.destination.name = %delivery.queue,
+            messaging.message.id = %delivery.id,
+            messaging.message.delivery_count = delivery.receive_count,
+        );
+        crate::telemetry::continue_trace(&span, &delivery.attributes);
+        let result = self.handle_inner(&delivery).instrument(span).await;
         heartbeat.abort();
         debug!(queue = %delivery.queue, message.id = %delivery.id, ok = result.is_ok(), "message handled");
         match result {

@@ -49,6 +49,7 @@ use crate::clock::SharedClock;
 use crate::engine::enqueue;
 use crate::ports::{Queue, Store};
 use gitlab::{NO_COMMIT, Payload};
+use tracing::Instrument as _;
 
 /// How the ingress runs.
 #[derive(Debug, Clone)]
@@ -332,7 +333,19 @@ async fn receive<S: Store, Q: Queue>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Answer {
-    ingress.handle(&headers, &body).await
+    let span = tracing::info_span!(
+        "webhook",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = "/hooks/gitlab",
+        http.response.status_code = tracing::field::Empty,
+    );
+    let answer = ingress
+        .handle(&headers, &body)
+        .instrument(span.clone())
+        .await;
+    span.record("http.response.status_code", answer.status.as_u16());
+    answer
 }
 
 /// Serves `router` on `listener` until `shutdown`, finishing requests under way.

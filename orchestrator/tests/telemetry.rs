@@ -1,0 +1,205 @@
+//! One push is one trace: a webhook over HTTP into the ingress, then two workers (two engines
+//! with their own backend handles on one file, as two processes) handling the event and every
+//! step, all under the webhook's trace through the W3C context the messages carry. Spans are
+//! collected with the OpenTelemetry SDK's in-memory exporter.
+
+mod conformance;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use activities::{Activities, Invocation, Outcome};
+use conformance::tenant;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use orchestrator::clock::{SharedClock, SystemClock};
+use orchestrator::engine::{Engine, EngineConfig};
+use orchestrator::ingress::{Ingress, IngressConfig, serve};
+use orchestrator::ports::Store;
+use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
+use orchestrator::tenants::token_sha256;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::layer::SubscriberExt as _;
+use workflows::testing::output_for;
+use workflows::{Environment, State, TenantId, WorkflowKey};
+
+struct Instant;
+
+impl Activities for Instant {
+    async fn invoke(&self, invocation: Invocation<'_>) -> Outcome {
+        Outcome::Done(output_for(invocation.task))
+    }
+}
+
+fn attribute(span: &SpanData, key: &str) -> Option<String> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| kv.value.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_is_one_trace_across_ingress_and_two_workers() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+        .with(tracing_subscriber::filter::LevelFilter::INFO);
+    tracing::subscriber::set_global_default(subscriber).expect("one subscriber per test binary");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.sqlite");
+    let backend = SqliteBackend::open(SqliteConfig::new(&path)).expect("open");
+    let mut acme = tenant("acme", 11, 12);
+    acme.webhook.token_sha256 = token_sha256("whk_secret");
+    backend.put_tenant(&acme, true).await.expect("tenant");
+    let clock: SharedClock = Arc::new(SystemClock);
+
+    let ingress = Arc::new(Ingress::new(
+        Arc::new(backend.clone()),
+        Arc::new(backend.clone()),
+        clock.clone(),
+        IngressConfig::default(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "http://{}/hooks/gitlab",
+        listener.local_addr().expect("addr")
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(serve(listener, ingress.router(), stop.clone()));
+
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let b = Arc::new(SqliteBackend::open(SqliteConfig::new(&path)).expect("open"));
+        let engine = Arc::new(Engine::new(
+            b.clone(),
+            b.clone(),
+            b,
+            Arc::new(Instant),
+            clock.clone(),
+            EngineConfig {
+                wait: Duration::from_millis(50),
+                ..EngineConfig::default()
+            },
+        ));
+        workers.push(tokio::spawn(engine.run(stop.clone())));
+    }
+
+    let mut payload: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/gitlab/gitlab-docs_push.json"
+        ))
+        .expect("payload"),
+    )
+    .expect("json");
+    payload["project_id"] = serde_json::json!(11);
+    let answer = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("x-gitlab-event", "Push Hook")
+        .header("x-gitlab-token", "whk_secret")
+        .body(payload.to_string())
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(answer.status().as_u16(), 202);
+
+    let key = WorkflowKey::new(TenantId::new("acme").expect("id"), Environment::Production);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !matches!(backend.workflow(&key).await, Ok(Some(r)) if r.state() == State::Live) {
+        assert!(tokio::time::Instant::now() < deadline, "not live");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    for w in workers {
+        w.await.expect("worker stops");
+    }
+    provider.force_flush().expect("flush");
+    let spans = exporter.get_finished_spans().expect("spans");
+
+    let webhook: Vec<&SpanData> = spans.iter().filter(|s| s.name == "webhook").collect();
+    assert_eq!(
+        webhook.len(),
+        1,
+        "{:?}",
+        spans.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    let webhook = webhook[0];
+    let trace = webhook.span_context.trace_id();
+    assert_eq!(
+        attribute(webhook, "http.response.status_code").as_deref(),
+        Some("202")
+    );
+
+    // Every message handled for the workflow belongs to the webhook's trace.
+    let processed: Vec<&SpanData> = spans.iter().filter(|s| s.name == "process").collect();
+    assert!(processed.len() >= 2, "{} process spans", processed.len());
+    for p in &processed {
+        assert_eq!(
+            p.span_context.trace_id(),
+            trace,
+            "a process span in another trace"
+        );
+        assert!(attribute(p, "messaging.destination.name").is_some());
+        assert!(attribute(p, "messaging.message.id").is_some());
+    }
+    let by_id: HashMap<_, &SpanData> = spans
+        .iter()
+        .map(|s| (s.span_context.span_id(), s))
+        .collect();
+    // The first message's parent is the webhook (a remote parent, across the queue).
+    assert!(
+        processed
+            .iter()
+            .any(|p| p.parent_span_id == webhook.span_context.span_id()),
+        "no process span is a child of the webhook"
+    );
+    // A received event is handled in an `event` span under its `process` span; a step
+    // message in a `step` span (the activity invocation) under its `process` span, and the
+    // report it produces is applied in an `event` span under the step. All carry tenant and env.
+    let events: Vec<&SpanData> = spans.iter().filter(|s| s.name == "event").collect();
+    let steps: Vec<&SpanData> = spans.iter().filter(|s| s.name == "step").collect();
+    assert!(!events.is_empty() && !steps.is_empty());
+    let parent = |s: &SpanData| by_id.get(&s.parent_span_id).map(|p| p.name.to_string());
+    for s in &steps {
+        assert_eq!(parent(s).as_deref(), Some("process"));
+    }
+    for s in &events {
+        let p = parent(s);
+        assert!(
+            matches!(p.as_deref(), Some("process" | "step")),
+            "event under {p:?}"
+        );
+    }
+    assert!(
+        events
+            .iter()
+            .any(|s| parent(s).as_deref() == Some("process")),
+        "the push's event"
+    );
+    for s in events.iter().chain(steps.iter()) {
+        assert_eq!(s.span_context.trace_id(), trace);
+        assert_eq!(attribute(s, "tenant.id").as_deref(), Some("acme"));
+        assert_eq!(attribute(s, "workflow.env").as_deref(), Some("production"));
+    }
+    let kinds: BTreeSet<String> = steps.iter().filter_map(|s| attribute(s, "step")).collect();
+    for step in [
+        "network",
+        "source_infra",
+        "image",
+        "database",
+        "routing",
+        "rollout",
+    ] {
+        assert!(kinds.contains(step), "no span of step {step}: {kinds:?}");
+    }
+}
