@@ -88,6 +88,17 @@ fn env_set(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty())
 }
 
+/// Whether the environment asks for metrics to be exported.
+pub fn metrics_requested() -> bool {
+    !sdk_disabled()
+        && (env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
+            || env_set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+}
+
+fn sdk_disabled() -> bool {
+    std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+}
+
 /// The resource of this process: `service.name`, `service.version`, and the environment's.
 pub fn resource(default_service: &str) -> Resource {
     let mut builder = Resource::builder();

@@ -12,6 +12,8 @@ use std::time::Duration;
 use activities::{Activities, Invocation, Outcome};
 use conformance::tenant;
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use orchestrator::clock::{SharedClock, SystemClock};
@@ -51,6 +53,11 @@ async fn a_push_is_one_trace_across_ingress_and_two_workers() {
         .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
         .with(tracing_subscriber::filter::LevelFilter::INFO);
     tracing::subscriber::set_global_default(subscriber).expect("one subscriber per test binary");
+    let metric_exporter = InMemoryMetricExporter::default();
+    let meters = SdkMeterProvider::builder()
+        .with_reader(PeriodicReader::builder(metric_exporter.clone()).build())
+        .build();
+    opentelemetry::global::set_meter_provider(meters.clone());
 
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("t.sqlite");
@@ -77,6 +84,7 @@ async fn a_push_is_one_trace_across_ingress_and_two_workers() {
     tokio::spawn(serve(listener, ingress.router(), stop.clone()));
 
     let mut workers = Vec::new();
+    let mut engines = Vec::new();
     for _ in 0..2 {
         let b = Arc::new(SqliteBackend::open(SqliteConfig::new(&path)).expect("open"));
         let engine = Arc::new(Engine::new(
@@ -90,6 +98,7 @@ async fn a_push_is_one_trace_across_ingress_and_two_workers() {
                 ..EngineConfig::default()
             },
         ));
+        engines.push(engine.clone());
         workers.push(tokio::spawn(engine.run(stop.clone())));
     }
 
@@ -123,6 +132,7 @@ async fn a_push_is_one_trace_across_ingress_and_two_workers() {
     for w in workers {
         w.await.expect("worker stops");
     }
+    engines[0].observe(true).await;
     provider.force_flush().expect("flush");
     let spans = exporter.get_finished_spans().expect("spans");
 
@@ -191,6 +201,72 @@ async fn a_push_is_one_trace_across_ingress_and_two_workers() {
         assert_eq!(attribute(s, "tenant.id").as_deref(), Some("acme"));
         assert_eq!(attribute(s, "workflow.env").as_deref(), Some("production"));
     }
+    let push_event = events
+        .iter()
+        .find(|s| attribute(s, "event.kind").as_deref() == Some("push"))
+        .expect("the push's event span");
+    assert_eq!(
+        attribute(push_event, "event.verdict").as_deref(),
+        Some("accepted")
+    );
+    assert_eq!(
+        attribute(push_event, "workflow.from_state").as_deref(),
+        Some("unprovisioned")
+    );
+    assert_eq!(
+        attribute(push_event, "workflow.to_state").as_deref(),
+        Some("preparing")
+    );
+    assert_eq!(attribute(push_event, "run").as_deref(), Some("r1"));
+    assert!(
+        steps
+            .iter()
+            .all(|s| attribute(s, "step.outcome").as_deref() == Some("done"))
+    );
+
+    meters.force_flush().expect("flush metrics");
+    let metrics = metric_exporter.get_finished_metrics().expect("metrics");
+    // The last export holds the cumulative sums.
+    let last = &metrics[metrics.len().saturating_sub(1)..];
+    assert_eq!(
+        counter(
+            last,
+            "orchestrator.events",
+            &[("verdict", "accepted"), ("event.kind", "push")]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            last,
+            "orchestrator.transitions",
+            &[("from_state", "unprovisioned"), ("to_state", "preparing")]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(last, "orchestrator.transitions", &[("to_state", "live")]),
+        1
+    );
+    let mut step_calls = 0;
+    for rm in last {
+        for sm in rm.scope_metrics() {
+            for m in sm
+                .metrics()
+                .filter(|m| m.name() == "orchestrator.step.duration")
+            {
+                if let AggregatedMetrics::F64(MetricData::Histogram(h)) = m.data() {
+                    step_calls += h.data_points().map(|dp| dp.count()).sum::<u64>();
+                }
+            }
+        }
+    }
+    assert_eq!(
+        step_calls as usize,
+        steps.len(),
+        "one duration per activity invocation"
+    );
+
     let kinds: BTreeSet<String> = steps.iter().filter_map(|s| attribute(s, "step")).collect();
     for step in [
         "network",
@@ -202,4 +278,34 @@ async fn a_push_is_one_trace_across_ingress_and_two_workers() {
     ] {
         assert!(kinds.contains(step), "no span of step {step}: {kinds:?}");
     }
+}
+
+/// Sums of a u64 counter's data points whose attributes include all of `with`.
+fn counter(
+    metrics: &[opentelemetry_sdk::metrics::data::ResourceMetrics],
+    name: &str,
+    with: &[(&str, &str)],
+) -> u64 {
+    let mut total = 0;
+    for rm in metrics {
+        for sm in rm.scope_metrics() {
+            for m in sm.metrics().filter(|m| m.name() == name) {
+                if let AggregatedMetrics::U64(MetricData::Sum(sum)) = m.data() {
+                    for dp in sum.data_points() {
+                        let attrs: Vec<(String, String)> = dp
+                            .attributes()
+                            .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+                            .collect();
+                        if with
+                            .iter()
+                            .all(|(k, v)| attrs.iter().any(|(ak, av)| ak == k && av == v))
+                        {
+                            total += dp.value();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    total
 }

@@ -419,7 +419,13 @@ async fn report_stats<S: Store, Q: Queue, J: Journal, A: activities::Activities>
     engine: Arc<Engine<S, Q, J, A>>,
     every: Duration,
 ) {
+    // The gauges are sampled only when metrics are exported: counting workflows per state
+    // lists them.
+    let observe = telemetry::metrics_requested();
     loop {
+        if observe {
+            engine.observe(true).await;
+        }
         tokio::time::sleep(every).await;
         log_stats(&engine);
     }

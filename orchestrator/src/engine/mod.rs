@@ -10,6 +10,7 @@
 //! handlers of one workflow take turns in this process (other processes are kept honest by the
 //! conditional write). A handler that runs long extends its message's visibility.
 
+mod metrics;
 mod sweeper;
 
 use std::collections::HashMap;
@@ -165,6 +166,7 @@ pub struct Engine<S, Q, J, A> {
     turns: Mutex<HashMap<WorkflowKey, Arc<tokio::sync::Mutex<()>>>>,
     stats: EngineStats,
     requests: RequestCounter,
+    metrics: metrics::Metrics,
 }
 
 impl<S, Q, J, A> std::fmt::Debug for Engine<S, Q, J, A> {
@@ -172,6 +174,17 @@ impl<S, Q, J, A> std::fmt::Debug for Engine<S, Q, J, A> {
         f.debug_struct("Engine")
             .field("config", &self.config)
             .finish_non_exhaustive()
+    }
+}
+
+/// The name of a verdict in metrics and spans.
+fn verdict_name(v: &Verdict) -> &'static str {
+    match v {
+        Verdict::Accepted => "accepted",
+        Verdict::Ignored(_) => "ignored",
+        Verdict::Refused(_) => "refused",
+        Verdict::Stale(_) => "stale",
+        Verdict::Duplicate => "duplicate",
     }
 }
 
@@ -249,6 +262,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             tenants: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
             stats: EngineStats::default(),
+            metrics: metrics::Metrics::new(),
             requests: RequestCounter::new(),
         }
     }
@@ -430,6 +444,46 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         }
     }
 
+    /// Samples the gauges: the age of each queue's oldest message, and (with `workflows`)
+    /// how many workflows are in each state (one listing per state: call it rarely).
+    pub async fn observe(&self, workflows: bool) {
+        for q in QueueKind::ALL {
+            if let Ok(stats) = self.queue.stats(q).await {
+                self.metrics.oldest_age.record(
+                    stats.oldest_age.map_or(0.0, |d| d.as_secs_f64()),
+                    &[metrics::Metrics::kv(
+                        "messaging.destination.name",
+                        q.as_str(),
+                    )],
+                );
+            }
+        }
+        if !workflows {
+            return;
+        }
+        for state in workflows::State::ALL {
+            let filter = crate::ports::WorkflowFilter {
+                state: Some(state),
+                ..crate::ports::WorkflowFilter::default()
+            };
+            let mut count = 0_u64;
+            let mut after: Option<WorkflowKey> = None;
+            loop {
+                let Ok(page) = self.store.workflows(&filter, after.as_ref(), 1000).await else {
+                    return;
+                };
+                count += page.len() as u64;
+                match page.last() {
+                    Some(last) if page.len() == 1000 => after = Some(last.key.clone()),
+                    _ => break,
+                }
+            }
+            self.metrics
+                .workflows
+                .record(count, &[metrics::Metrics::kv("state", state.as_str())]);
+        }
+    }
+
     /// Handles one delivery; every outcome is final for this delivery (committed,
     /// quarantined, or left for redelivery after an error that may pass). Returns the step
     /// messages its commit claimed for this worker: the caller handles them next (or releases
@@ -526,6 +580,13 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         warn!(queue = %delivery.queue, message.id = %delivery.id, reason, "message quarantined");
         self.queue.quarantine(delivery, reason).await?;
         bump(&self.stats.quarantined);
+        self.metrics.dead_lettered.add(
+            1,
+            &[metrics::Metrics::kv(
+                "messaging.destination.name",
+                delivery.queue.as_str(),
+            )],
+        );
         Ok(Handled::Quarantined)
     }
 
@@ -582,7 +643,16 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         ack: (QueueKind, Receipt),
         delivery: &Delivery,
     ) -> Result<Handled, Error> {
-        let span = info_span!("step", tenant.id = %key.tenant, workflow.env = %key.env, run = %task.run, step = %task.step, attempt = task.attempt);
+        let span = info_span!(
+            "step",
+            tenant.id = %key.tenant,
+            workflow.env = %key.env,
+            workflow.key = %key,
+            run = %task.run,
+            step = %task.step,
+            attempt = task.attempt,
+            step.outcome = tracing::field::Empty,
+        );
         async {
             let Some(tenant) = self.tenant(&key.tenant).await? else {
                 return self
@@ -636,6 +706,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                 return Ok(Handled::Done(Vec::new()));
             }
             bump(&self.stats.activities);
+            let started = std::time::Instant::now();
             let outcome = self
                 .activities
                 .invoke(Invocation {
@@ -644,6 +715,21 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                     task,
                 })
                 .await;
+            let kind = match &outcome {
+                Outcome::Done(_) => "done",
+                Outcome::Progress { .. } => "progress",
+                Outcome::Retryable(_) => "retryable",
+                Outcome::Terminal(_) => "terminal",
+            };
+            tracing::Span::current().record("step.outcome", kind);
+            let step_kv = metrics::Metrics::kv("step", task.step.as_str());
+            self.metrics.step_duration.record(
+                started.elapsed().as_secs_f64(),
+                &[step_kv.clone(), metrics::Metrics::kv("outcome", kind)],
+            );
+            if kind == "retryable" {
+                self.metrics.retries.add(1, &[step_kv]);
+            }
             let now = self.clock.now();
             let outcome = match outcome {
                 Outcome::Done(output) => StepOutcome::Done { output },
@@ -726,7 +812,18 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         ack: (QueueKind, Receipt),
         delivery: &Delivery,
     ) -> Result<Handled, Error> {
-        let span = info_span!("event", tenant.id = %key.tenant, workflow.env = %key.env, event.kind = event.kind(), event.id = %event.id());
+        let span = info_span!(
+            "event",
+            tenant.id = %key.tenant,
+            workflow.env = %key.env,
+            workflow.key = %key,
+            event.kind = event.kind(),
+            event.id = %event.id(),
+            event.verdict = tracing::field::Empty,
+            workflow.from_state = tracing::field::Empty,
+            workflow.to_state = tracing::field::Empty,
+            run = tracing::field::Empty,
+        );
         async {
             let Some(tenant) = self.tenant(&key.tenant).await? else {
                 return self
@@ -799,9 +896,31 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                 let writes = commit.write.is_some();
                 match self.commit(commit).await {
                     Ok(claimed) => {
+                        let verdict = verdict_name(&applied.verdict);
+                        let span = tracing::Span::current();
+                        span.record("event.verdict", verdict);
+                        span.record("workflow.from_state", applied.from.as_str());
+                        span.record("workflow.to_state", applied.to.as_str());
+                        if let Some(run) = &record.workflow().run {
+                            span.record("run", tracing::field::display(run.id));
+                        }
+                        self.metrics.events.add(
+                            1,
+                            &[
+                                metrics::Metrics::kv("verdict", verdict),
+                                metrics::Metrics::kv("event.kind", event.kind()),
+                            ],
+                        );
                         if writes {
                             bump(&self.stats.transitions);
                             if applied.from != applied.to {
+                                self.metrics.transitions.add(
+                                    1,
+                                    &[
+                                        metrics::Metrics::kv("from_state", applied.from.as_str()),
+                                        metrics::Metrics::kv("to_state", applied.to.as_str()),
+                                    ],
+                                );
                                 info!(from = %applied.from, to = %applied.to, version = record.version, "transition");
                             }
                             self.remember(record);
