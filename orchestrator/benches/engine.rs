@@ -12,6 +12,7 @@
 //! ```sh
 //! cargo bench -p orchestrator --bench engine                      # 1000 x 10, then 500/s for 20 s
 //! cargo bench -p orchestrator --bench engine -- --tenants 100 --pushes 5 --rate 200 --seconds 5
+//! cargo bench -p orchestrator --bench engine -- --telemetry   # traces and metrics exported
 //! ```
 
 use std::collections::HashMap;
@@ -37,6 +38,8 @@ struct Options {
     concurrency: usize,
     /// Keep the simulated cloud in memory instead of in the SQLite file (for comparison).
     sim_in_memory: bool,
+    /// Export traces and metrics over OTLP/HTTP to a collector in this process.
+    telemetry: bool,
 }
 
 fn options() -> Options {
@@ -47,6 +50,7 @@ fn options() -> Options {
         seconds: 20,
         concurrency: 128,
         sim_in_memory: false,
+        telemetry: false,
     };
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -54,6 +58,11 @@ fn options() -> Options {
         let value = args.get(i + 1).and_then(|v| v.parse::<u64>().ok());
         if args[i] == "--sim-in-memory" {
             o.sim_in_memory = true;
+            i += 1;
+            continue;
+        }
+        if args[i] == "--telemetry" {
+            o.telemetry = true;
             i += 1;
             continue;
         }
@@ -224,7 +233,35 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let telemetry = o.telemetry.then(|| {
+        let _entered = runtime.enter();
+        let collector = runtime.block_on(collector());
+        orchestrator::telemetry::init_with(
+            "engine-bench",
+            orchestrator::telemetry::LogFormat::Text,
+            "off",
+            false,
+            Some(&collector),
+        )
+        .expect("telemetry")
+    });
     runtime.block_on(run(o));
+    if let Some(t) = telemetry {
+        let _entered = runtime.enter();
+        t.shutdown();
+    }
+}
+
+/// An OTLP/HTTP collector in this process that accepts and drops everything; returns its URL.
+async fn collector() -> String {
+    let app = axum::Router::new()
+        .fallback(|_body: axum::body::Bytes| async { axum::http::StatusCode::OK });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
 }
 
 async fn run(o: Options) {
@@ -276,7 +313,7 @@ async fn run(o: Options) {
         sent: Vec::new(),
     };
     println!(
-        "engine benchmark: {} tenants x {} pushes, SQLite synchronous=FULL (WAL, group commit), simulated cloud at zero latency ({}), concurrency {}",
+        "engine benchmark: {} tenants x {} pushes, SQLite synchronous=FULL (WAL, group commit), simulated cloud at zero latency ({}), concurrency {}, telemetry {}",
         o.tenants,
         o.pushes,
         if o.sim_in_memory {
@@ -284,7 +321,12 @@ async fn run(o: Options) {
         } else {
             "in the same file"
         },
-        o.concurrency
+        o.concurrency,
+        if o.telemetry {
+            "exported over OTLP/HTTP to a collector in this process"
+        } else {
+            "off"
+        }
     );
 
     // 1. Throughput.

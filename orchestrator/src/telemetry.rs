@@ -118,19 +118,33 @@ pub fn init(
     default_filter: &str,
     ansi: bool,
 ) -> Result<Telemetry, Error> {
+    init_with(service, format, default_filter, ansi, None)
+}
+
+/// Like [`init`], exporting traces and metrics to the OTLP/HTTP collector at `collector`
+/// (`http://host:port`) when given, whatever the environment says (benchmarks use it).
+pub fn init_with(
+    service: &str,
+    format: LogFormat,
+    default_filter: &str,
+    ansi: bool,
+    collector: Option<&str>,
+) -> Result<Telemetry, Error> {
+    use opentelemetry_otlp::WithExportConfig as _;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
-    let traces = !disabled
-        && (env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
-            || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"));
-    let metrics = !disabled
-        && (env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
-            || env_set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"));
+    let traces = collector.is_some()
+        || (!sdk_disabled()
+            && (env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
+                || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")));
+    let metrics = collector.is_some() || metrics_requested();
     let resource = resource(service);
     let mut telemetry = Telemetry::default();
     let otel_layer = if traces {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
+        let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http();
+        if let Some(c) = collector {
+            builder = builder.with_endpoint(format!("{c}/v1/traces"));
+        }
+        let exporter = builder
             .build()
             .map_err(|e| Error::Exporter(e.to_string()))?;
         let provider = SdkTracerProvider::builder()
@@ -145,8 +159,11 @@ pub fn init(
         None
     };
     if metrics {
-        let exporter = opentelemetry_otlp::MetricExporter::builder()
-            .with_http()
+        let mut builder = opentelemetry_otlp::MetricExporter::builder().with_http();
+        if let Some(c) = collector {
+            builder = builder.with_endpoint(format!("{c}/v1/metrics"));
+        }
+        let exporter = builder
             .build()
             .map_err(|e| Error::Exporter(e.to_string()))?;
         let provider = SdkMeterProvider::builder()

@@ -160,6 +160,11 @@ async fn a_push_is_one_trace_across_ingress_and_two_workers() {
             "a process span in another trace"
         );
         assert!(attribute(p, "messaging.destination.name").is_some());
+        assert_eq!(attribute(p, "messaging.system").as_deref(), Some("sqlite"));
+        assert_eq!(
+            attribute(p, "messaging.operation.type").as_deref(),
+            Some("process")
+        );
         assert!(attribute(p, "messaging.message.id").is_some());
     }
     let by_id: HashMap<_, &SpanData> = spans

@@ -786,6 +786,10 @@ impl Queue for SqsQueue {
         self.settle(queue, Some(ids), false).await
     }
 
+    fn system(&self) -> &'static str {
+        "aws_sqs"
+    }
+
     async fn stats(&self, queue: QueueKind) -> Result<QueueStats, Error> {
         let pair = self.pair(queue);
         let ((visible, in_flight, delayed), (dead_visible, dead_hidden, dead_delayed)) =

@@ -494,7 +494,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         let span = info_span!(
             "process",
             otel.kind = "consumer",
-            messaging.system = "orchestrator",
+            messaging.system = self.queue.system(),
             messaging.operation.type = "process",
             messaging.destination.name = %delivery.queue,
             messaging.message.id = %delivery.id,

@@ -206,6 +206,11 @@ pub trait Queue: Send + Sync + 'static {
         ids: Vec<String>,
     ) -> impl Future<Output = Result<Vec<String>, Error>> + Send;
 
+    /// The messaging system, as OpenTelemetry's `messaging.system` names it (`aws_sqs`).
+    fn system(&self) -> &'static str {
+        "sqlite"
+    }
+
     /// Counts of `queue`.
     fn stats(&self, queue: QueueKind) -> impl Future<Output = Result<QueueStats, Error>> + Send;
 }

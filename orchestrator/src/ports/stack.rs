@@ -75,6 +75,9 @@ impl<S: Store, Q: Queue, J: Journal> Queue for Stack<S, Q, J> {
     async fn stats(&self, queue: QueueKind) -> Result<QueueStats, Error> {
         self.queue.stats(queue).await
     }
+    fn system(&self) -> &'static str {
+        self.queue.system()
+    }
 }
 
 impl<S: Store, Q: Queue, J: Journal> Store for Stack<S, Q, J> {
