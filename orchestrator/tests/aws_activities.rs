@@ -97,7 +97,7 @@ impl Repos {
 }
 
 struct World {
-    _moto: Moto,
+    moto: Moto,
     _dir: tempfile::TempDir,
     clients: Clients,
     infra: Infrastructure,
@@ -138,7 +138,7 @@ impl World {
             .expect("complete infrastructure"),
         );
         Self {
-            _moto: moto,
+            moto,
             _dir: dir,
             clients,
             infra,
@@ -164,42 +164,6 @@ impl World {
         let stop = CancellationToken::new();
         let handle = tokio::spawn(engine.run(stop.clone()));
         (stop, handle)
-    }
-
-    /// Stops running builders, as their scripts do when they are done.
-    fn builders_power_off(&self) -> tokio::task::JoinHandle<()> {
-        let ec2 = self.clients.ec2.clone();
-        tokio::spawn(async move {
-            loop {
-                if let Ok(out) = ec2
-                    .describe_instances()
-                    .filters(
-                        Filter::builder()
-                            .name("instance-state-name")
-                            .values("running")
-                            .build(),
-                    )
-                    .send()
-                    .await
-                {
-                    let builders: Vec<String> = out
-                        .reservations()
-                        .iter()
-                        .flat_map(|r| r.instances())
-                        .filter(|i| i.tags().iter().any(|t| t.key() == Some("infra-sha")))
-                        .filter_map(|i| i.instance_id().map(str::to_owned))
-                        .collect();
-                    if !builders.is_empty() {
-                        let _ = ec2
-                            .stop_instances()
-                            .set_instance_ids(Some(builders))
-                            .send()
-                            .await;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
     }
 
     async fn push(&self, key: &WorkflowKey, repo: RepoKind, sha: &GitSha) {
@@ -408,7 +372,7 @@ async fn last_tasks(w: &World, key: &WorkflowKey) -> BTreeMap<StepKind, StepTask
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tenants_two_environments_on_moto() {
     let w = World::new().await;
-    let _stopper = w.builders_power_off();
+    let _stopper = w.moto.power_off_builders();
     let mut keys = Vec::new();
     let mut commits: BTreeMap<String, (GitSha, GitSha)> = BTreeMap::new();
     for (id, infra_project, app_project) in [("acme", 1, 2), ("globex", 3, 4)] {

@@ -13,7 +13,6 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_sdk_ec2::types::Filter;
 use moto::Moto;
 use serde_json::{Value, json};
 
@@ -280,38 +279,7 @@ async fn gitlab_pushes_over_http_reach_live_on_aws() {
     );
 
     // The builders power off as their scripts would.
-    let ec2 = aws_sdk_ec2::Client::new(&env.moto.sdk_config());
-    let stopper = tokio::spawn(async move {
-        loop {
-            if let Ok(out) = ec2
-                .describe_instances()
-                .filters(
-                    Filter::builder()
-                        .name("instance-state-name")
-                        .values("running")
-                        .build(),
-                )
-                .send()
-                .await
-            {
-                let builders: Vec<String> = out
-                    .reservations()
-                    .iter()
-                    .flat_map(|r| r.instances())
-                    .filter(|i| i.tags().iter().any(|t| t.key() == Some("infra-sha")))
-                    .filter_map(|i| i.instance_id().map(str::to_owned))
-                    .collect();
-                if !builders.is_empty() {
-                    let _ = ec2
-                        .stop_instances()
-                        .set_instance_ids(Some(builders))
-                        .send()
-                        .await;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    });
+    let stopper = env.moto.power_off_builders();
 
     // GitLab's documented push payload (ref master, so production), once per repository.
     let payload: Value = serde_json::from_str(
