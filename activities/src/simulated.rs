@@ -407,7 +407,8 @@ impl Inner {
 }
 
 impl Activities for SimulatedCloud {
-    #[instrument(skip_all, fields(
+    // At debug: the engine's `step` span is the exported span of an invocation.
+    #[instrument(level = "debug", skip_all, fields(
         tenant.id = %invocation.key.tenant,
         workflow.env = %invocation.key.env,
         step = %invocation.task.step,

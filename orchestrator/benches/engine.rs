@@ -236,32 +236,86 @@ fn main() {
     let telemetry = o.telemetry.then(|| {
         let _entered = runtime.enter();
         let collector = runtime.block_on(collector());
-        orchestrator::telemetry::init_with(
+        let telemetry = orchestrator::telemetry::init_with(
             "engine-bench",
             orchestrator::telemetry::LogFormat::Text,
             "off",
             false,
-            Some(&collector),
+            Some(&collector.url),
         )
-        .expect("telemetry")
+        .expect("telemetry");
+        (telemetry, collector)
     });
     runtime.block_on(run(o));
-    if let Some(t) = telemetry {
+    if let Some((t, collector)) = telemetry {
         let _entered = runtime.enter();
         t.shutdown();
+        collector.report();
     }
 }
 
-/// An OTLP/HTTP collector in this process that accepts and drops everything; returns its URL.
-async fn collector() -> String {
-    let app = axum::Router::new()
-        .fallback(|_body: axum::body::Bytes| async { axum::http::StatusCode::OK });
+/// What the in-process collector received.
+#[derive(Clone, Default)]
+struct Collector {
+    url: String,
+    traces: Arc<std::sync::Mutex<Vec<axum::body::Bytes>>>,
+    metrics: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Collector {
+    /// Decodes the trace exports (after the run, so decoding costs the run nothing) and prints
+    /// how many spans arrived: the figure shows nothing was dropped on the way.
+    fn report(&self) {
+        use prost::Message as _;
+        let bodies = self.traces.lock().expect("bodies");
+        let mut spans = 0;
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for body in bodies.iter() {
+            let request = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(body.as_ref())
+                .expect("an OTLP trace export");
+            for rs in request.resource_spans {
+                for ss in rs.scope_spans {
+                    for span in ss.spans {
+                        spans += 1;
+                        *names.entry(span.name).or_default() += 1;
+                    }
+                }
+            }
+        }
+        let mut names: Vec<_> = names.into_iter().collect();
+        names.sort();
+        println!(
+            "collector: {spans} spans in {} trace exports ({:.1} MiB; {names:?}), {} metric exports",
+            bodies.len(),
+            bodies.iter().map(|b| b.len()).sum::<usize>() as f64 / (1024.0 * 1024.0),
+            self.metrics.load(std::sync::atomic::Ordering::Relaxed),
+        );
+    }
+}
+
+/// An OTLP/HTTP collector in this process that keeps trace exports for counting after the run
+/// and counts metric exports.
+async fn collector() -> Collector {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let collector = Collector {
+        url: format!("http://{}", listener.local_addr().expect("addr")),
+        ..Collector::default()
+    };
+    let c = collector.clone();
+    let app = axum::Router::new().fallback(
+        move |uri: axum::http::Uri, body: axum::body::Bytes| async move {
+            if uri.path().ends_with("/v1/traces") {
+                c.traces.lock().expect("bodies").push(body);
+            } else {
+                c.metrics.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            axum::http::StatusCode::OK
+        },
+    );
     tokio::spawn(async move { axum::serve(listener, app).await });
-    url
+    collector
 }
 
 async fn run(o: Options) {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use activities::{Activities, Invocation, Outcome};
 use conformance::tenant;
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{SpanKind, TracerProvider as _};
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -49,9 +49,9 @@ async fn a_push_is_one_trace_across_ingress_and_two_workers() {
         .with_simple_exporter(exporter.clone())
         .build();
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let subscriber = tracing_subscriber::registry()
-        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
-        .with(tracing_subscriber::filter::LevelFilter::INFO);
+    let subscriber = tracing_subscriber::registry().with(orchestrator::telemetry::trace_layer(
+        provider.tracer("test"),
+    ));
     tracing::subscriber::set_global_default(subscriber).expect("one subscriber per test binary");
     let metric_exporter = InMemoryMetricExporter::default();
     let meters = SdkMeterProvider::builder()
@@ -150,66 +150,64 @@ async fn a_push_is_one_trace_across_ingress_and_two_workers() {
         Some("202")
     );
 
-    // Every message handled for the workflow belongs to the webhook's trace.
-    let processed: Vec<&SpanData> = spans.iter().filter(|s| s.name == "process").collect();
-    assert!(processed.len() >= 2, "{} process spans", processed.len());
-    for p in &processed {
-        assert_eq!(
-            p.span_context.trace_id(),
-            trace,
-            "a process span in another trace"
-        );
-        assert!(attribute(p, "messaging.destination.name").is_some());
-        assert_eq!(attribute(p, "messaging.system").as_deref(), Some("sqlite"));
-        assert_eq!(
-            attribute(p, "messaging.operation.type").as_deref(),
-            Some("process")
-        );
-        assert!(attribute(p, "messaging.message.id").is_some());
-    }
+    // A received message is handled in its consumer span: `event` for an event, `step` for a
+    // step message (the activity invocation). The report a step produces is applied in an
+    // internal `event` span under the step. Every span of the workflow is in the push's trace.
+    let events: Vec<&SpanData> = spans.iter().filter(|s| s.name == "event").collect();
+    let steps: Vec<&SpanData> = spans.iter().filter(|s| s.name == "step").collect();
+    assert!(!events.is_empty() && !steps.is_empty());
     let by_id: HashMap<_, &SpanData> = spans
         .iter()
         .map(|s| (s.span_context.span_id(), s))
         .collect();
-    // The first message's parent is the webhook (a remote parent, across the queue).
-    assert!(
-        processed
-            .iter()
-            .any(|p| p.parent_span_id == webhook.span_context.span_id()),
-        "no process span is a child of the webhook"
-    );
-    // A received event is handled in an `event` span under its `process` span; a step
-    // message in a `step` span (the activity invocation) under its `process` span, and the
-    // report it produces is applied in an `event` span under the step. All carry tenant and env.
-    let events: Vec<&SpanData> = spans.iter().filter(|s| s.name == "event").collect();
-    let steps: Vec<&SpanData> = spans.iter().filter(|s| s.name == "step").collect();
-    assert!(!events.is_empty() && !steps.is_empty());
     let parent = |s: &SpanData| by_id.get(&s.parent_span_id).map(|p| p.name.to_string());
-    for s in &steps {
-        assert_eq!(parent(s).as_deref(), Some("process"));
-    }
-    for s in &events {
-        let p = parent(s);
+    let consumers: Vec<&SpanData> = events
+        .iter()
+        .chain(steps.iter())
+        .copied()
+        .filter(|s| s.span_kind == SpanKind::Consumer)
+        .collect();
+    // Each step message, and at least the push, arrived over the queue.
+    assert!(
+        consumers.len() > steps.len(),
+        "{} consumer spans",
+        consumers.len()
+    );
+    for c in &consumers {
+        assert!(attribute(c, "messaging.destination.name").is_some());
+        assert_eq!(attribute(c, "messaging.system").as_deref(), Some("sqlite"));
+        assert_eq!(
+            attribute(c, "messaging.operation.type").as_deref(),
+            Some("process")
+        );
+        assert!(attribute(c, "messaging.message.id").is_some());
+        assert!(attribute(c, "messaging.message.delivery_count").is_some());
+        // Its parent is the span that sent the message, in another delivery (or process).
+        let p = parent(c);
         assert!(
-            matches!(p.as_deref(), Some("process" | "step")),
-            "event under {p:?}"
+            matches!(p.as_deref(), Some("webhook" | "event" | "step")),
+            "consumer under {p:?}"
         );
     }
-    assert!(
-        events
-            .iter()
-            .any(|s| parent(s).as_deref() == Some("process")),
-        "the push's event"
-    );
+    for s in &steps {
+        assert_eq!(s.span_kind, SpanKind::Consumer, "a step span not consumed");
+    }
+    for s in events.iter().filter(|s| s.span_kind != SpanKind::Consumer) {
+        assert_eq!(parent(s).as_deref(), Some("step"), "an internal event span");
+        assert!(attribute(s, "messaging.message.id").is_none());
+    }
+    // The push's event continues the webhook's trace (a remote parent, across the queue).
+    let push_event = events
+        .iter()
+        .find(|s| attribute(s, "event.kind").as_deref() == Some("push"))
+        .expect("the push's event span");
+    assert_eq!(push_event.parent_span_id, webhook.span_context.span_id());
+    assert_eq!(push_event.span_kind, SpanKind::Consumer);
     for s in events.iter().chain(steps.iter()) {
         assert_eq!(s.span_context.trace_id(), trace);
         assert_eq!(attribute(s, "tenant.id").as_deref(), Some("acme"));
         assert_eq!(attribute(s, "workflow.env").as_deref(), Some("production"));
     }
-    let push_event = events
-        .iter()
-        .find(|s| attribute(s, "event.kind").as_deref() == Some("push"))
-        .expect("the push's event span");
     assert_eq!(
         attribute(push_event, "event.verdict").as_deref(),
         Some("accepted")

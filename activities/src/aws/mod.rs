@@ -526,7 +526,7 @@ impl<A: Allocations> AwsCloud<A> {
 }
 
 impl<A: Allocations> Activities for AwsCloud<A> {
-    #[instrument(skip_all, fields(tenant.id = %invocation.key.tenant, workflow.env = %invocation.key.env, step = %invocation.task.step, run = %invocation.task.run))]
+    #[instrument(level = "debug", skip_all, fields(tenant.id = %invocation.key.tenant, workflow.env = %invocation.key.env, step = %invocation.task.step, run = %invocation.task.run))]
     async fn invoke(&self, invocation: Invocation<'_>) -> Outcome {
         let names = Names::new(invocation.key);
         let result = match invocation.task.step {

@@ -623,15 +623,16 @@ async fn dev<S: Store, Q: Queue, J: Journal>(
         Some(start_ingress(parts, &listen, stop.clone()).await?)
     };
     let mut demo_keys = Vec::new();
+    let mut watchers = Vec::new();
     if !args.no_demo {
         demo_keys = start_demo(parts).await?;
         for key in &demo_keys {
-            tokio::spawn(watch(
+            watchers.push(tokio::spawn(watch(
                 parts.store.clone(),
                 key.clone(),
                 stop.clone(),
                 log_format == LogFormat::Json,
-            ));
+            )));
         }
     }
     let sweeper = {
@@ -662,6 +663,9 @@ async fn dev<S: Store, Q: Queue, J: Journal>(
     }
     engine.run(stop).await;
     let _ = sweeper.await;
+    for w in watchers {
+        let _ = w.await;
+    }
     if let Some(ingress) = ingress {
         ingress.await.context("the ingress stopped")??;
     }
@@ -724,7 +728,10 @@ async fn watch<S: Store>(backend: Arc<S>, key: WorkflowKey, stop: CancellationTo
     };
     // A step waiting for something reports the same progress many times; say it once.
     let mut said: std::collections::HashMap<workflows::StepKind, String> = Default::default();
-    while !stop.is_cancelled() {
+    // After the stop, one more pass prints what was written up to it (the last step's entry).
+    let mut last_pass = false;
+    loop {
+        last_pass |= stop.is_cancelled();
         match backend.history(&key, after, 100).await {
             Ok(entries) => {
                 for e in entries {
@@ -748,8 +755,11 @@ async fn watch<S: Store>(backend: Arc<S>, key: WorkflowKey, stop: CancellationTo
             }
             Err(e) => warn!(error = %e, "watch: history not readable"),
         }
+        if last_pass {
+            return;
+        }
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {}
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }

@@ -491,17 +491,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
     pub async fn handle(&self, delivery: Delivery) -> Vec<Delivery> {
         debug!(queue = %delivery.queue, message.id = %delivery.id, receive_count = delivery.receive_count, "handling message");
         let heartbeat = self.heartbeat(&delivery);
-        let span = info_span!(
-            "process",
-            otel.kind = "consumer",
-            messaging.system = self.queue.system(),
-            messaging.operation.type = "process",
-            messaging.destination.name = %delivery.queue,
-            messaging.message.id = %delivery.id,
-            messaging.message.delivery_count = delivery.receive_count,
-        );
-        crate::telemetry::continue_trace(&span, &delivery.attributes);
-        let result = self.handle_inner(&delivery).instrument(span).await;
+        let result = self.handle_inner(&delivery).await;
         heartbeat.abort();
         debug!(queue = %delivery.queue, message.id = %delivery.id, ok = result.is_ok(), "message handled");
         match result {
@@ -550,10 +540,21 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         let ack = (delivery.queue, delivery.receipt.clone());
         let turn = self.turn(&key);
         let _turn = turn.lock().await;
-        let result = match envelope.body {
-            Body::Event(event) => self.apply(&key, &event, ack, delivery).await,
-            Body::Step(task) => self.run_step(&key, &task, ack, delivery).await,
+        // The span of a received message is its consumer span (OpenTelemetry's `process`),
+        // continuing the sender's trace; a step report's `event` span nests under the `step`.
+        let span = match &envelope.body {
+            Body::Event(event) => event_span(&key, event),
+            Body::Step(task) => step_span(&key, task),
         };
+        self.consumer(&span, delivery);
+        let result = async {
+            match envelope.body {
+                Body::Event(event) => self.apply(&key, &event, ack, delivery).await,
+                Body::Step(task) => self.run_step(&key, &task, ack, delivery).await,
+            }
+        }
+        .instrument(span)
+        .await;
         drop(_turn);
         self.forget_turn(&key, turn);
         result
@@ -643,124 +644,112 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         ack: (QueueKind, Receipt),
         delivery: &Delivery,
     ) -> Result<Handled, Error> {
-        let span = info_span!(
-            "step",
-            tenant.id = %key.tenant,
-            workflow.env = %key.env,
-            workflow.key = %key,
-            run = %task.run,
-            step = %task.step,
-            attempt = task.attempt,
-            step.outcome = tracing::field::Empty,
-        );
-        async {
-            let Some(tenant) = self.tenant(&key.tenant).await? else {
-                return self
-                    .quarantine(delivery, &format!("unknown tenant {}", key.tenant))
-                    .await;
-            };
-            // Skip the activity when the step message is stale. A cached record may be older
-            // than the message, so confirm with a fresh read before dropping it.
-            let current = |r: &WorkflowRecord| {
-                r.workflow()
-                    .active_run()
-                    .filter(|run| run.id == task.run)
-                    .and_then(|run| run.step(task.step))
-                    .is_some_and(|s| s.status == StepStatus::Running && s.token == task.token)
-            };
-            let (is_current, stored) = match self.load(key, false).await {
-                Ok(r) if current(&r) => (true, None),
-                Ok(_) => match self.load(key, true).await {
-                    Ok(r) if current(&r) => {
-                        // Newer than the cache: keep it for applying the report.
-                        self.remember(r);
-                        (true, None)
-                    }
-                    Ok(r) => (false, Some(r)),
-                    Err(_) => (false, None),
-                },
-                Err(Error::Corrupt { .. }) => (false, None),
-                Err(e) => return Err(e),
-            };
-            if !is_current {
-                bump(&self.stats.stale);
-                debug!("stale step message dropped");
-                let id = workflows::event::step_event_id(task.run, task.step, task.token);
-                let send = match &stored {
-                    Some(record) => self.resend(key, &id, record, delivery).await?,
-                    None => Vec::new(),
-                };
-                self.commit(Commit {
-                    send,
-                    ack: Some(ack),
-                    ..Commit::default()
-                })
-                .await
-                .map_err(|e| match e {
-                    WriteError::Store(e) => e,
-                    conflict => Error::Unavailable {
-                        backend: "journal",
-                        message: conflict.to_string(),
-                    },
-                })?;
-                return Ok(Handled::Done(Vec::new()));
-            }
-            bump(&self.stats.activities);
-            let started = std::time::Instant::now();
-            let outcome = self
-                .activities
-                .invoke(Invocation {
-                    key,
-                    domain: &tenant.domain,
-                    task,
-                })
+        let Some(tenant) = self.tenant(&key.tenant).await? else {
+            return self
+                .quarantine(delivery, &format!("unknown tenant {}", key.tenant))
                 .await;
-            let kind = match &outcome {
-                Outcome::Done(_) => "done",
-                Outcome::Progress { .. } => "progress",
-                Outcome::Retryable(_) => "retryable",
-                Outcome::Terminal(_) => "terminal",
-            };
-            tracing::Span::current().record("step.outcome", kind);
-            let step_kv = metrics::Metrics::kv("step", task.step.as_str());
-            self.metrics.step_duration.record(
-                started.elapsed().as_secs_f64(),
-                &[step_kv.clone(), metrics::Metrics::kv("outcome", kind)],
-            );
-            if kind == "retryable" {
-                self.metrics.retries.add(1, &[step_kv]);
-            }
-            let now = self.clock.now();
-            let outcome = match outcome {
-                Outcome::Done(output) => StepOutcome::Done { output },
-                Outcome::Progress {
-                    recheck_after,
-                    note,
-                } => StepOutcome::Progress {
-                    recheck_after,
-                    note,
-                },
-                Outcome::Retryable(error) => {
-                    let policy = self.activities.retry_policy(task.step);
-                    let retry_in = policy.next_delay(
-                        task.attempt,
-                        now.since(task.first_attempt_at),
-                        fastrand::f64(),
-                    );
-                    StepOutcome::Retryable { error, retry_in }
+        };
+        // Skip the activity when the step message is stale. A cached record may be older
+        // than the message, so confirm with a fresh read before dropping it.
+        let current = |r: &WorkflowRecord| {
+            r.workflow()
+                .active_run()
+                .filter(|run| run.id == task.run)
+                .and_then(|run| run.step(task.step))
+                .is_some_and(|s| s.status == StepStatus::Running && s.token == task.token)
+        };
+        let (is_current, stored) = match self.load(key, false).await {
+            Ok(r) if current(&r) => (true, None),
+            Ok(_) => match self.load(key, true).await {
+                Ok(r) if current(&r) => {
+                    // Newer than the cache: keep it for applying the report.
+                    self.remember(r);
+                    (true, None)
                 }
-                Outcome::Terminal(error) => StepOutcome::Terminal { error },
+                Ok(r) => (false, Some(r)),
+                Err(_) => (false, None),
+            },
+            Err(Error::Corrupt { .. }) => (false, None),
+            Err(e) => return Err(e),
+        };
+        if !is_current {
+            bump(&self.stats.stale);
+            debug!("stale step message dropped");
+            let id = workflows::event::step_event_id(task.run, task.step, task.token);
+            let send = match &stored {
+                Some(record) => self.resend(key, &id, record, delivery).await?,
+                None => Vec::new(),
             };
-            let event = Event::Step(StepReport {
-                run: task.run,
-                step: task.step,
-                token: task.token,
-                outcome,
-            });
-            self.apply(key, &event, ack, delivery).await
+            self.commit(Commit {
+                send,
+                ack: Some(ack),
+                ..Commit::default()
+            })
+            .await
+            .map_err(|e| match e {
+                WriteError::Store(e) => e,
+                conflict => Error::Unavailable {
+                    backend: "journal",
+                    message: conflict.to_string(),
+                },
+            })?;
+            return Ok(Handled::Done(Vec::new()));
         }
-        .instrument(span)
-        .await
+        bump(&self.stats.activities);
+        let started = std::time::Instant::now();
+        let outcome = self
+            .activities
+            .invoke(Invocation {
+                key,
+                domain: &tenant.domain,
+                task,
+            })
+            .await;
+        let kind = match &outcome {
+            Outcome::Done(_) => "done",
+            Outcome::Progress { .. } => "progress",
+            Outcome::Retryable(_) => "retryable",
+            Outcome::Terminal(_) => "terminal",
+        };
+        tracing::Span::current().record("step.outcome", kind);
+        let step_kv = metrics::Metrics::kv("step", task.step.as_str());
+        self.metrics.step_duration.record(
+            started.elapsed().as_secs_f64(),
+            &[step_kv.clone(), metrics::Metrics::kv("outcome", kind)],
+        );
+        if kind == "retryable" {
+            self.metrics.retries.add(1, &[step_kv]);
+        }
+        let now = self.clock.now();
+        let outcome = match outcome {
+            Outcome::Done(output) => StepOutcome::Done { output },
+            Outcome::Progress {
+                recheck_after,
+                note,
+            } => StepOutcome::Progress {
+                recheck_after,
+                note,
+            },
+            Outcome::Retryable(error) => {
+                let policy = self.activities.retry_policy(task.step);
+                let retry_in = policy.next_delay(
+                    task.attempt,
+                    now.since(task.first_attempt_at),
+                    fastrand::f64(),
+                );
+                StepOutcome::Retryable { error, retry_in }
+            }
+            Outcome::Terminal(error) => StepOutcome::Terminal { error },
+        };
+        let event = Event::Step(StepReport {
+            run: task.run,
+            step: task.step,
+            token: task.token,
+            outcome,
+        });
+        self.apply(key, &event, ack, delivery)
+            .instrument(event_span(key, &event))
+            .await
     }
 
     /// What to send again for `delivery`, whose event `id` was applied before: the messages
@@ -812,142 +801,183 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         ack: (QueueKind, Receipt),
         delivery: &Delivery,
     ) -> Result<Handled, Error> {
-        let span = info_span!(
-            "event",
-            tenant.id = %key.tenant,
-            workflow.env = %key.env,
-            workflow.key = %key,
-            event.kind = event.kind(),
-            event.id = %event.id(),
-            event.verdict = tracing::field::Empty,
-            workflow.from_state = tracing::field::Empty,
-            workflow.to_state = tracing::field::Empty,
-            run = tracing::field::Empty,
-        );
-        async {
-            let Some(tenant) = self.tenant(&key.tenant).await? else {
-                return self
-                    .quarantine(delivery, &format!("unknown tenant {}", key.tenant))
-                    .await;
+        let Some(tenant) = self.tenant(&key.tenant).await? else {
+            return self
+                .quarantine(delivery, &format!("unknown tenant {}", key.tenant))
+                .await;
+        };
+        let input = |now| Input {
+            now,
+            settings: tenant.settings(),
+        };
+        let mut fresh = false;
+        for _ in 0..self.config.max_conflicts {
+            let mut record = match self.load(key, fresh).await {
+                Ok(r) => r,
+                Err(Error::Corrupt { what, source }) => {
+                    let reason = format!("{what} does not decode: {source}");
+                    self.store.mark_corrupt(key, &reason).await?;
+                    return self
+                        .quarantine(delivery, &format!("workflow stopped: {reason}"))
+                        .await;
+                }
+                Err(e) => return Err(e),
             };
-            let input = |now| Input {
-                now,
-                settings: tenant.settings(),
-            };
-            let mut fresh = false;
-            for _ in 0..self.config.max_conflicts {
-                let mut record = match self.load(key, fresh).await {
-                    Ok(r) => r,
-                    Err(Error::Corrupt { what, source }) => {
-                        let reason = format!("{what} does not decode: {source}");
-                        self.store.mark_corrupt(key, &reason).await?;
-                        return self
-                            .quarantine(delivery, &format!("workflow stopped: {reason}"))
-                            .await;
-                    }
-                    Err(e) => return Err(e),
-                };
-                let now = self.clock.now();
-                let from_version = record.version;
-                let applied = record.apply(event, input(now));
-                let commit = match &applied.verdict {
-                    Verdict::Duplicate => {
-                        bump(&self.stats.duplicates);
-                        // Its commands may not have been sent (a crash after the write): send
-                        // them again. Repeating them is safe.
-                        Commit {
-                            write: None,
-                            send: self.resend(key, &event.id(), &record, delivery).await?,
-                            ack: Some(ack.clone()),
-                            claim: None,
-                        }
-                    }
-                    Verdict::Stale(_) if !fresh => {
-                        // The cached record may be older than the message (another worker
-                        // moved the workflow on): only the stored record can say it is stale.
-                        fresh = true;
-                        continue;
-                    }
-                    Verdict::Stale(reason) => {
-                        bump(&self.stats.stale);
-                        debug!(reason, "stale event dropped");
-                        // A report or timer is stale once applied; if it was applied by a
-                        // worker that died before sending its commands, send them now.
-                        let send = self.resend(key, &event.id(), &record, delivery).await?;
-                        Commit {
-                            send,
-                            ack: Some(ack.clone()),
-                            ..Commit::default()
-                        }
-                    }
-                    verdict => {
-                        let entry = record.history_entry(event, &applied);
-                        if !matches!(verdict, Verdict::Accepted) {
-                            info!(?verdict, "event not applied");
-                        }
-                        Commit {
-                            write: Some(RecordWrite::new(&record, &entry)),
-                            send: outgoing(key, &applied.commands, now),
-                            ack: Some(ack.clone()),
-                            claim: Some(self.config.visibility),
-                        }
-                    }
-                };
-                let writes = commit.write.is_some();
-                match self.commit(commit).await {
-                    Ok(claimed) => {
-                        let verdict = verdict_name(&applied.verdict);
-                        let span = tracing::Span::current();
-                        span.record("event.verdict", verdict);
-                        span.record("workflow.from_state", applied.from.as_str());
-                        span.record("workflow.to_state", applied.to.as_str());
-                        if let Some(run) = &record.workflow().run {
-                            span.record("run", tracing::field::display(run.id));
-                        }
-                        self.metrics.events.add(
-                            1,
-                            &[
-                                metrics::Metrics::kv("verdict", verdict),
-                                metrics::Metrics::kv("event.kind", event.kind()),
-                            ],
-                        );
-                        if writes {
-                            bump(&self.stats.transitions);
-                            if applied.from != applied.to {
-                                self.metrics.transitions.add(
-                                    1,
-                                    &[
-                                        metrics::Metrics::kv("from_state", applied.from.as_str()),
-                                        metrics::Metrics::kv("to_state", applied.to.as_str()),
-                                    ],
-                                );
-                                info!(from = %applied.from, to = %applied.to, version = record.version, "transition");
-                            }
-                            self.remember(record);
-                        }
-                        return Ok(Handled::Done(claimed));
-                    }
-                    Err(WriteError::Conflict { found, .. }) => {
-                        bump(&self.stats.conflicts);
-                        debug!(expected = from_version, found, "version conflict; reloading");
-                        self.forget(key);
-                        fresh = true;
-                    }
-                    Err(WriteError::Store(e)) => {
-                        self.forget(key);
-                        return Err(e);
+            let now = self.clock.now();
+            let from_version = record.version;
+            let applied = record.apply(event, input(now));
+            let commit = match &applied.verdict {
+                Verdict::Duplicate => {
+                    bump(&self.stats.duplicates);
+                    // Its commands may not have been sent (a crash after the write): send
+                    // them again. Repeating them is safe.
+                    Commit {
+                        write: None,
+                        send: self.resend(key, &event.id(), &record, delivery).await?,
+                        ack: Some(ack.clone()),
+                        claim: None,
                     }
                 }
+                Verdict::Stale(_) if !fresh => {
+                    // The cached record may be older than the message (another worker
+                    // moved the workflow on): only the stored record can say it is stale.
+                    fresh = true;
+                    continue;
+                }
+                Verdict::Stale(reason) => {
+                    bump(&self.stats.stale);
+                    debug!(reason, "stale event dropped");
+                    // A report or timer is stale once applied; if it was applied by a
+                    // worker that died before sending its commands, send them now.
+                    let send = self.resend(key, &event.id(), &record, delivery).await?;
+                    Commit {
+                        send,
+                        ack: Some(ack.clone()),
+                        ..Commit::default()
+                    }
+                }
+                verdict => {
+                    let entry = record.history_entry(event, &applied);
+                    if !matches!(verdict, Verdict::Accepted) {
+                        info!(?verdict, "event not applied");
+                    }
+                    Commit {
+                        write: Some(RecordWrite::new(&record, &entry)),
+                        send: outgoing(key, &applied.commands, now),
+                        ack: Some(ack.clone()),
+                        claim: Some(self.config.visibility),
+                    }
+                }
+            };
+            let writes = commit.write.is_some();
+            match self.commit(commit).await {
+                Ok(claimed) => {
+                    let verdict = verdict_name(&applied.verdict);
+                    let span = tracing::Span::current();
+                    span.record("event.verdict", verdict);
+                    span.record("workflow.from_state", applied.from.as_str());
+                    span.record("workflow.to_state", applied.to.as_str());
+                    if let Some(run) = &record.workflow().run {
+                        span.record("run", tracing::field::display(run.id));
+                    }
+                    self.metrics.events.add(
+                        1,
+                        &[
+                            metrics::Metrics::kv("verdict", verdict),
+                            metrics::Metrics::kv("event.kind", event.kind()),
+                        ],
+                    );
+                    if writes {
+                        bump(&self.stats.transitions);
+                        if applied.from != applied.to {
+                            self.metrics.transitions.add(
+                                1,
+                                &[
+                                    metrics::Metrics::kv("from_state", applied.from.as_str()),
+                                    metrics::Metrics::kv("to_state", applied.to.as_str()),
+                                ],
+                            );
+                            info!(from = %applied.from, to = %applied.to, version = record.version, "transition");
+                        }
+                        self.remember(record);
+                    }
+                    return Ok(Handled::Done(claimed));
+                }
+                Err(WriteError::Conflict { found, .. }) => {
+                    bump(&self.stats.conflicts);
+                    debug!(
+                        expected = from_version,
+                        found, "version conflict; reloading"
+                    );
+                    self.forget(key);
+                    fresh = true;
+                }
+                Err(WriteError::Store(e)) => {
+                    self.forget(key);
+                    return Err(e);
+                }
             }
-            Err(Error::Unavailable {
-                backend: "engine",
-                message: format!(
-                    "{key}: {} version conflicts in a row; left for redelivery",
-                    self.config.max_conflicts
-                ),
-            })
         }
-        .instrument(span)
-        .await
+        Err(Error::Unavailable {
+            backend: "engine",
+            message: format!(
+                "{key}: {} version conflicts in a row; left for redelivery",
+                self.config.max_conflicts
+            ),
+        })
     }
+
+    /// Marks `span` as the consumer span of `delivery`, with the messaging attributes of
+    /// OpenTelemetry's semantic conventions, and makes it continue the sender's trace.
+    fn consumer(&self, span: &tracing::Span, delivery: &Delivery) {
+        span.record("otel.kind", "consumer");
+        span.record("messaging.system", self.queue.system());
+        span.record("messaging.operation.type", "process");
+        span.record("messaging.destination.name", delivery.queue.as_str());
+        span.record("messaging.message.id", delivery.id.as_str());
+        span.record("messaging.message.delivery_count", delivery.receive_count);
+        crate::telemetry::continue_trace(span, &delivery.attributes);
+    }
+}
+
+/// The span of applying `event`; its verdict, states and run are recorded once known.
+fn event_span(key: &WorkflowKey, event: &Event) -> tracing::Span {
+    info_span!(
+        "event",
+        tenant.id = %key.tenant,
+        workflow.env = %key.env,
+        workflow.key = %key,
+        event.kind = event.kind(),
+        event.id = %event.id(),
+        event.verdict = tracing::field::Empty,
+        workflow.from_state = tracing::field::Empty,
+        workflow.to_state = tracing::field::Empty,
+        run = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
+        messaging.system = tracing::field::Empty,
+        messaging.operation.type = tracing::field::Empty,
+        messaging.destination.name = tracing::field::Empty,
+        messaging.message.id = tracing::field::Empty,
+        messaging.message.delivery_count = tracing::field::Empty,
+    )
+}
+
+/// The span of one activity invocation and the report it produces.
+fn step_span(key: &WorkflowKey, task: &StepTask) -> tracing::Span {
+    info_span!(
+        "step",
+        tenant.id = %key.tenant,
+        workflow.env = %key.env,
+        workflow.key = %key,
+        run = %task.run,
+        step = %task.step,
+        attempt = task.attempt,
+        step.outcome = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
+        messaging.system = tracing::field::Empty,
+        messaging.operation.type = tracing::field::Empty,
+        messaging.destination.name = tracing::field::Empty,
+        messaging.message.id = tracing::field::Empty,
+        messaging.message.delivery_count = tracing::field::Empty,
+    )
 }
