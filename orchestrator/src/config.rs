@@ -29,6 +29,13 @@
 //!                                 # third of `visibility`, and it must be shorter than it
 //! shutdown_grace = "10s"          # on SIGTERM/SIGINT, time for in-flight handlers
 //! cache_records = 4096            # decoded records kept in memory
+//! slot_ttl = "10m"                # lease of a slot under [limits], renewed by every invocation
+//! slot_poll = "1s"                # shortest and longest wait of a step waiting for a slot
+//! slot_poll_max = "60s"
+//!
+//! [limits]                        # account-wide caps on concurrent activities per step kind
+//! image = 20                      # (network, source_infra, source_app, image, database,
+//! database = 40                   # routing, rollout); none by default. Embedded backend only.
 //!
 //! [sweeper]
 //! interval = "60s"                # how often it looks for stuck workflows
@@ -137,6 +144,8 @@ pub struct Config {
     pub sweeper: Sweeper,
     /// The GitLab webhook ingress.
     pub ingress: Ingress,
+    /// Caps on concurrent activities per step kind, across all workers.
+    pub limits: std::collections::BTreeMap<workflows::StepKind, u32>,
     /// The simulated cloud, as written (the binary interprets it).
     pub simulated: toml::Table,
 }
@@ -201,6 +210,15 @@ pub struct Engine {
     pub shutdown_grace: Duration,
     /// Records cached.
     pub cache_records: usize,
+    /// Slot lease lifetime.
+    #[serde(deserialize_with = "duration")]
+    pub slot_ttl: Duration,
+    /// Shortest wait for a slot.
+    #[serde(deserialize_with = "duration")]
+    pub slot_poll: Duration,
+    /// Longest wait for a slot.
+    #[serde(deserialize_with = "duration")]
+    pub slot_poll_max: Duration,
 }
 
 impl Default for Engine {
@@ -214,6 +232,9 @@ impl Default for Engine {
             heartbeat: None,
             shutdown_grace: d.shutdown_grace,
             cache_records: d.cache_records,
+            slot_ttl: d.slot_ttl,
+            slot_poll: d.slot_poll,
+            slot_poll_max: d.slot_poll_max,
         }
     }
 }
@@ -332,6 +353,25 @@ impl Config {
                 humantime::format_duration(e.visibility)
             )));
         }
+        if let Some((kind, _)) = self.limits.iter().find(|(_, cap)| **cap == 0) {
+            return Err(Error::Invalid(format!(
+                "limits.{kind} must be at least 1 (leave it out for no limit)"
+            )));
+        }
+        if !self.limits.is_empty() && self.backend == Backend::Aws {
+            return Err(Error::Invalid(
+                "[limits] needs the embedded backend: slot leases are not on DynamoDB yet"
+                    .to_owned(),
+            ));
+        }
+        if !self.limits.is_empty() && e.slot_ttl <= e.slot_poll_max {
+            // A waiter that asks again only after its place in line lapsed loses it.
+            return Err(Error::Invalid(format!(
+                "engine.slot_ttl ({}) must be longer than engine.slot_poll_max ({})",
+                humantime::format_duration(e.slot_ttl),
+                humantime::format_duration(e.slot_poll_max)
+            )));
+        }
         Ok(())
     }
 
@@ -353,6 +393,10 @@ impl Config {
             heartbeat: e.heartbeat.unwrap_or(e.visibility / 3),
             shutdown_grace: e.shutdown_grace,
             cache_records: e.cache_records,
+            limits: self.limits.clone(),
+            slot_ttl: e.slot_ttl,
+            slot_poll: e.slot_poll,
+            slot_poll_max: e.slot_poll_max.max(e.slot_poll),
             ..EngineConfig::default()
         }
     }
@@ -450,6 +494,32 @@ mod tests {
                 .and_then(toml::Value::as_float),
             Some(600.0)
         );
+    }
+
+    #[test]
+    fn limits_per_step_kind() {
+        let c = Config::from_parts(
+            "[limits]\nimage = 20\n",
+            [("ORCHESTRATOR__LIMITS__DATABASE".to_owned(), "40".to_owned())],
+        )
+        .expect("valid");
+        let limits = c.engine().limits;
+        assert_eq!(limits.get(&workflows::StepKind::Image), Some(&20));
+        assert_eq!(limits.get(&workflows::StepKind::Database), Some(&40));
+        assert_eq!(limits.len(), 2);
+        let e = Config::from_parts("[limits]\nimages = 20\n", []).expect_err("no such step");
+        assert!(e.to_string().contains("images"), "{e}");
+        let e = Config::from_parts("[limits]\nimage = 0\n", []).expect_err("zero");
+        assert!(e.to_string().contains("limits.image"), "{e}");
+        let e = Config::from_parts("backend = \"aws\"\n[limits]\nimage = 2\n", [])
+            .expect_err("not on DynamoDB");
+        assert!(e.to_string().contains("embedded backend"), "{e}");
+        let e = Config::from_parts(
+            "[engine]\nslot_ttl = \"30s\"\nslot_poll_max = \"1m\"\n[limits]\nimage = 2\n",
+            [],
+        )
+        .expect_err("a place in line lapses between polls");
+        assert!(e.to_string().contains("engine.slot_ttl"), "{e}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
 use tokio_util::sync::CancellationToken;
 use workflows::testing::output_for;
 use workflows::{
-    Environment, Event, EventId, GitSha, Push, RepoKind, State, Timestamp, WorkflowKey,
+    Environment, Event, EventId, GitSha, Push, RepoKind, State, StepKind, Timestamp, WorkflowKey,
 };
 
 /// Activities that finish at once with a plausible output, counting invocations.
@@ -27,6 +27,16 @@ use workflows::{
 struct Instant {
     calls: AtomicU64,
     delay: Option<Duration>,
+    /// Image builds take this long, and are counted in `images`.
+    image_delay: Option<Duration>,
+    images: Arc<Running>,
+}
+
+/// Invocations running now, and the most at once.
+#[derive(Default)]
+struct Running {
+    now: AtomicU64,
+    peak: AtomicU64,
 }
 
 impl Activities for Instant {
@@ -34,6 +44,12 @@ impl Activities for Instant {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
+        }
+        if let (Some(d), StepKind::Image) = (self.image_delay, invocation.task.step) {
+            let now = self.images.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.images.peak.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(d).await;
+            self.images.now.fetch_sub(1, Ordering::SeqCst);
         }
         Outcome::Done(output_for(invocation.task))
     }
@@ -449,6 +465,56 @@ async fn two_engines_on_one_file_converge() {
         written += h.len() as u64;
     }
     assert_eq!(total, written, "every transition written once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_on_image_builds_holds_across_two_engines() {
+    let w = World::new().await;
+    let images = Arc::new(Running::default());
+    let capped = || EngineConfig {
+        limits: [(StepKind::Image, 2)].into(),
+        slot_poll: Duration::from_millis(10),
+        ..fast()
+    };
+    let builds = || Instant {
+        image_delay: Some(Duration::from_millis(60)),
+        images: images.clone(),
+        ..Instant::default()
+    };
+    let a = w.engine(builds(), capped());
+    let b = w.engine_in_another_process(builds(), capped());
+    let (stop_a, ha) = w.start(&a);
+    let (stop_b, hb) = w.start(&b);
+    let keys: Vec<WorkflowKey> = Environment::ALL
+        .into_iter()
+        .flat_map(|env| [key("acme", env), key("globex", env)])
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        w.push(k, RepoKind::Infra, 1, &format!("k{i}-infra")).await;
+        w.push(k, RepoKind::App, 2, &format!("k{i}-app")).await;
+    }
+    w.until("every workflow live", async |w| {
+        let mut all = true;
+        for k in &keys {
+            all &= w.live_at(k, Some(1), Some(2)).await;
+        }
+        all
+    })
+    .await;
+    stop_a.cancel();
+    stop_b.cancel();
+    ha.await.expect("a stops");
+    hb.await.expect("b stops");
+    // Six builds of 60 ms, two at a time, in two processes: never three at once, and the
+    // cap was used (some waited).
+    assert_eq!(images.peak.load(Ordering::SeqCst), 2);
+    let waits = a.stats().snapshot().slot_waits + b.stats().snapshot().slot_waits;
+    assert!(waits > 0, "no step waited for a slot");
+    let view = w.backend.slots("image").await.expect("slots");
+    assert!(
+        view.held.is_empty() && view.waiting.is_empty(),
+        "every slot given back: {view:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

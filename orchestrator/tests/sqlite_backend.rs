@@ -6,7 +6,7 @@ mod conformance;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conformance::{Harness, run_all, step_message};
+use conformance::{Harness, run_all, run_slots, step_message};
 use orchestrator::clock::ManualClock;
 use orchestrator::ports::{Batched, Journal, Queue, QueueKind, Sequential, Stack};
 use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
@@ -52,6 +52,11 @@ impl Harness for Sqlite {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sqlite_backend_conforms() {
     run_all(async || Sqlite::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_backend_leases_slots() {
+    run_slots(async || Sqlite::new()).await;
 }
 
 /// The embedded ports with a journal that is not atomic: the one SQS and DynamoDB use.

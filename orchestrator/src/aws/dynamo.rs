@@ -76,7 +76,9 @@ use aws_smithy_types::error::operation::BuildError;
 use workflows::{EventId, HistoryEntry, State, Tenant, TenantId, Timestamp, WorkflowKey};
 
 use super::{Names, RequestCounter, sdk_error};
-use crate::ports::{Error, RecordWrite, Store, WorkflowFilter, WorkflowSummary, WriteError};
+use crate::ports::{
+    Error, RecordWrite, SlotGrant, SlotsView, Store, WorkflowFilter, WorkflowSummary, WriteError,
+};
 
 /// The backend name in errors.
 const BACKEND: &str = "dynamodb";
@@ -990,6 +992,33 @@ impl Store for DynamoStore {
             .await?;
         Ok(item.as_ref().and_then(|i| num(i, "value")))
     }
+
+    // Slot leases are not on DynamoDB yet: the configuration refuses `[limits]` with the AWS
+    // backend, so only a caller that skips it gets here.
+    async fn acquire_slot(
+        &self,
+        kind: &str,
+        _key: &WorkflowKey,
+        _holder: &str,
+        _cap: u32,
+        _ttl: Duration,
+    ) -> Result<SlotGrant, Error> {
+        Err(slots_unsupported(kind))
+    }
+
+    async fn release_slot(&self, kind: &str, _holder: &str) -> Result<(), Error> {
+        Err(slots_unsupported(kind))
+    }
+
+    async fn slots(&self, kind: &str) -> Result<SlotsView, Error> {
+        Err(slots_unsupported(kind))
+    }
+}
+
+fn slots_unsupported(kind: &str) -> Error {
+    Error::Invalid(format!(
+        "activity limits ({kind}) are not available on the AWS backend yet; remove [limits] from the configuration"
+    ))
 }
 
 /// Creates the four tables of `names` (see the [module docs](self)) unless they exist, and

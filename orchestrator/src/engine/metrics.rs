@@ -7,6 +7,7 @@
 //! | `orchestrator.transitions` | counter | `from_state`, `to_state` |
 //! | `orchestrator.step.duration` | histogram, seconds | `step`, `outcome` (done, progress, retryable, terminal) |
 //! | `orchestrator.step.retries` | counter | `step` |
+//! | `orchestrator.step.slot_waits` | counter | `step` |
 //! | `orchestrator.messages.dead_lettered` | counter | `messaging.destination.name` |
 //! | `orchestrator.queue.oldest_age` | gauge, seconds | `messaging.destination.name` |
 //! | `orchestrator.workflows` | gauge | `state` |
@@ -21,6 +22,7 @@ pub(crate) struct Metrics {
     pub(crate) transitions: Counter<u64>,
     pub(crate) step_duration: Histogram<f64>,
     pub(crate) retries: Counter<u64>,
+    pub(crate) slot_waits: Counter<u64>,
     pub(crate) dead_lettered: Counter<u64>,
     pub(crate) oldest_age: Gauge<f64>,
     pub(crate) workflows: Gauge<u64>,
@@ -47,6 +49,12 @@ impl Metrics {
             retries: meter
                 .u64_counter("orchestrator.step.retries")
                 .with_description("activity invocations that failed retryably")
+                .build(),
+            slot_waits: meter
+                .u64_counter("orchestrator.step.slot_waits")
+                .with_description(
+                    "step messages put back because every slot of their kind was taken",
+                )
                 .build(),
             dead_lettered: meter
                 .u64_counter("orchestrator.messages.dead_lettered")

@@ -13,7 +13,7 @@
 mod metrics;
 mod sweeper;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,14 +25,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use workflows::{
-    Body, Command, Envelope, Event, EventId, Input, StepOutcome, StepReport, StepStatus, StepTask,
-    Tenant, TenantId, Timestamp, Verdict, WorkflowKey, WorkflowRecord,
+    Body, Command, Envelope, Event, EventId, Input, StepKind, StepOutcome, StepReport, StepStatus,
+    StepTask, Tenant, TenantId, Timestamp, Verdict, WorkflowKey, WorkflowRecord,
 };
 
 use crate::clock::SharedClock;
 use crate::ports::{
-    Commit, Delivery, Error, Journal, Outgoing, Queue, QueueKind, Receipt, RecordWrite, Store,
-    WriteError,
+    Commit, Delivery, Error, Journal, Outgoing, Queue, QueueKind, Receipt, RecordWrite, SlotGrant,
+    Store, WriteError,
 };
 use crate::requests::{RequestCount, RequestCounter};
 
@@ -59,6 +59,18 @@ pub struct EngineConfig {
     pub cache_records: usize,
     /// How long a tenant record is trusted before it is read again.
     pub tenant_ttl: Duration,
+    /// Account-wide caps on concurrent activities per step kind (EC2 quotas are per account):
+    /// an invocation of a capped kind first takes a leased slot in the store, held until the
+    /// step is done or failed, whichever worker invokes it.
+    pub limits: BTreeMap<StepKind, u32>,
+    /// How long a slot lease lasts unless renewed; every invocation renews it, so it must
+    /// outlast the longest pause between a step's invocations (rechecks and retries). A dead
+    /// worker's slots come free after it.
+    pub slot_ttl: Duration,
+    /// The shortest wait before a step waiting for a slot asks again.
+    pub slot_poll: Duration,
+    /// The longest such wait.
+    pub slot_poll_max: Duration,
 }
 
 impl Default for EngineConfig {
@@ -73,6 +85,10 @@ impl Default for EngineConfig {
             shutdown_grace: Duration::from_secs(10),
             cache_records: 4096,
             tenant_ttl: Duration::from_secs(5),
+            limits: BTreeMap::new(),
+            slot_ttl: Duration::from_secs(600),
+            slot_poll: Duration::from_secs(1),
+            slot_poll_max: Duration::from_secs(60),
         }
     }
 }
@@ -94,6 +110,8 @@ pub struct EngineStats {
     pub quarantined: AtomicU64,
     /// Messages left for redelivery after an error.
     pub errors: AtomicU64,
+    /// Step messages put back because every slot of their kind was taken.
+    pub slot_waits: AtomicU64,
 }
 
 /// A snapshot of [`EngineStats`].
@@ -113,6 +131,8 @@ pub struct StatsSnapshot {
     pub quarantined: u64,
     /// Messages left for redelivery.
     pub errors: u64,
+    /// Step messages put back to wait for a slot.
+    pub slot_waits: u64,
 }
 
 impl EngineStats {
@@ -127,6 +147,7 @@ impl EngineStats {
             activities: get(&self.activities),
             quarantined: get(&self.quarantined),
             errors: get(&self.errors),
+            slot_waits: get(&self.slot_waits),
         }
     }
 }
@@ -167,6 +188,8 @@ pub struct Engine<S, Q, J, A> {
     stats: EngineStats,
     requests: RequestCounter,
     metrics: metrics::Metrics,
+    /// Per capped kind, a running average of how long slots were held, for pacing waiters.
+    holds: Mutex<HashMap<StepKind, Duration>>,
 }
 
 impl<S, Q, J, A> std::fmt::Debug for Engine<S, Q, J, A> {
@@ -261,6 +284,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             cache: Mutex::new(HashMap::new()),
             tenants: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
+            holds: Mutex::new(HashMap::new()),
             stats: EngineStats::default(),
             metrics: metrics::Metrics::new(),
             requests: RequestCounter::new(),
@@ -672,29 +696,56 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             Err(Error::Corrupt { .. }) => (false, None),
             Err(e) => return Err(e),
         };
+        let cap = self.config.limits.get(&task.step).copied();
+        // Only capped kinds have holders (no allocation on the common path).
+        let holder = cap.map(|_| slot_holder(key, task)).unwrap_or_default();
         if !is_current {
             bump(&self.stats.stale);
             debug!("stale step message dropped");
+            if cap.is_some() {
+                // A cancelled or superseded run's slot comes free now rather than at expiry.
+                self.release_slot(task.step, &holder, None).await;
+            }
             let id = workflows::event::step_event_id(task.run, task.step, task.token);
             let send = match &stored {
                 Some(record) => self.resend(key, &id, record, delivery).await?,
                 None => Vec::new(),
             };
-            self.commit(Commit {
-                send,
-                ack: Some(ack),
-                ..Commit::default()
-            })
-            .await
-            .map_err(|e| match e {
-                WriteError::Store(e) => e,
-                conflict => Error::Unavailable {
-                    backend: "journal",
-                    message: conflict.to_string(),
-                },
-            })?;
+            self.send_and_ack(send, ack).await?;
             return Ok(Handled::Done(Vec::new()));
         }
+        let slot = match cap {
+            None => None,
+            Some(cap) => match self
+                .store
+                .acquire_slot(task.step.as_str(), key, &holder, cap, self.config.slot_ttl)
+                .await?
+            {
+                SlotGrant::Held { since } => Some(since),
+                SlotGrant::Waiting { ahead } => {
+                    // Ask again when a slot may be ours; the step stays running meanwhile.
+                    bump(&self.stats.slot_waits);
+                    tracing::Span::current().record("step.outcome", "waiting_for_slot");
+                    self.metrics
+                        .slot_waits
+                        .add(1, &[metrics::Metrics::kv("step", task.step.as_str())]);
+                    let delay = self.slot_poll(task.step, ahead, cap);
+                    debug!(
+                        ahead,
+                        delay_ms = delay.as_millis() as u64,
+                        "waiting for a slot"
+                    );
+                    let again = message(
+                        key,
+                        Body::Step(Box::new(task.clone())),
+                        delay,
+                        self.clock.now(),
+                    );
+                    self.send_and_ack(vec![again], ack).await?;
+                    return Ok(Handled::Done(Vec::new()));
+                }
+            },
+        };
         bump(&self.stats.activities);
         let started = std::time::Instant::now();
         let outcome = self
@@ -711,6 +762,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             Outcome::Retryable(_) => "retryable",
             Outcome::Terminal(_) => "terminal",
         };
+        let finished = matches!(outcome, Outcome::Done(_) | Outcome::Terminal(_));
         tracing::Span::current().record("step.outcome", kind);
         let step_kv = metrics::Metrics::kv("step", task.step.as_str());
         self.metrics.step_duration.record(
@@ -747,9 +799,69 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             token: task.token,
             outcome,
         });
-        self.apply(key, &event, ack, delivery)
+        let result = self
+            .apply(key, &event, ack, delivery)
             .instrument(event_span(key, &event))
-            .await
+            .await;
+        if let (Some(since), true, Ok(_)) = (slot, finished, &result) {
+            // Held until the report is committed: were it lost, the next invocation finds
+            // its lease (and whatever the activity made) again.
+            self.release_slot(task.step, &holder, Some(since)).await;
+        }
+        result
+    }
+
+    /// Sends `send` and acknowledges the message, one commit.
+    async fn send_and_ack(
+        &self,
+        send: Vec<Outgoing>,
+        ack: (QueueKind, Receipt),
+    ) -> Result<(), Error> {
+        self.commit(Commit {
+            send,
+            ack: Some(ack),
+            ..Commit::default()
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| match e {
+            WriteError::Store(e) => e,
+            conflict => Error::Unavailable {
+                backend: "journal",
+                message: conflict.to_string(),
+            },
+        })
+    }
+
+    /// Gives a slot back; a failure only delays it to the lease's expiry. With `since`, the
+    /// hold time feeds the pacing of waiters.
+    async fn release_slot(&self, step: StepKind, holder: &str, since: Option<Timestamp>) {
+        if let Err(e) = self.store.release_slot(step.as_str(), holder).await {
+            warn!(%step, holder, error = %e, "slot not released; it comes free when its lease lapses");
+            return;
+        }
+        if let (Some(since), Ok(mut holds)) = (since, self.holds.lock()) {
+            let held = self.clock.now().since(since);
+            let average = holds.entry(step).or_insert(held);
+            *average = average.mul_f64(0.8) + held.mul_f64(0.2);
+        }
+    }
+
+    /// How long a step waiting behind `ahead` others for one of `cap` slots waits before
+    /// asking again: half the time the slots need to serve those ahead, by the average hold,
+    /// so it is back before its turn without polling the store all the while.
+    fn slot_poll(&self, step: StepKind, ahead: u64, cap: u32) -> Duration {
+        let hold = self
+            .holds
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&step).copied())
+            .unwrap_or(self.config.slot_poll);
+        let turns = (ahead as f64 + 1.0) / f64::from(cap.max(1));
+        hold.mul_f64(turns / 2.0).clamp(
+            self.config.slot_poll,
+            self.config.slot_poll_max.max(self.config.slot_poll),
+        )
     }
 
     /// What to send again for `delivery`, whose event `id` was applied before: the messages
@@ -938,6 +1050,12 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         span.record("messaging.message.delivery_count", delivery.receive_count);
         crate::telemetry::continue_trace(span, &delivery.attributes);
     }
+}
+
+/// Who holds a slot for a step: the workflow's run, so a superseded run's lease is never taken
+/// for the next run's.
+fn slot_holder(key: &WorkflowKey, task: &StepTask) -> String {
+    format!("{key}/{}", task.run)
 }
 
 /// The span of applying `event`; its verdict, states and run are recorded once known.

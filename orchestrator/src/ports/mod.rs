@@ -11,7 +11,10 @@ pub use batched::Batched;
 pub use journal::{Commit, Journal, Sequential};
 pub use queue::{DeadLetter, Delivery, Outgoing, Queue, QueueKind, QueueStats, Receipt};
 pub use stack::Stack;
-pub use store::{RecordWrite, Store, WorkflowFilter, WorkflowSummary, WriteError};
+pub use store::{
+    RecordWrite, SlotEntry, SlotGrant, SlotsView, Store, WorkflowFilter, WorkflowSummary,
+    WriteError,
+};
 
 /// Why a port operation failed.
 #[derive(Debug, thiserror::Error)]

@@ -8,7 +8,7 @@ use workflows::{EventId, HistoryEntry, Tenant, TenantId, WorkflowKey, WorkflowRe
 
 use super::{
     Commit, DeadLetter, Delivery, Error, Journal, Outgoing, Queue, QueueKind, QueueStats, Receipt,
-    RecordWrite, Store, WorkflowFilter, WorkflowSummary, WriteError,
+    RecordWrite, SlotGrant, SlotsView, Store, WorkflowFilter, WorkflowSummary, WriteError,
 };
 
 /// The three ports of one backend.
@@ -133,6 +133,22 @@ impl<S: Store, Q: Queue, J: Journal> Store for Stack<S, Q, J> {
     }
     async fn allocation_of(&self, pool: &str, owner: &str) -> Result<Option<u64>, Error> {
         self.store.allocation_of(pool, owner).await
+    }
+    async fn acquire_slot(
+        &self,
+        kind: &str,
+        key: &WorkflowKey,
+        holder: &str,
+        cap: u32,
+        ttl: Duration,
+    ) -> Result<SlotGrant, Error> {
+        self.store.acquire_slot(kind, key, holder, cap, ttl).await
+    }
+    async fn release_slot(&self, kind: &str, holder: &str) -> Result<(), Error> {
+        self.store.release_slot(kind, holder).await
+    }
+    async fn slots(&self, kind: &str) -> Result<SlotsView, Error> {
+        self.store.slots(kind).await
     }
 }
 

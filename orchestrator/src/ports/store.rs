@@ -1,10 +1,12 @@
-//! The `Store` port: workflow records with their history, tenants, and allocations.
+//! The `Store` port: workflow records with their history, tenants, allocations, and the leased
+//! slots that cap concurrent activities of a kind across every worker.
 //!
 //! Records are written only by the engine, with one conditional write per transition: the
 //! record at version `v + 1` together with its history entry, accepted only over version `v`.
 //! Everything else here is read by `wfctl` and the ingress.
 
 use std::future::Future;
+use std::time::Duration;
 
 use serde::Serialize;
 use workflows::{
@@ -107,6 +109,44 @@ pub struct WorkflowFilter {
     pub updated_before: Option<Timestamp>,
 }
 
+/// The answer to a slot request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotGrant {
+    /// The holder has a slot, leased until it is released or not renewed in time.
+    Held {
+        /// When the slot was granted (earlier than now when the lease was renewed).
+        since: Timestamp,
+    },
+    /// Every slot is taken, or others wait before this holder; it is in line now.
+    Waiting {
+        /// Waiters served before this one (a lower bound on the AWS backend, which counts at
+        /// most a thousand).
+        ahead: u64,
+    },
+}
+
+/// A holder of, or a waiter for, a slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SlotEntry {
+    /// Who holds or waits (`<workflow key>/<run>`).
+    pub holder: String,
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// When it was granted the slot, or started waiting.
+    pub since: Timestamp,
+    /// When the lease (or the place in line) lapses unless renewed.
+    pub expires_at: Timestamp,
+}
+
+/// The slots of one kind: holders, and waiters in the order they will be served.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SlotsView {
+    /// Current leases.
+    pub held: Vec<SlotEntry>,
+    /// Waiters, next served first.
+    pub waiting: Vec<SlotEntry>,
+}
+
 /// The store.
 pub trait Store: Send + Sync + 'static {
     /// The record of `key`, if any. A record that does not decode is `Error::Corrupt`.
@@ -193,4 +233,33 @@ pub trait Store: Send + Sync + 'static {
         pool: &str,
         owner: &str,
     ) -> impl Future<Output = Result<Option<u64>, Error>> + Send;
+
+    /// Asks for one of `cap` slots of `kind` for `holder` (a run of workflow `key`), or renews
+    /// the lease it has, for `ttl` from now. Leases and places in line that were not renewed in
+    /// time are dropped first, so a dead worker's slots come free.
+    ///
+    /// Waiters are served in rounds across tenants, then first come first served: a waiter
+    /// whose tenant already held or awaited `n` slots of the kind when it joined the line is in
+    /// round `n`, and every waiter of round `n` is served before any of round `n + 1`. So no
+    /// tenant waits behind another tenant's whole backlog. At most `cap` holders exist at any
+    /// moment, whichever workers ask.
+    fn acquire_slot(
+        &self,
+        kind: &str,
+        key: &WorkflowKey,
+        holder: &str,
+        cap: u32,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<SlotGrant, Error>> + Send;
+
+    /// Gives up `holder`'s slot of `kind`, or its place in line. Releasing what is not held
+    /// does nothing.
+    fn release_slot(
+        &self,
+        kind: &str,
+        holder: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The holders and waiters of `kind`'s slots whose leases have not lapsed.
+    fn slots(&self, kind: &str) -> impl Future<Output = Result<SlotsView, Error>> + Send;
 }

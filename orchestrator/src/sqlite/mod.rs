@@ -26,7 +26,8 @@ use workflows::{
 use crate::clock::{SharedClock, SystemClock};
 use crate::ports::{
     Commit, DeadLetter, Delivery, Error, Journal, Outgoing, Queue, QueueKind, QueueStats, Receipt,
-    RecordWrite, Store, WorkflowFilter, WorkflowSummary, WriteError,
+    RecordWrite, SlotEntry, SlotGrant, SlotsView, Store, WorkflowFilter, WorkflowSummary,
+    WriteError,
 };
 use writer::{Op, Reply, Writer};
 
@@ -726,6 +727,79 @@ impl Store for SqliteBackend {
                 .optional()
                 .map_err(sql)?;
             Ok(v.and_then(|v| u64::try_from(v).ok()))
+        })
+        .await
+    }
+
+    async fn acquire_slot(
+        &self,
+        kind: &str,
+        key: &WorkflowKey,
+        holder: &str,
+        cap: u32,
+        ttl: Duration,
+    ) -> Result<SlotGrant, Error> {
+        let op = Op::AcquireSlot {
+            kind: kind.to_owned(),
+            holder: holder.to_owned(),
+            tenant: key.tenant.to_string(),
+            cap,
+            ttl,
+        };
+        match self.write_op(op).await? {
+            Reply::Slot(grant) => Ok(grant),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn release_slot(&self, kind: &str, holder: &str) -> Result<(), Error> {
+        let op = Op::ReleaseSlot {
+            kind: kind.to_owned(),
+            holder: holder.to_owned(),
+        };
+        match self.write_op(op).await? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn slots(&self, kind: &str) -> Result<SlotsView, Error> {
+        let kind = kind.to_owned();
+        let now = self.inner.clock.now().as_unix_millis();
+        self.read(move |conn| {
+            let entries = |query: &str| -> Result<Vec<SlotEntry>, Error> {
+                let mut stmt = conn.prepare_cached(query).map_err(sql)?;
+                let rows = stmt
+                    .query_map(params![kind, now], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                        ))
+                    })
+                    .map_err(sql)?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let (holder, tenant, since, expires_at) = row.map_err(sql)?;
+                    out.push(SlotEntry {
+                        holder,
+                        tenant: TenantId::new(tenant)
+                            .map_err(|e| Error::Invalid(format!("slot tenant: {e}")))?,
+                        since: Timestamp::from_unix_millis(since),
+                        expires_at: Timestamp::from_unix_millis(expires_at),
+                    });
+                }
+                Ok(out)
+            };
+            Ok(SlotsView {
+                held: entries(
+                    "SELECT holder, tenant, granted_at, expires_at FROM slot_leases WHERE kind = ?1 AND expires_at > ?2 ORDER BY granted_at, holder",
+                )?,
+                waiting: entries(
+                    "SELECT holder, tenant, ticket, expires_at FROM slot_waiters WHERE kind = ?1 AND expires_at > ?2 ORDER BY round, ticket, holder",
+                )?,
+            })
         })
         .await
     }

@@ -84,4 +84,28 @@ CREATE TABLE IF NOT EXISTS allocations (
     PRIMARY KEY (pool, value)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS allocations_by_owner ON allocations (pool, owner);
+
+-- Leased slots capping concurrent activities of a kind, and the line of those waiting for one
+-- (served by round, then ticket: see `Store::acquire_slot`). Times are Unix milliseconds.
+CREATE TABLE IF NOT EXISTS slot_leases (
+    kind       TEXT    NOT NULL,
+    holder     TEXT    NOT NULL,
+    tenant     TEXT    NOT NULL,
+    granted_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, holder)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS slot_leases_by_tenant ON slot_leases (kind, tenant);
+CREATE TABLE IF NOT EXISTS slot_waiters (
+    kind       TEXT    NOT NULL,
+    holder     TEXT    NOT NULL,
+    tenant     TEXT    NOT NULL,
+    round      INTEGER NOT NULL,
+    ticket     INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, holder)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS slot_waiters_in_order ON slot_waiters (kind, round, ticket, holder);
+CREATE INDEX IF NOT EXISTS slot_waiters_by_tenant ON slot_waiters (kind, tenant);
+CREATE INDEX IF NOT EXISTS slot_waiters_by_expiry ON slot_waiters (kind, expires_at);
 "#;

@@ -10,7 +10,7 @@ use workflows::{TenantId, Timestamp, WorkflowKey};
 use super::{SqliteConfig, attributes_from_sql, attributes_to_sql, sql, unavailable};
 use crate::clock::SharedClock;
 use crate::ports::{
-    Commit, Delivery, Error, Outgoing, QueueKind, Receipt, RecordWrite, WriteError,
+    Commit, Delivery, Error, Outgoing, QueueKind, Receipt, RecordWrite, SlotGrant, WriteError,
 };
 
 /// A write request.
@@ -58,6 +58,17 @@ pub(super) enum Op {
         value: u64,
         owner: String,
     },
+    AcquireSlot {
+        kind: String,
+        holder: String,
+        tenant: String,
+        cap: u32,
+        ttl: Duration,
+    },
+    ReleaseSlot {
+        kind: String,
+        holder: String,
+    },
     /// Redrive (`back`) or discard dead letters.
     Settle {
         queue: QueueKind,
@@ -76,6 +87,7 @@ pub(super) enum Reply {
     /// Receipts that were not current.
     Failed(Vec<Receipt>),
     Allocated(bool),
+    Slot(SlotGrant),
     /// Ids of the dead letters handled.
     Ids(Vec<String>),
 }
@@ -308,7 +320,116 @@ fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Result
             Ok(Reply::Done)
         }
         Op::Settle { queue, ids, back } => settle(conn, queue, ids, back, now),
+        Op::AcquireSlot {
+            kind,
+            holder,
+            tenant,
+            cap,
+            ttl,
+        } => acquire_slot(conn, &kind, &holder, &tenant, cap, now + millis(ttl), now)
+            .map(Reply::Slot),
+        Op::ReleaseSlot { kind, holder } => {
+            for table in ["slot_leases", "slot_waiters"] {
+                conn.prepare_cached(&format!(
+                    "DELETE FROM {table} WHERE kind = ?1 AND holder = ?2"
+                ))
+                .map_err(sql)?
+                .execute(params![kind, holder])
+                .map_err(sql)?;
+            }
+            Ok(Reply::Done)
+        }
     }
+}
+
+/// One slot request, in the writer's transaction: drop what lapsed, renew a lease held, else
+/// join (or keep) a place in line and take a free slot when no one before is owed it.
+fn acquire_slot(
+    conn: &Connection,
+    kind: &str,
+    holder: &str,
+    tenant: &str,
+    cap: u32,
+    expires_at: i64,
+    now: i64,
+) -> Result<SlotGrant, Error> {
+    let count = |sql_text: &str, p: &[&dyn rusqlite::ToSql]| -> Result<i64, Error> {
+        conn.prepare_cached(sql_text)
+            .map_err(sql)?
+            .query_row(p, |r| r.get(0))
+            .map_err(sql)
+    };
+    for table in ["slot_leases", "slot_waiters"] {
+        conn.prepare_cached(&format!(
+            "DELETE FROM {table} WHERE kind = ?1 AND expires_at <= ?2"
+        ))
+        .map_err(sql)?
+        .execute(params![kind, now])
+        .map_err(sql)?;
+    }
+    let granted: Option<i64> = conn
+        .prepare_cached(
+            "UPDATE slot_leases SET expires_at = ?3 WHERE kind = ?1 AND holder = ?2 RETURNING granted_at",
+        )
+        .map_err(sql)?
+        .query_row(params![kind, holder, expires_at], |r| r.get(0))
+        .optional()
+        .map_err(sql)?;
+    if let Some(since) = granted {
+        return Ok(SlotGrant::Held {
+            since: Timestamp::from_unix_millis(since),
+        });
+    }
+    let place: Option<(i64, i64)> = conn
+        .prepare_cached(
+            "UPDATE slot_waiters SET expires_at = ?3 WHERE kind = ?1 AND holder = ?2 RETURNING round, ticket",
+        )
+        .map_err(sql)?
+        .query_row(params![kind, holder, expires_at], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(sql)?;
+    let (round, ticket) = match place {
+        Some(p) => p,
+        None => {
+            let round = count(
+                "SELECT COUNT(*) FROM slot_leases WHERE kind = ?1 AND tenant = ?2",
+                &[&kind, &tenant],
+            )? + count(
+                "SELECT COUNT(*) FROM slot_waiters WHERE kind = ?1 AND tenant = ?2",
+                &[&kind, &tenant],
+            )?;
+            conn.prepare_cached(
+                "INSERT INTO slot_waiters (kind, holder, tenant, round, ticket, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .map_err(sql)?
+            .execute(params![kind, holder, tenant, round, now, expires_at])
+            .map_err(sql)?;
+            (round, now)
+        }
+    };
+    let held = count("SELECT COUNT(*) FROM slot_leases WHERE kind = ?1", &[&kind])?;
+    let ahead = count(
+        "SELECT COUNT(*) FROM slot_waiters WHERE kind = ?1 AND (round, ticket, holder) < (?2, ?3, ?4)",
+        &[&kind, &round, &ticket, &holder],
+    )?;
+    if held + ahead < i64::from(cap) {
+        conn.prepare_cached("DELETE FROM slot_waiters WHERE kind = ?1 AND holder = ?2")
+            .map_err(sql)?
+            .execute(params![kind, holder])
+            .map_err(sql)?;
+        conn.prepare_cached(
+            "INSERT INTO slot_leases (kind, holder, tenant, granted_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(sql)?
+        .execute(params![kind, holder, tenant, now, expires_at])
+        .map_err(sql)?;
+        return Ok(SlotGrant::Held {
+            since: Timestamp::from_unix_millis(now),
+        });
+    }
+    Ok(SlotGrant::Waiting {
+        ahead: u64::try_from(ahead).unwrap_or(0),
+    })
 }
 
 fn to_i64(v: u64) -> Result<i64, Error> {

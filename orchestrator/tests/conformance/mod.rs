@@ -9,7 +9,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use orchestrator::ports::{
-    Commit, Error, Journal, Outgoing, Queue, QueueKind, Receipt, RecordWrite, Store,
+    Commit, Error, Journal, Outgoing, Queue, QueueKind, Receipt, RecordWrite, SlotGrant, Store,
     WorkflowFilter, WriteError,
 };
 use workflows::testing::Driver;
@@ -772,4 +772,154 @@ pub(crate) async fn claimed_messages_are_delivered_once<H: Harness>(h: &H) {
     assert!(failed.is_empty(), "a claimed receipt acknowledges");
     h.advance(Duration::from_secs(6)).await;
     assert_eq!(bodies(&receive_all(h, QueueKind::Steps).await), ["later"]);
+}
+
+/// The slot checks, for backends that lease slots (see `Store::acquire_slot`).
+pub(crate) async fn run_slots<H: Harness>(make: impl AsyncFn() -> H) {
+    slots_are_capped_and_served_in_rounds(&make().await).await;
+    slot_leases_lapse_unless_renewed(&make().await).await;
+}
+
+async fn acquire<H: Harness>(h: &H, tenant: &str, env: Environment, cap: u32) -> SlotGrant {
+    let k = key(tenant, env);
+    h.backend()
+        .acquire_slot(
+            "image",
+            &k,
+            &format!("{k}/r1"),
+            cap,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("acquire")
+}
+
+fn holders(view: &[orchestrator::ports::SlotEntry]) -> Vec<&str> {
+    view.iter().map(|e| e.holder.as_str()).collect()
+}
+
+pub(crate) async fn slots_are_capped_and_served_in_rounds<H: Harness>(h: &H) {
+    use Environment::{Dev, Production, Staging};
+    let b = h.backend();
+    let held = |g: SlotGrant| matches!(g, SlotGrant::Held { .. });
+    assert!(held(acquire(h, "aaa", Dev, 2).await));
+    h.advance(Duration::from_millis(5)).await;
+    assert!(held(acquire(h, "bbb", Dev, 2).await));
+    h.advance(Duration::from_millis(5)).await;
+    assert_eq!(
+        acquire(h, "ccc", Dev, 2).await,
+        SlotGrant::Waiting { ahead: 0 }
+    );
+    h.advance(Duration::from_millis(5)).await;
+    assert_eq!(
+        acquire(h, "ddd", Dev, 2).await,
+        SlotGrant::Waiting { ahead: 1 }
+    );
+    // Renewing keeps the lease and its grant time.
+    let SlotGrant::Held { since } = acquire(h, "aaa", Dev, 2).await else {
+        panic!("a's lease is renewed");
+    };
+    h.advance(Duration::from_millis(5)).await;
+    // Tenant a holds one already: its second workflow is in round 1, behind e's first.
+    assert_eq!(
+        acquire(h, "aaa", Staging, 2).await,
+        SlotGrant::Waiting { ahead: 2 }
+    );
+    h.advance(Duration::from_millis(5)).await;
+    assert_eq!(
+        acquire(h, "eee", Dev, 2).await,
+        SlotGrant::Waiting { ahead: 2 }
+    );
+    h.advance(Duration::from_millis(5)).await;
+    assert_eq!(
+        acquire(h, "aaa", Production, 2).await,
+        SlotGrant::Waiting { ahead: 4 },
+        "round 2: behind everyone"
+    );
+    let view = b.slots("image").await.expect("slots");
+    assert_eq!(holders(&view.held), ["aaa#dev/r1", "bbb#dev/r1"]);
+    assert_eq!(view.held[0].since, since);
+    assert_eq!(
+        holders(&view.waiting),
+        [
+            "ccc#dev/r1",
+            "ddd#dev/r1",
+            "eee#dev/r1",
+            "aaa#staging/r1",
+            "aaa#production/r1"
+        ]
+    );
+    // Another kind is counted apart.
+    let k = key("zzz", Dev);
+    assert!(held(
+        b.acquire_slot("database", &k, "zzz#dev/r1", 1, Duration::from_secs(60))
+            .await
+            .expect("other kind")
+    ));
+
+    // A freed slot goes to the head of the line, not to whoever asks first.
+    b.release_slot("image", "aaa#dev/r1")
+        .await
+        .expect("release");
+    assert_eq!(
+        acquire(h, "ddd", Dev, 2).await,
+        SlotGrant::Waiting { ahead: 1 },
+        "c is owed the slot"
+    );
+    assert!(held(acquire(h, "ccc", Dev, 2).await));
+    assert_eq!(
+        acquire(h, "ddd", Dev, 2).await,
+        SlotGrant::Waiting { ahead: 0 }
+    );
+    // Leaving the line lets the next move up; releasing what is not held does nothing.
+    b.release_slot("image", "ddd#dev/r1").await.expect("leave");
+    b.release_slot("image", "nobody#dev/r1")
+        .await
+        .expect("no-op");
+    b.release_slot("image", "bbb#dev/r1")
+        .await
+        .expect("release");
+    assert!(held(acquire(h, "eee", Dev, 2).await));
+    let view = b.slots("image").await.expect("slots");
+    assert_eq!(holders(&view.held), ["ccc#dev/r1", "eee#dev/r1"]);
+    assert_eq!(
+        holders(&view.waiting),
+        ["aaa#staging/r1", "aaa#production/r1"]
+    );
+}
+
+pub(crate) async fn slot_leases_lapse_unless_renewed<H: Harness>(h: &H) {
+    use Environment::Dev;
+    let b = h.backend();
+    assert!(matches!(
+        acquire(h, "aaa", Dev, 1).await,
+        SlotGrant::Held { .. }
+    ));
+    assert_eq!(
+        acquire(h, "bbb", Dev, 1).await,
+        SlotGrant::Waiting { ahead: 0 }
+    );
+    assert_eq!(
+        acquire(h, "ccc", Dev, 1).await,
+        SlotGrant::Waiting { ahead: 1 }
+    );
+    // b keeps its place by asking; a (a dead worker's lease) and c do not renew.
+    h.advance(Duration::from_secs(40)).await;
+    assert_eq!(
+        acquire(h, "bbb", Dev, 1).await,
+        SlotGrant::Waiting { ahead: 0 }
+    );
+    h.advance(Duration::from_secs(30)).await;
+    let view = b.slots("image").await.expect("slots");
+    assert!(view.held.is_empty(), "a's lease lapsed: {view:?}");
+    assert_eq!(holders(&view.waiting), ["bbb#dev/r1"]);
+    assert!(matches!(
+        acquire(h, "bbb", Dev, 1).await,
+        SlotGrant::Held { .. }
+    ));
+    // c comes back after its place lapsed: at the end of the line again.
+    assert_eq!(
+        acquire(h, "ccc", Dev, 1).await,
+        SlotGrant::Waiting { ahead: 0 }
+    );
 }
