@@ -35,7 +35,7 @@
 //!
 //! [limits]                        # account-wide caps on concurrent activities per step kind
 //! image = 20                      # (network, source_infra, source_app, image, database,
-//! database = 40                   # routing, rollout); none by default. Embedded backend only.
+//! database = 40                   # routing, rollout); none by default
 //!
 //! [sweeper]
 //! interval = "60s"                # how often it looks for stuck workflows
@@ -358,12 +358,6 @@ impl Config {
                 "limits.{kind} must be at least 1 (leave it out for no limit)"
             )));
         }
-        if !self.limits.is_empty() && self.backend == Backend::Aws {
-            return Err(Error::Invalid(
-                "[limits] needs the embedded backend: slot leases are not on DynamoDB yet"
-                    .to_owned(),
-            ));
-        }
         if !self.limits.is_empty() && e.slot_ttl <= e.slot_poll_max {
             // A waiter that asks again only after its place in line lapsed loses it.
             return Err(Error::Invalid(format!(
@@ -511,9 +505,6 @@ mod tests {
         assert!(e.to_string().contains("images"), "{e}");
         let e = Config::from_parts("[limits]\nimage = 0\n", []).expect_err("zero");
         assert!(e.to_string().contains("limits.image"), "{e}");
-        let e = Config::from_parts("backend = \"aws\"\n[limits]\nimage = 2\n", [])
-            .expect_err("not on DynamoDB");
-        assert!(e.to_string().contains("embedded backend"), "{e}");
         let e = Config::from_parts(
             "[engine]\nslot_ttl = \"30s\"\nslot_poll_max = \"1m\"\n[limits]\nimage = 2\n",
             [],

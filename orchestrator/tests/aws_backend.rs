@@ -8,11 +8,14 @@ mod moto;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conformance::{Harness, run_all};
+use conformance::{Harness, run_all, run_slots};
 use moto::Moto;
 use orchestrator::aws::dynamo::DynamoStore;
 use orchestrator::aws::sqs::SqsQueue;
 use orchestrator::aws::{AwsStack, Names, RequestCounter};
+use orchestrator::clock::ManualClock;
+use orchestrator::ports::{Batched, Stack};
+use workflows::Timestamp;
 
 const MAX_RECEIVES: u32 = 3;
 
@@ -65,6 +68,49 @@ async fn sqs_and_dynamodb_conform() {
     run_all(async || {
         let (moto, stack, _) = aws().await;
         Aws { _moto: moto, stack }
+    })
+    .await;
+}
+
+/// DynamoDB's slots on a clock of the test's (moto's own time cannot be moved).
+struct Slots {
+    _moto: Moto,
+    clock: ManualClock,
+    stack: AwsStack,
+}
+
+impl Harness for Slots {
+    type Backend = AwsStack;
+
+    fn backend(&self) -> &AwsStack {
+        &self.stack
+    }
+
+    async fn advance(&self, d: Duration) {
+        self.clock.advance(d);
+    }
+
+    fn max_receives(&self) -> u32 {
+        MAX_RECEIVES
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamodb_leases_slots() {
+    run_slots(async || {
+        let (moto, stack, _) = aws().await;
+        let clock = ManualClock::new(Timestamp::from_unix_millis(1_800_000_000_000));
+        let store = Arc::new((*stack.store).clone().with_clock(Arc::new(clock.clone())));
+        let stack = Stack {
+            journal: Arc::new(Batched::new(store.clone(), stack.queue.clone(), 64)),
+            store,
+            queue: stack.queue,
+        };
+        Slots {
+            _moto: moto,
+            clock,
+            stack,
+        }
     })
     .await;
 }

@@ -47,6 +47,20 @@
 //!   `attribute_not_exists`: the value's item (one owner per value) and the owner's item (one
 //!   value per owner per pool). **`release`** deletes both, conditional on the owner.
 //!   **`allocation_of`** reads the owner's item.
+//! - **Slots** live in the allocations table too, one partition `slots#<kind>` per capped
+//!   step kind: a counter item `count` (`held`, N), a lease per holder `lease#<holder>`
+//!   (`holder`, `tenant`, `since`, `expires`: unix ms), and per waiter a place in line
+//!   `line#<round, 4 digits>#<ticket, 20 digits>#<holder>` with a pointer `wait#<holder>` to
+//!   it (`line`). Holders start with their tenant, so `wait#<tenant>#` lists a tenant's
+//!   waiters. **`acquire_slot`** queries the leases (dropping lapsed ones: delete conditional
+//!   on the `expires` read plus `ADD held -1`, one transaction), renews ours if there is one,
+//!   else finds or joins its place (the pointer put is conditional, so a duplicate request
+//!   joins once) and, when fewer than the free slots' number of live places come before it
+//!   (a `Query` of at most that many), takes a slot in one transaction: `ADD held 1` on the
+//!   counter conditional on `held < cap`, the lease put, the place and pointer deleted. So
+//!   the cap holds whatever workers race. A waiter is told how many are ahead (a `COUNT`
+//!   query of at most a thousand). **`release_slot`** deletes the lease with `ADD held -1`
+//!   (one transaction) and the place in line, if any. About four to six requests a call.
 //!
 //! Every listing follows `LastEvaluatedKey` until it has `limit` items or there are no more
 //! (a page is DynamoDB's 1 MB unless [`DynamoStore::with_page_size`] bounds it).
@@ -70,14 +84,16 @@ use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, CancellationReason, ConsumedCapacity, Delete,
     GlobalSecondaryIndex, IndexStatus, KeySchemaElement, KeyType, KeysAndAttributes, Projection,
     ProjectionType, Put, ReturnConsumedCapacity, ReturnValuesOnConditionCheckFailure,
-    ScalarAttributeType, TableStatus, TransactWriteItem,
+    ScalarAttributeType, Select, TableStatus, TransactWriteItem, Update,
 };
 use aws_smithy_types::error::operation::BuildError;
 use workflows::{EventId, HistoryEntry, State, Tenant, TenantId, Timestamp, WorkflowKey};
 
 use super::{Names, RequestCounter, sdk_error};
+use crate::clock::{SharedClock, SystemClock};
 use crate::ports::{
-    Error, RecordWrite, SlotGrant, SlotsView, Store, WorkflowFilter, WorkflowSummary, WriteError,
+    Error, RecordWrite, SlotEntry, SlotGrant, SlotsView, Store, WorkflowFilter, WorkflowSummary,
+    WriteError,
 };
 
 /// The backend name in errors.
@@ -103,7 +119,7 @@ pub fn client(sdk: &aws_config::SdkConfig, counter: &RequestCounter) -> Client {
 }
 
 /// The `Store` port on the four DynamoDB tables described in the [module docs](self).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DynamoStore {
     client: Client,
     workflows: String,
@@ -112,6 +128,16 @@ pub struct DynamoStore {
     allocations: String,
     page_size: Option<i32>,
     consumed_wcu: Arc<Mutex<f64>>,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for DynamoStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DynamoStore")
+            .field("workflows", &self.workflows)
+            .field("allocations", &self.allocations)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DynamoStore {
@@ -165,6 +191,7 @@ impl DynamoStore {
             allocations: names.allocations_table.clone(),
             page_size: None,
             consumed_wcu: Arc::new(Mutex::new(0.0)),
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -172,6 +199,12 @@ impl DynamoStore {
     /// page; `history_of_event` reads 100 a page). For tests of pagination, and for tuning.
     pub fn with_page_size(mut self, items: usize) -> Self {
         self.page_size = Some(clamp_i32(items));
+        self
+    }
+
+    /// Times slot leases on `clock` instead of the system's (tests let leases lapse with it).
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -993,32 +1026,495 @@ impl Store for DynamoStore {
         Ok(item.as_ref().and_then(|i| num(i, "value")))
     }
 
-    // Slot leases are not on DynamoDB yet: the configuration refuses `[limits]` with the AWS
-    // backend, so only a caller that skips it gets here.
     async fn acquire_slot(
         &self,
         kind: &str,
-        _key: &WorkflowKey,
-        _holder: &str,
-        _cap: u32,
-        _ttl: Duration,
+        key: &WorkflowKey,
+        holder: &str,
+        cap: u32,
+        ttl: Duration,
     ) -> Result<SlotGrant, Error> {
-        Err(slots_unsupported(kind))
+        let pool = slot_pool(kind);
+        let now = self.clock.now().as_unix_millis();
+        let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4));
+        let tenant = key.tenant.as_str();
+
+        // Leases: drop the lapsed, renew ours.
+        let mut leases = Vec::new();
+        for item in self.slot_items(&pool, "lease#", None).await? {
+            let lease = SlotItem::of(&item)?;
+            if lease.expires <= now {
+                self.drop_lease(&pool, &lease).await?;
+            } else {
+                leases.push(lease);
+            }
+        }
+        if let Some(mine) = leases.iter().find(|l| l.holder == holder) {
+            if self
+                .renew_slot_item(&pool, format!("lease#{holder}"), expires)
+                .await?
+            {
+                return Ok(SlotGrant::Held {
+                    since: Timestamp::from_unix_millis(mine.since),
+                });
+            }
+            // Dropped meanwhile by another worker (it lapsed): ask like a newcomer.
+            leases.retain(|l| l.holder != holder);
+        }
+
+        // Our place in line: the tenant's waiters share a prefix, so one query finds ours and
+        // counts the tenant's others (for the round).
+        let mut tenant_waiting = 0;
+        let mut place = None;
+        for item in self
+            .slot_items(&pool, &format!("wait#{tenant}#"), None)
+            .await?
+        {
+            let waiter = SlotItem::of(&item)?;
+            if waiter.expires <= now {
+                self.drop_waiter(&pool, &waiter).await?;
+            } else if waiter.holder == holder {
+                place = Some(waiter);
+            } else {
+                tenant_waiting += 1;
+            }
+        }
+        let line = match place {
+            Some(w) => {
+                let line = w.line.clone().unwrap_or_default();
+                self.renew_waiter(&pool, holder, &line, expires).await?;
+                line
+            }
+            None => {
+                let round = leases.iter().filter(|l| l.tenant == tenant).count() + tenant_waiting;
+                let line = format!("line#{round:04}#{now:020}#{holder}");
+                self.join_line(&pool, holder, tenant, &line, now, expires)
+                    .await?;
+                line
+            }
+        };
+
+        // A free slot is ours if no one before us in line is owed it. The counter item makes
+        // the grant atomic with the cap whatever other workers do meanwhile.
+        let held = u32::try_from(leases.len()).unwrap_or(u32::MAX);
+        let free = cap.saturating_sub(held);
+        if free > 0 {
+            let mut ahead = 0u32;
+            for item in self
+                .slot_items(&pool, "line#", Some((&line, free as usize + 1)))
+                .await?
+            {
+                let waiter = SlotItem::of(&item)?;
+                if waiter.holder == holder {
+                    continue;
+                }
+                if waiter.expires <= now {
+                    self.drop_waiter(&pool, &waiter).await?;
+                } else {
+                    ahead += 1;
+                }
+            }
+            if ahead < free
+                && self
+                    .grant(&pool, holder, tenant, &line, cap, now, expires)
+                    .await?
+            {
+                return Ok(SlotGrant::Held {
+                    since: Timestamp::from_unix_millis(now),
+                });
+            }
+        }
+        Ok(SlotGrant::Waiting {
+            ahead: self.count_ahead(&pool, &line).await?,
+        })
     }
 
-    async fn release_slot(&self, kind: &str, _holder: &str) -> Result<(), Error> {
-        Err(slots_unsupported(kind))
+    async fn release_slot(&self, kind: &str, holder: &str) -> Result<(), Error> {
+        let pool = slot_pool(kind);
+        let items = vec![
+            TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.allocations)
+                        .set_key(Some(allocation_key(&pool, format!("lease#{holder}"))))
+                        .condition_expression("attribute_exists(#s)")
+                        .expression_attribute_names("#s", "slot")
+                        .build()
+                        .map_err(build_error)?,
+                )
+                .build(),
+            count_change(&self.allocations, &pool, -1, None)?,
+        ];
+        // Cancelled: it held no lease (perhaps it only waited).
+        let _ = self
+            .transact(&format!("lease of {holder} in {pool}"), items)
+            .await?;
+        let pointer = self
+            .get_item(
+                &self.allocations,
+                allocation_key(&pool, format!("wait#{holder}")),
+                &format!("place of {holder} in {pool}"),
+            )
+            .await?;
+        if let Some(item) = pointer {
+            self.drop_waiter(&pool, &SlotItem::of(&item)?).await?;
+        }
+        Ok(())
     }
 
     async fn slots(&self, kind: &str) -> Result<SlotsView, Error> {
-        Err(slots_unsupported(kind))
+        let pool = slot_pool(kind);
+        let now = self.clock.now().as_unix_millis();
+        let entries = |items: Vec<Item>| -> Result<Vec<SlotEntry>, Error> {
+            let mut out = Vec::new();
+            for item in items {
+                let e = SlotItem::of(&item)?;
+                if e.expires > now {
+                    out.push(SlotEntry {
+                        holder: e.holder,
+                        tenant: TenantId::new(e.tenant)
+                            .map_err(|e| Error::Invalid(format!("slot tenant: {e}")))?,
+                        since: Timestamp::from_unix_millis(e.since),
+                        expires_at: Timestamp::from_unix_millis(e.expires),
+                    });
+                }
+            }
+            Ok(out)
+        };
+        let mut held = entries(self.slot_items(&pool, "lease#", None).await?)?;
+        held.sort_by(|a, b| (a.since, &a.holder).cmp(&(b.since, &b.holder)));
+        Ok(SlotsView {
+            held,
+            waiting: entries(self.slot_items(&pool, "line#", None).await?)?,
+        })
     }
 }
 
-fn slots_unsupported(kind: &str) -> Error {
-    Error::Invalid(format!(
-        "activity limits ({kind}) are not available on the AWS backend yet; remove [limits] from the configuration"
-    ))
+/// A lease, a place in line, or its pointer, as stored.
+struct SlotItem {
+    holder: String,
+    tenant: String,
+    since: i64,
+    expires: i64,
+    /// The sort key of the place in line (pointers and line items).
+    line: Option<String>,
+}
+
+impl SlotItem {
+    fn of(item: &Item) -> Result<Self, Error> {
+        let field = |name: &str| {
+            Error::Invalid(format!(
+                "a slot item has no {name}: {:?}",
+                text(item, "slot")
+            ))
+        };
+        Ok(Self {
+            holder: text(item, "holder")
+                .ok_or_else(|| field("holder"))?
+                .to_owned(),
+            tenant: text(item, "tenant")
+                .ok_or_else(|| field("tenant"))?
+                .to_owned(),
+            since: num(item, "since").ok_or_else(|| field("since"))?,
+            expires: num(item, "expires").ok_or_else(|| field("expires"))?,
+            line: text(item, "line").map(str::to_owned),
+        })
+    }
+}
+
+fn slot_pool(kind: &str) -> String {
+    format!("slots#{kind}")
+}
+
+/// `ADD held :delta` on the pool's counter item; with `cap`, only while it is under the cap.
+fn count_change(
+    table: &str,
+    pool: &str,
+    delta: i64,
+    cap: Option<u32>,
+) -> Result<TransactWriteItem, Error> {
+    let mut update = Update::builder()
+        .table_name(table)
+        .set_key(Some(allocation_key(pool, "count".to_owned())))
+        .update_expression("ADD #h :d")
+        .expression_attribute_names("#h", "held")
+        .expression_attribute_values(":d", n(delta));
+    if let Some(cap) = cap {
+        update = update
+            .condition_expression("attribute_not_exists(#h) OR #h < :cap")
+            .expression_attribute_values(":cap", n(cap));
+    }
+    Ok(TransactWriteItem::builder()
+        .update(update.build().map_err(build_error)?)
+        .build())
+}
+
+impl DynamoStore {
+    /// The items of `pool` whose sort key starts with `prefix`; with `upto`, only those up to
+    /// that sort key, at most the given number, first first.
+    async fn slot_items(
+        &self,
+        pool: &str,
+        prefix: &str,
+        upto: Option<(&str, usize)>,
+    ) -> Result<Vec<Item>, Error> {
+        let mut out = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let query = self
+                .client
+                .query()
+                .table_name(&self.allocations)
+                .expression_attribute_names("#p", "pool")
+                .expression_attribute_names("#s", "slot")
+                .expression_attribute_values(":p", s(pool))
+                .expression_attribute_values(":lo", s(prefix))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take());
+            let query = match upto {
+                Some((last, limit)) => query
+                    .key_condition_expression("#p = :p AND #s BETWEEN :lo AND :hi")
+                    .expression_attribute_values(":hi", s(last))
+                    .limit(clamp_i32(limit - out.len())),
+                None => query.key_condition_expression("#p = :p AND begins_with(#s, :lo)"),
+            };
+            let page = query.send().await.map_err(|e| {
+                sdk_error(
+                    BACKEND,
+                    "Query",
+                    &format!("{prefix} items of {pool} in table {}", self.allocations),
+                    e,
+                )
+            })?;
+            out.extend(page.items().iter().cloned());
+            if upto.is_some_and(|(_, limit)| out.len() >= limit) {
+                break;
+            }
+            match page.last_evaluated_key {
+                Some(k) if !k.is_empty() => start = Some(k),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waiters before the place `line` (at most a thousand are counted).
+    async fn count_ahead(&self, pool: &str, line: &str) -> Result<u64, Error> {
+        let out = self
+            .client
+            .query()
+            .table_name(&self.allocations)
+            .key_condition_expression("#p = :p AND #s BETWEEN :lo AND :hi")
+            .expression_attribute_names("#p", "pool")
+            .expression_attribute_names("#s", "slot")
+            .expression_attribute_values(":p", s(pool))
+            .expression_attribute_values(":lo", s("line#"))
+            .expression_attribute_values(":hi", s(line))
+            .select(Select::Count)
+            .limit(1001)
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| sdk_error(BACKEND, "Query", &format!("line of {pool}"), e))?;
+        // The range includes our own place.
+        Ok(u64::try_from(out.count).unwrap_or(0).saturating_sub(1))
+    }
+
+    /// Sets `expires` of an existing item; false when it is gone.
+    async fn renew_slot_item(&self, pool: &str, slot: String, expires: i64) -> Result<bool, Error> {
+        let sent = self
+            .client
+            .update_item()
+            .table_name(&self.allocations)
+            .set_key(Some(allocation_key(pool, slot.clone())))
+            .update_expression("SET #e = :e")
+            .condition_expression("attribute_exists(#s)")
+            .expression_attribute_names("#e", "expires")
+            .expression_attribute_names("#s", "slot")
+            .expression_attribute_values(":e", n(expires))
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(sdk_error(
+                BACKEND,
+                "UpdateItem",
+                &format!("{slot} of {pool}"),
+                e,
+            )),
+        }
+    }
+
+    async fn renew_waiter(
+        &self,
+        pool: &str,
+        holder: &str,
+        line: &str,
+        expires: i64,
+    ) -> Result<(), Error> {
+        self.renew_slot_item(pool, format!("wait#{holder}"), expires)
+            .await?;
+        self.renew_slot_item(pool, line.to_owned(), expires).await?;
+        Ok(())
+    }
+
+    async fn join_line(
+        &self,
+        pool: &str,
+        holder: &str,
+        tenant: &str,
+        line: &str,
+        now: i64,
+        expires: i64,
+    ) -> Result<(), Error> {
+        let put = |slot: String| {
+            Put::builder()
+                .table_name(&self.allocations)
+                .item("pool", s(pool))
+                .item("slot", s(slot))
+                .item("holder", s(holder))
+                .item("tenant", s(tenant))
+                .item("line", s(line))
+                .item("since", n(now))
+                .item("expires", n(expires))
+                // One place per holder: a second worker asking for it at the same moment
+                // (a duplicate message) leaves it to the first.
+                .condition_expression("attribute_not_exists(#s)")
+                .expression_attribute_names("#s", "slot")
+                .build()
+                .map_err(build_error)
+        };
+        let items = vec![
+            TransactWriteItem::builder()
+                .put(put(format!("wait#{holder}"))?)
+                .build(),
+            TransactWriteItem::builder()
+                .put(put(line.to_owned())?)
+                .build(),
+        ];
+        let _ = self.transact(&format!("line of {pool}"), items).await?;
+        Ok(())
+    }
+
+    /// Takes a slot: counter under the cap, lease created, place in line left, in one
+    /// transaction. False when the cap was reached meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    async fn grant(
+        &self,
+        pool: &str,
+        holder: &str,
+        tenant: &str,
+        line: &str,
+        cap: u32,
+        now: i64,
+        expires: i64,
+    ) -> Result<bool, Error> {
+        let delete = |slot: String| -> Result<TransactWriteItem, Error> {
+            Ok(TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.allocations)
+                        .set_key(Some(allocation_key(pool, slot)))
+                        .build()
+                        .map_err(build_error)?,
+                )
+                .build())
+        };
+        let items = vec![
+            count_change(&self.allocations, pool, 1, Some(cap))?,
+            TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(&self.allocations)
+                        .item("pool", s(pool))
+                        .item("slot", s(format!("lease#{holder}")))
+                        .item("holder", s(holder))
+                        .item("tenant", s(tenant))
+                        .item("since", n(now))
+                        .item("expires", n(expires))
+                        .condition_expression("attribute_not_exists(#s)")
+                        .expression_attribute_names("#s", "slot")
+                        .build()
+                        .map_err(build_error)?,
+                )
+                .build(),
+            delete(line.to_owned())?,
+            delete(format!("wait#{holder}"))?,
+        ];
+        Ok(self
+            .transact(&format!("slot of {holder} in {pool}"), items)
+            .await?
+            .is_ok())
+    }
+
+    /// Deletes a lapsed lease and gives its slot back, unless it was renewed meanwhile.
+    async fn drop_lease(&self, pool: &str, lease: &SlotItem) -> Result<(), Error> {
+        let items = vec![
+            TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.allocations)
+                        .set_key(Some(allocation_key(
+                            pool,
+                            format!("lease#{}", lease.holder),
+                        )))
+                        .condition_expression("#e = :e")
+                        .expression_attribute_names("#e", "expires")
+                        .expression_attribute_values(":e", n(lease.expires))
+                        .build()
+                        .map_err(build_error)?,
+                )
+                .build(),
+            count_change(&self.allocations, pool, -1, None)?,
+        ];
+        let _ = self
+            .transact(
+                &format!("lapsed lease of {} in {pool}", lease.holder),
+                items,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a place in line and its pointer (only if the pointer still points there).
+    async fn drop_waiter(&self, pool: &str, waiter: &SlotItem) -> Result<(), Error> {
+        let Some(line) = &waiter.line else {
+            return Ok(());
+        };
+        for slot in [format!("wait#{}", waiter.holder), line.clone()] {
+            let sent = self
+                .client
+                .delete_item()
+                .table_name(&self.allocations)
+                .set_key(Some(allocation_key(pool, slot.clone())))
+                .condition_expression("attribute_not_exists(#l) OR #l = :l")
+                .expression_attribute_names("#l", "line")
+                .expression_attribute_values(":l", s(line))
+                .send()
+                .await;
+            match sent {
+                Ok(_) => {}
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
+                Err(e) => {
+                    return Err(sdk_error(
+                        BACKEND,
+                        "DeleteItem",
+                        &format!("{slot} of {pool}"),
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Creates the four tables of `names` (see the [module docs](self)) unless they exist, and
