@@ -214,6 +214,12 @@ impl SimulatedCloud {
         Ok(self.creations()?.iter().map(|c| c.count).max().unwrap_or(0))
     }
 
+    /// The most resources of each kind that existed at the same moment (image builders: the
+    /// most builds at once), for kinds ever created. Blocking.
+    pub fn peaks(&self) -> Result<Vec<(ResourceKind, u64)>, Error> {
+        self.inner.with_conn(store::peaks)
+    }
+
     /// The listener rule priorities held, lowest first. Blocking.
     pub fn priorities(&self) -> Result<Vec<PriorityAllocation>, Error> {
         self.inner.with_conn(store::priorities)

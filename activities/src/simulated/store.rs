@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS sim_creations (
     count INTEGER NOT NULL,
     PRIMARY KEY (kind, name)
 );
+CREATE TABLE IF NOT EXISTS sim_peaks (
+    kind TEXT PRIMARY KEY,
+    peak INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS sim_decommissioned (
     workflow TEXT PRIMARY KEY,
     at_ms    INTEGER NOT NULL
@@ -356,6 +360,11 @@ pub(super) fn create<A: Serialize>(
          ON CONFLICT (kind, name) DO UPDATE SET count = count + 1",
     )?
     .execute(params![new.kind.as_str(), new.name])?;
+    // The most of a kind that ever existed at once: what an account quota would have seen.
+    conn.prepare_cached(
+        "INSERT INTO sim_peaks (kind, peak)          SELECT ?1, COUNT(*) FROM sim_resources WHERE kind = ?1          ON CONFLICT (kind) DO UPDATE SET peak = MAX(peak, excluded.peak)",
+    )?
+    .execute(params![new.kind.as_str()])?;
     tracing::info!(kind = %new.kind, name = new.name, id = %id, "resource created");
     Ok(Row {
         kind: new.kind,
@@ -467,6 +476,19 @@ pub(super) fn mark_decommissioned(
 }
 
 /// Every creation count, by kind and name.
+/// The most resources of each kind that existed at once.
+pub(super) fn peaks(conn: &Connection) -> Result<Vec<(ResourceKind, u64)>, Error> {
+    let mut stmt = conn.prepare("SELECT kind, peak FROM sim_peaks ORDER BY kind")?;
+    let rows = stmt.query_map([], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+    })?;
+    rows.map(|r| {
+        let (kind, peak) = r?;
+        Ok((kind.parse()?, u64::try_from(peak).unwrap_or(0)))
+    })
+    .collect()
+}
+
 pub(super) fn creations(conn: &Connection) -> Result<Vec<Creation>, Error> {
     let mut stmt =
         conn.prepare("SELECT kind, name, count FROM sim_creations ORDER BY kind, name")?;

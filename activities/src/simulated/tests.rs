@@ -1120,3 +1120,40 @@ async fn a_closure_is_a_clock() {
     .expect("cloud");
     assert_eq!(cloud.now(), Timestamp::from_unix_millis(START_MS));
 }
+
+#[tokio::test]
+async fn peaks_count_the_resources_that_existed_at_once() {
+    let s = sim(SimConfig::default());
+    let rel = release(Some(1), Some(2));
+    let keys = [
+        key("acme", Environment::Dev),
+        key("acme", Environment::Staging),
+        key("globex", Environment::Dev),
+    ];
+    let mut images = Vec::new();
+    for k in &keys {
+        let mut resources = Resources::default();
+        let source = task(StepKind::SourceInfra, 1, rel.clone(), resources.clone());
+        record(
+            &mut resources,
+            StepKind::SourceInfra,
+            s.until_done(k, &source).await.output,
+        );
+        images.push(task(StepKind::Image, 1, rel.clone(), resources));
+    }
+    // Two builds at once, then the third alone.
+    assert!(matches!(
+        s.invoke(&keys[0], &images[0]).await,
+        Outcome::Progress { .. }
+    ));
+    assert!(matches!(
+        s.invoke(&keys[1], &images[1]).await,
+        Outcome::Progress { .. }
+    ));
+    s.until_done(&keys[0], &images[0]).await;
+    s.until_done(&keys[1], &images[1]).await;
+    s.until_done(&keys[2], &images[2]).await;
+    let peaks = s.cloud.peaks().expect("peaks");
+    assert!(peaks.contains(&(ResourceKind::Builder, 2)), "{peaks:?}");
+    assert!(names(&s.cloud, ResourceKind::Builder).is_empty());
+}
