@@ -1,4 +1,7 @@
 //! Load generators for the orchestrator, driving it through its public interfaces and printing
-//! figures: `ingress-load` (webhooks over HTTP to the GitLab ingress) and `deploy-time` (push to
-//! live with the simulated cloud's latencies). The `loadgen` scenarios
-//! and invariant checks come with the load-test issue.
+//! figures: `loadgen` (steady, storm and chaos scenarios with invariant checks and a report),
+//! `ingress-load` (webhooks over HTTP to the GitLab ingress) and `deploy-time` (push to live
+//! with the simulated cloud's latencies).
+
+pub mod analysis;
+pub mod report;
