@@ -30,8 +30,8 @@
 //! shutdown_grace = "10s"          # on SIGTERM/SIGINT, time for in-flight handlers
 //! cache_records = 4096            # decoded records kept in memory
 //! slot_ttl = "10m"                # lease of a slot under [limits], renewed by every invocation
-//! slot_poll = "1s"                # shortest and longest wait of a step waiting for a slot
-//! slot_poll_max = "60s"
+//! slot_poll = "60s"               # how often a step waiting for a slot asks again (a slot
+//!                                 # coming free wakes it at once); shorter than slot_ttl
 //!
 //! [limits]                        # account-wide caps on concurrent activities per step kind
 //! image = 20                      # (network, source_infra, source_app, image, database,
@@ -213,12 +213,9 @@ pub struct Engine {
     /// Slot lease lifetime.
     #[serde(deserialize_with = "duration")]
     pub slot_ttl: Duration,
-    /// Shortest wait for a slot.
+    /// How often a waiting step asks again for a slot.
     #[serde(deserialize_with = "duration")]
     pub slot_poll: Duration,
-    /// Longest wait for a slot.
-    #[serde(deserialize_with = "duration")]
-    pub slot_poll_max: Duration,
 }
 
 impl Default for Engine {
@@ -234,7 +231,6 @@ impl Default for Engine {
             cache_records: d.cache_records,
             slot_ttl: d.slot_ttl,
             slot_poll: d.slot_poll,
-            slot_poll_max: d.slot_poll_max,
         }
     }
 }
@@ -358,12 +354,12 @@ impl Config {
                 "limits.{kind} must be at least 1 (leave it out for no limit)"
             )));
         }
-        if !self.limits.is_empty() && e.slot_ttl <= e.slot_poll_max {
+        if !self.limits.is_empty() && e.slot_ttl <= e.slot_poll {
             // A waiter that asks again only after its place in line lapsed loses it.
             return Err(Error::Invalid(format!(
-                "engine.slot_ttl ({}) must be longer than engine.slot_poll_max ({})",
+                "engine.slot_ttl ({}) must be longer than engine.slot_poll ({})",
                 humantime::format_duration(e.slot_ttl),
-                humantime::format_duration(e.slot_poll_max)
+                humantime::format_duration(e.slot_poll)
             )));
         }
         Ok(())
@@ -390,7 +386,6 @@ impl Config {
             limits: self.limits.clone(),
             slot_ttl: e.slot_ttl,
             slot_poll: e.slot_poll,
-            slot_poll_max: e.slot_poll_max.max(e.slot_poll),
             ..EngineConfig::default()
         }
     }
@@ -506,7 +501,7 @@ mod tests {
         let e = Config::from_parts("[limits]\nimage = 0\n", []).expect_err("zero");
         assert!(e.to_string().contains("limits.image"), "{e}");
         let e = Config::from_parts(
-            "[engine]\nslot_ttl = \"30s\"\nslot_poll_max = \"1m\"\n[limits]\nimage = 2\n",
+            "[engine]\nslot_ttl = \"30s\"\nslot_poll = \"1m\"\n[limits]\nimage = 2\n",
             [],
         )
         .expect_err("a place in line lapses between polls");

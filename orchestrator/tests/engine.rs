@@ -30,6 +30,18 @@ struct Instant {
     /// Image builds take this long, and are counted in `images`.
     image_delay: Option<Duration>,
     images: Arc<Running>,
+    /// Image builds report progress once (recheck after this long) before they are done;
+    /// builds in flight (from the first invocation to done) are counted in `builds`.
+    image_progress: Option<Duration>,
+    builds: Arc<Builds>,
+}
+
+/// Image builds between their first invocation and done.
+#[derive(Default)]
+struct Builds {
+    started: std::sync::Mutex<std::collections::HashSet<String>>,
+    now: std::sync::Mutex<std::collections::HashSet<String>>,
+    peak: AtomicU64,
 }
 
 /// Invocations running now, and the most at once.
@@ -50,6 +62,28 @@ impl Activities for Instant {
             self.images.peak.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(d).await;
             self.images.now.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let (Some(recheck_after), StepKind::Image) = (self.image_progress, invocation.task.step)
+        {
+            let build = format!("{}/{}", invocation.key, invocation.task.run);
+            let first = self
+                .builds
+                .started
+                .lock()
+                .expect("lock")
+                .insert(build.clone());
+            let mut now = self.builds.now.lock().expect("lock");
+            if first {
+                now.insert(build);
+                self.builds
+                    .peak
+                    .fetch_max(now.len() as u64, Ordering::SeqCst);
+                return Outcome::Progress {
+                    recheck_after,
+                    note: "building".into(),
+                };
+            }
+            now.remove(&build);
         }
         Outcome::Done(output_for(invocation.task))
     }
@@ -473,7 +507,8 @@ async fn a_cap_on_image_builds_holds_across_two_engines() {
     let images = Arc::new(Running::default());
     let capped = || EngineConfig {
         limits: [(StepKind::Image, 2)].into(),
-        slot_poll: Duration::from_millis(10),
+        // Longer than the test may take: waiters resume only by being woken.
+        slot_poll: Duration::from_secs(30),
         ..fast()
     };
     let builds = || Instant {
@@ -514,6 +549,53 @@ async fn a_cap_on_image_builds_holds_across_two_engines() {
     assert!(
         view.held.is_empty() && view.waiting.is_empty(),
         "every slot given back: {view:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_of_a_running_step_keeps_its_slot() {
+    let w = World::new().await;
+    let builds = Arc::new(Builds::default());
+    let engine = w.engine(
+        Instant {
+            image_progress: Some(Duration::from_millis(400)),
+            builds: builds.clone(),
+            ..Instant::default()
+        },
+        EngineConfig {
+            limits: [(StepKind::Image, 1)].into(),
+            slot_poll: Duration::from_secs(30),
+            ..fast()
+        },
+    );
+    let (stop, handle) = w.start(&engine);
+    let acme = key("acme", Environment::Dev);
+    let globex = key("globex", Environment::Dev);
+    w.push(&acme, RepoKind::Infra, 1, "a-infra").await;
+    w.until("acme's build started", async |_| {
+        builds.peak.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    w.push(&globex, RepoKind::Infra, 2, "g-infra").await;
+    // acme's first image message, now stale (its progress report moved the token on),
+    // arrives again while its build runs.
+    let history = w.backend.history(&acme, 0, 100).await.expect("history");
+    let replay: Vec<_> = history
+        .iter()
+        .flat_map(|e| outgoing(&acme, &e.commands, w.clock.now()))
+        .collect();
+    w.backend.send(replay).await.expect("send");
+    w.until("both live", async |w| {
+        w.live_at(&acme, Some(1), None).await && w.live_at(&globex, Some(2), None).await
+    })
+    .await;
+    stop.cancel();
+    handle.await.expect("stops");
+    assert!(engine.stats().snapshot().stale > 0, "the copy was stale");
+    assert_eq!(
+        builds.peak.load(Ordering::SeqCst),
+        1,
+        "globex's build started while acme's ran"
     );
 }
 

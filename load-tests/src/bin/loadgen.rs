@@ -171,7 +171,11 @@ impl Processes {
             .arg("--config")
             .arg(&self.config)
             .args(what)
-            .env("RUST_LOG", "warn")
+            // Warnings, and the engine's counts when a worker stops.
+            .env(
+                "RUST_LOG",
+                "warn,orchestrator=info,orchestrator::engine=warn,orchestrator::ingress=warn",
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
@@ -188,6 +192,19 @@ impl Processes {
         for _ in 0..n {
             let child = self.spawn(&["worker"])?;
             self.workers.push(child);
+        }
+        Ok(())
+    }
+
+    /// Fails if a worker exited on its own (a bad configuration, a crash): its log says why.
+    fn check_alive(&mut self) -> Result<()> {
+        for w in &mut self.workers {
+            if let Some(status) = w.try_wait()? {
+                bail!(
+                    "a worker exited ({status}); see its log in {}",
+                    self.dir.display()
+                );
+            }
         }
         Ok(())
     }
@@ -477,6 +494,7 @@ impl<B: Store + Queue> Run<B> {
                     self.operator_retries += 1;
                 }
             }
+            self.procs.check_alive()?;
             self.procs.sample_rss();
             let events = self.backend.stats(QueueKind::Events).await?;
             let steps = self.backend.stats(QueueKind::Steps).await?;
@@ -578,6 +596,14 @@ fn write_config(
     } else {
         "60s"
     };
+    // Waiters are woken when a slot comes free; they ask again only to keep their place, so
+    // a storm's thousands of waiters ask rarely. Elsewhere leases lapse sooner, so a lease a
+    // killed worker left behind frees its slot within seconds.
+    let (slot_ttl, slot_poll) = if args.scenario == Scenario::Storm {
+        ("60s", "30s")
+    } else {
+        ("15s", "5s")
+    };
     let text = format!(
         r#"backend = "embedded"
 activities = "simulated"
@@ -589,9 +615,8 @@ path = {db:?}
 concurrency = {concurrency}
 wait = "100ms"
 visibility = "{visibility}"
-slot_ttl = "15s"
-slot_poll = "10ms"
-slot_poll_max = "2s"
+slot_ttl = "{slot_ttl}"
+slot_poll = "{slot_poll}"
 
 [limits]
 {caps}

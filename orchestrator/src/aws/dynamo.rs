@@ -50,17 +50,18 @@
 //! - **Slots** live in the allocations table too, one partition `slots#<kind>` per capped
 //!   step kind: a counter item `count` (`held`, N), a lease per holder `lease#<holder>`
 //!   (`holder`, `tenant`, `since`, `expires`: unix ms), and per waiter a place in line
-//!   `line#<round, 4 digits>#<ticket, 20 digits>#<holder>` with a pointer `wait#<holder>` to
-//!   it (`line`). Holders start with their tenant, so `wait#<tenant>#` lists a tenant's
-//!   waiters. **`acquire_slot`** queries the leases (dropping lapsed ones: delete conditional
-//!   on the `expires` read plus `ADD held -1`, one transaction), renews ours if there is one,
-//!   else finds or joins its place (the pointer put is conditional, so a duplicate request
-//!   joins once) and, when fewer than the free slots' number of live places come before it
-//!   (a `Query` of at most that many), takes a slot in one transaction: `ADD held 1` on the
-//!   counter conditional on `held < cap`, the lease put, the place and pointer deleted. So
-//!   the cap holds whatever workers race. A waiter is told how many are ahead (a `COUNT`
-//!   query of at most a thousand). **`release_slot`** deletes the lease with `ADD held -1`
-//!   (one transaction) and the place in line, if any. About four to six requests a call.
+//!   `line#<round, 4 digits>#<ticket, 20 digits>#<holder>` (with `wake`, B: the message that
+//!   resumes it) and a pointer `wait#<holder>` to it (`line`). Holders start with their
+//!   tenant, so `wait#<tenant>#` lists a tenant's waiters. **`acquire_slot`** queries the
+//!   leases (dropping lapsed ones: delete conditional on the `expires` read plus `ADD held -1`,
+//!   one transaction), renews ours if there is one, else finds or joins its place (the pointer
+//!   put is conditional, so a duplicate request joins once). Then it grants the free slots to
+//!   the head of the line (a `Query` of at most that many places), each in one transaction:
+//!   `ADD held 1` on the counter conditional on `held < cap`, the lease put, the place and
+//!   pointer deleted. So the cap holds whatever workers race. A waiter is told how many are
+//!   ahead (a `COUNT` query of at most a thousand). **`release_slot`** deletes the lease with
+//!   `ADD held -1` (one transaction) and the place in line, if any, then grants what is free
+//!   the same way. About four to eight requests a call.
 //!
 //! Every listing follows `LastEvaluatedKey` until it has `limit` items or there are no more
 //! (a page is DynamoDB's 1 MB unless [`DynamoStore::with_page_size`] bounds it).
@@ -86,14 +87,15 @@ use aws_sdk_dynamodb::types::{
     ProjectionType, Put, ReturnConsumedCapacity, ReturnValuesOnConditionCheckFailure,
     ScalarAttributeType, Select, TableStatus, TransactWriteItem, Update,
 };
+use aws_smithy_types::Blob;
 use aws_smithy_types::error::operation::BuildError;
 use workflows::{EventId, HistoryEntry, State, Tenant, TenantId, Timestamp, WorkflowKey};
 
 use super::{Names, RequestCounter, sdk_error};
 use crate::clock::{SharedClock, SystemClock};
 use crate::ports::{
-    Error, RecordWrite, SlotEntry, SlotGrant, SlotsView, Store, WorkflowFilter, WorkflowSummary,
-    WriteError,
+    Error, RecordWrite, SlotEntry, SlotGrant, SlotsView, Store, Woken, WorkflowFilter,
+    WorkflowSummary, WriteError,
 };
 
 /// The backend name in errors.
@@ -1033,30 +1035,33 @@ impl Store for DynamoStore {
         holder: &str,
         cap: u32,
         ttl: Duration,
-    ) -> Result<SlotGrant, Error> {
+        wake: &[u8],
+    ) -> Result<(SlotGrant, Woken), Error> {
         let pool = slot_pool(kind);
         let now = self.clock.now().as_unix_millis();
         let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4));
         let tenant = key.tenant.as_str();
+        let span = SlotSpan {
+            pool: &pool,
+            cap,
+            now,
+            expires,
+        };
 
-        // Leases: drop the lapsed, renew ours.
-        let mut leases = Vec::new();
-        for item in self.slot_items(&pool, "lease#", None).await? {
-            let lease = SlotItem::of(&item)?;
-            if lease.expires <= now {
-                self.drop_lease(&pool, &lease).await?;
-            } else {
-                leases.push(lease);
-            }
-        }
+        let mut leases = self.live_leases(&span).await?;
         if let Some(mine) = leases.iter().find(|l| l.holder == holder) {
+            let since = mine.since;
             if self
-                .renew_slot_item(&pool, format!("lease#{holder}"), expires)
+                .renew_slot_item(&pool, format!("lease#{holder}"), expires, None)
                 .await?
             {
-                return Ok(SlotGrant::Held {
-                    since: Timestamp::from_unix_millis(mine.since),
-                });
+                let woken = self.promote(&span, leases.len()).await?;
+                return Ok((
+                    SlotGrant::Held {
+                        since: Timestamp::from_unix_millis(since),
+                    },
+                    woken.into_iter().map(|(_, w)| w).collect(),
+                ));
             }
             // Dropped meanwhile by another worker (it lapsed): ask like a newcomer.
             leases.retain(|l| l.holder != holder);
@@ -1079,58 +1084,59 @@ impl Store for DynamoStore {
                 tenant_waiting += 1;
             }
         }
-        let line = match place {
-            Some(w) => {
-                let line = w.line.clone().unwrap_or_default();
-                self.renew_waiter(&pool, holder, &line, expires).await?;
+        let line = match place.and_then(|w| w.line) {
+            Some(line) => {
+                self.renew_slot_item(&pool, format!("wait#{holder}"), expires, None)
+                    .await?;
+                self.renew_slot_item(&pool, line.clone(), expires, Some(wake))
+                    .await?;
                 line
             }
             None => {
                 let round = leases.iter().filter(|l| l.tenant == tenant).count() + tenant_waiting;
                 let line = format!("line#{round:04}#{now:020}#{holder}");
-                self.join_line(&pool, holder, tenant, &line, now, expires)
+                self.join_line(&pool, holder, tenant, &line, &span, wake)
                     .await?;
                 line
             }
         };
 
-        // A free slot is ours if no one before us in line is owed it. The counter item makes
-        // the grant atomic with the cap whatever other workers do meanwhile.
-        let held = u32::try_from(leases.len()).unwrap_or(u32::MAX);
-        let free = cap.saturating_sub(held);
-        if free > 0 {
-            let mut ahead = 0u32;
-            for item in self
-                .slot_items(&pool, "line#", Some((&line, free as usize + 1)))
-                .await?
-            {
-                let waiter = SlotItem::of(&item)?;
-                if waiter.holder == holder {
-                    continue;
-                }
-                if waiter.expires <= now {
-                    self.drop_waiter(&pool, &waiter).await?;
-                } else {
-                    ahead += 1;
-                }
-            }
-            if ahead < free
-                && self
-                    .grant(&pool, holder, tenant, &line, cap, now, expires)
-                    .await?
-            {
-                return Ok(SlotGrant::Held {
-                    since: Timestamp::from_unix_millis(now),
-                });
+        let mut woken = Vec::new();
+        let mut mine = false;
+        for (h, w) in self.promote(&span, leases.len()).await? {
+            if h == holder {
+                mine = true;
+            } else {
+                woken.push(w);
             }
         }
-        Ok(SlotGrant::Waiting {
-            ahead: self.count_ahead(&pool, &line).await?,
-        })
+        let grant = if mine {
+            SlotGrant::Held {
+                since: Timestamp::from_unix_millis(now),
+            }
+        } else {
+            SlotGrant::Waiting {
+                ahead: self.count_ahead(&pool, &line).await?,
+            }
+        };
+        Ok((grant, woken))
     }
 
-    async fn release_slot(&self, kind: &str, holder: &str) -> Result<(), Error> {
+    async fn release_slot(
+        &self,
+        kind: &str,
+        holder: &str,
+        cap: u32,
+        ttl: Duration,
+    ) -> Result<Woken, Error> {
         let pool = slot_pool(kind);
+        let now = self.clock.now().as_unix_millis();
+        let span = SlotSpan {
+            pool: &pool,
+            cap,
+            now,
+            expires: now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4)),
+        };
         let items = vec![
             TransactWriteItem::builder()
                 .delete(
@@ -1159,7 +1165,13 @@ impl Store for DynamoStore {
         if let Some(item) = pointer {
             self.drop_waiter(&pool, &SlotItem::of(&item)?).await?;
         }
-        Ok(())
+        let held = self.live_leases(&span).await?.len();
+        Ok(self
+            .promote(&span, held)
+            .await?
+            .into_iter()
+            .map(|(_, w)| w)
+            .collect())
     }
 
     async fn slots(&self, kind: &str) -> Result<SlotsView, Error> {
@@ -1198,6 +1210,8 @@ struct SlotItem {
     expires: i64,
     /// The sort key of the place in line (pointers and line items).
     line: Option<String>,
+    /// The message that resumes a waiter (line items).
+    wake: Option<Vec<u8>>,
 }
 
 impl SlotItem {
@@ -1218,8 +1232,21 @@ impl SlotItem {
             since: num(item, "since").ok_or_else(|| field("since"))?,
             expires: num(item, "expires").ok_or_else(|| field("expires"))?,
             line: text(item, "line").map(str::to_owned),
+            wake: item
+                .get("wake")
+                .and_then(|v| v.as_b().ok())
+                .map(|b| b.as_ref().to_vec()),
         })
     }
+}
+
+/// The pool, cap and times of one slot request.
+struct SlotSpan<'a> {
+    pool: &'a str,
+    cap: u32,
+    now: i64,
+    /// Of leases granted now.
+    expires: i64,
 }
 
 fn slot_pool(kind: &str) -> String {
@@ -1250,13 +1277,13 @@ fn count_change(
 }
 
 impl DynamoStore {
-    /// The items of `pool` whose sort key starts with `prefix`; with `upto`, only those up to
-    /// that sort key, at most the given number, first first.
+    /// The items of `pool` whose sort key starts with `prefix`, in order; with `first`, at
+    /// most that many.
     async fn slot_items(
         &self,
         pool: &str,
         prefix: &str,
-        upto: Option<(&str, usize)>,
+        first: Option<usize>,
     ) -> Result<Vec<Item>, Error> {
         let mut out = Vec::new();
         let mut start: Option<Item> = None;
@@ -1271,12 +1298,10 @@ impl DynamoStore {
                 .expression_attribute_values(":lo", s(prefix))
                 .consistent_read(true)
                 .set_exclusive_start_key(start.take());
-            let query = match upto {
-                Some((last, limit)) => query
-                    .key_condition_expression("#p = :p AND #s BETWEEN :lo AND :hi")
-                    .expression_attribute_values(":hi", s(last))
-                    .limit(clamp_i32(limit - out.len())),
-                None => query.key_condition_expression("#p = :p AND begins_with(#s, :lo)"),
+            let query = query.key_condition_expression("#p = :p AND begins_with(#s, :lo)");
+            let query = match first {
+                Some(limit) => query.limit(clamp_i32(limit - out.len())),
+                None => query,
             };
             let page = query.send().await.map_err(|e| {
                 sdk_error(
@@ -1287,7 +1312,7 @@ impl DynamoStore {
                 )
             })?;
             out.extend(page.items().iter().cloned());
-            if upto.is_some_and(|(_, limit)| out.len() >= limit) {
+            if first.is_some_and(|limit| out.len() >= limit) {
                 break;
             }
             match page.last_evaluated_key {
@@ -1296,6 +1321,51 @@ impl DynamoStore {
             }
         }
         Ok(out)
+    }
+
+    /// The leases of the pool that have not lapsed; lapsed ones are dropped.
+    async fn live_leases(&self, span: &SlotSpan<'_>) -> Result<Vec<SlotItem>, Error> {
+        let mut leases = Vec::new();
+        for item in self.slot_items(span.pool, "lease#", None).await? {
+            let lease = SlotItem::of(&item)?;
+            if lease.expires <= span.now {
+                self.drop_lease(span.pool, &lease).await?;
+            } else {
+                leases.push(lease);
+            }
+        }
+        Ok(leases)
+    }
+
+    /// Grants the slots free beside `held` leases to the head of the line; returns the
+    /// holders granted and their wake messages.
+    async fn promote(
+        &self,
+        span: &SlotSpan<'_>,
+        held: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        let free = (span.cap as usize).saturating_sub(held);
+        if free == 0 {
+            return Ok(Vec::new());
+        }
+        let mut woken = Vec::new();
+        for item in self.slot_items(span.pool, "line#", Some(free)).await? {
+            let waiter = SlotItem::of(&item)?;
+            if waiter.expires <= span.now {
+                self.drop_waiter(span.pool, &waiter).await?;
+                continue;
+            }
+            let line = waiter.line.clone().unwrap_or_default();
+            if !self
+                .grant(span, &waiter.holder, &waiter.tenant, &line)
+                .await?
+            {
+                // The cap was reached meanwhile (another worker granted it).
+                break;
+            }
+            woken.push((waiter.holder, waiter.wake.unwrap_or_default()));
+        }
+        Ok(woken)
     }
 
     /// Waiters before the place `line` (at most a thousand are counted).
@@ -1321,19 +1391,31 @@ impl DynamoStore {
     }
 
     /// Sets `expires` of an existing item; false when it is gone.
-    async fn renew_slot_item(&self, pool: &str, slot: String, expires: i64) -> Result<bool, Error> {
+    async fn renew_slot_item(
+        &self,
+        pool: &str,
+        slot: String,
+        expires: i64,
+        wake: Option<&[u8]>,
+    ) -> Result<bool, Error> {
         let sent = self
             .client
             .update_item()
             .table_name(&self.allocations)
             .set_key(Some(allocation_key(pool, slot.clone())))
-            .update_expression("SET #e = :e")
             .condition_expression("attribute_exists(#s)")
             .expression_attribute_names("#e", "expires")
             .expression_attribute_names("#s", "slot")
-            .expression_attribute_values(":e", n(expires))
-            .send()
-            .await;
+            .expression_attribute_values(":e", n(expires));
+        let sent = match wake {
+            Some(w) => sent
+                .update_expression("SET #e = :e, #w = :w")
+                .expression_attribute_names("#w", "wake")
+                .expression_attribute_values(":w", AttributeValue::B(Blob::new(w.to_vec()))),
+            None => sent.update_expression("SET #e = :e"),
+        }
+        .send()
+        .await;
         match sent {
             Ok(_) => Ok(true),
             Err(e)
@@ -1351,31 +1433,24 @@ impl DynamoStore {
         }
     }
 
-    async fn renew_waiter(
-        &self,
-        pool: &str,
-        holder: &str,
-        line: &str,
-        expires: i64,
-    ) -> Result<(), Error> {
-        self.renew_slot_item(pool, format!("wait#{holder}"), expires)
-            .await?;
-        self.renew_slot_item(pool, line.to_owned(), expires).await?;
-        Ok(())
-    }
-
     async fn join_line(
         &self,
         pool: &str,
         holder: &str,
         tenant: &str,
         line: &str,
-        now: i64,
-        expires: i64,
+        span: &SlotSpan<'_>,
+        wake: &[u8],
     ) -> Result<(), Error> {
+        let (now, expires) = (span.now, span.expires);
         let put = |slot: String| {
-            Put::builder()
-                .table_name(&self.allocations)
+            let put = Put::builder();
+            let put = if slot == line {
+                put.item("wake", AttributeValue::B(Blob::new(wake.to_vec())))
+            } else {
+                put
+            };
+            put.table_name(&self.allocations)
                 .item("pool", s(pool))
                 .item("slot", s(slot))
                 .item("holder", s(holder))
@@ -1402,19 +1477,16 @@ impl DynamoStore {
         Ok(())
     }
 
-    /// Takes a slot: counter under the cap, lease created, place in line left, in one
-    /// transaction. False when the cap was reached meanwhile.
-    #[allow(clippy::too_many_arguments)]
+    /// Takes a slot for `holder`: counter under the cap, lease created, place in line left,
+    /// in one transaction. False when the cap was reached meanwhile.
     async fn grant(
         &self,
-        pool: &str,
+        span: &SlotSpan<'_>,
         holder: &str,
         tenant: &str,
         line: &str,
-        cap: u32,
-        now: i64,
-        expires: i64,
     ) -> Result<bool, Error> {
+        let (pool, cap, now, expires) = (span.pool, span.cap, span.now, span.expires);
         let delete = |slot: String| -> Result<TransactWriteItem, Error> {
             Ok(TransactWriteItem::builder()
                 .delete(

@@ -455,6 +455,7 @@ fn log_stats<S: Store, Q: Queue, J: Journal, A: activities::Activities>(
         duplicates = stats.duplicates,
         conflicts = stats.conflicts,
         errors = stats.errors,
+        slot_waits = stats.slot_waits,
         requests = total,
         requests_per_transition = format!("{per_transition:.2}"),
         by_operation,

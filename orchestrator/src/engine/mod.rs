@@ -67,10 +67,9 @@ pub struct EngineConfig {
     /// outlast the longest pause between a step's invocations (rechecks and retries). A dead
     /// worker's slots come free after it.
     pub slot_ttl: Duration,
-    /// The shortest wait before a step waiting for a slot asks again.
+    /// How often a step waiting for a slot asks again, keeping its place in line (a slot
+    /// coming free wakes it at once); shorter than `slot_ttl`.
     pub slot_poll: Duration,
-    /// The longest such wait.
-    pub slot_poll_max: Duration,
 }
 
 impl Default for EngineConfig {
@@ -87,8 +86,7 @@ impl Default for EngineConfig {
             tenant_ttl: Duration::from_secs(5),
             limits: BTreeMap::new(),
             slot_ttl: Duration::from_secs(600),
-            slot_poll: Duration::from_secs(1),
-            slot_poll_max: Duration::from_secs(60),
+            slot_poll: Duration::from_secs(60),
         }
     }
 }
@@ -188,8 +186,6 @@ pub struct Engine<S, Q, J, A> {
     stats: EngineStats,
     requests: RequestCounter,
     metrics: metrics::Metrics,
-    /// Per capped kind, a running average of how long slots were held, for pacing waiters.
-    holds: Mutex<HashMap<StepKind, Duration>>,
 }
 
 impl<S, Q, J, A> std::fmt::Debug for Engine<S, Q, J, A> {
@@ -284,7 +280,6 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             cache: Mutex::new(HashMap::new()),
             tenants: Mutex::new(HashMap::new()),
             turns: Mutex::new(HashMap::new()),
-            holds: Mutex::new(HashMap::new()),
             stats: EngineStats::default(),
             metrics: metrics::Metrics::new(),
             requests: RequestCounter::new(),
@@ -702,9 +697,20 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         if !is_current {
             bump(&self.stats.stale);
             debug!("stale step message dropped");
-            if cap.is_some() {
-                // A cancelled or superseded run's slot comes free now rather than at expiry.
-                self.release_slot(task.step, &holder, None).await;
+            // A cancelled or finished run's slot comes free now rather than at expiry. A
+            // stale copy of a step that still runs (a newer token: another copy was woken
+            // first) must not take the slot from under it.
+            let still_running = stored.as_ref().is_none_or(|r| {
+                r.workflow()
+                    .active_run()
+                    .filter(|run| run.id == task.run)
+                    .and_then(|run| run.step(task.step))
+                    .is_some_and(|s| {
+                        matches!(s.status, StepStatus::Running | StepStatus::RetryWait)
+                    })
+            });
+            if cap.is_some() && !still_running {
+                self.release_slot(task.step, &holder).await;
             }
             let id = workflows::event::step_event_id(task.run, task.step, task.token);
             let send = match &stored {
@@ -716,35 +722,46 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         }
         let slot = match cap {
             None => None,
-            Some(cap) => match self
-                .store
-                .acquire_slot(task.step.as_str(), key, &holder, cap, self.config.slot_ttl)
-                .await?
-            {
-                SlotGrant::Held { since } => Some(since),
-                SlotGrant::Waiting { ahead } => {
-                    // Ask again when a slot may be ours; the step stays running meanwhile.
-                    bump(&self.stats.slot_waits);
-                    tracing::Span::current().record("step.outcome", "waiting_for_slot");
-                    self.metrics
-                        .slot_waits
-                        .add(1, &[metrics::Metrics::kv("step", task.step.as_str())]);
-                    let delay = self.slot_poll(task.step, ahead, cap);
-                    debug!(
-                        ahead,
-                        delay_ms = delay.as_millis() as u64,
-                        "waiting for a slot"
-                    );
-                    let again = message(
+            Some(cap) => {
+                let now = self.clock.now();
+                let resume = message(key, Body::Step(Box::new(task.clone())), Duration::ZERO, now);
+                let (grant, woken) = self
+                    .store
+                    .acquire_slot(
+                        task.step.as_str(),
                         key,
-                        Body::Step(Box::new(task.clone())),
-                        delay,
-                        self.clock.now(),
-                    );
-                    self.send_and_ack(vec![again], ack).await?;
-                    return Ok(Handled::Done(Vec::new()));
+                        &holder,
+                        cap,
+                        self.config.slot_ttl,
+                        &resume.body,
+                    )
+                    .await?;
+                let mut send = wake(woken);
+                match grant {
+                    SlotGrant::Held { since } => {
+                        self.send_woken(send).await;
+                        Some(since)
+                    }
+                    SlotGrant::Waiting { ahead } => {
+                        bump(&self.stats.slot_waits);
+                        tracing::Span::current().record("step.outcome", "waiting_for_slot");
+                        self.metrics
+                            .slot_waits
+                            .add(1, &[metrics::Metrics::kv("step", task.step.as_str())]);
+                        debug!(ahead, "waiting for a slot");
+                        // A slot coming free wakes the step (its resume message is in line);
+                        // until then it asks again now and then, keeping its place.
+                        send.push(message(
+                            key,
+                            Body::Step(Box::new(task.clone())),
+                            self.config.slot_poll,
+                            now,
+                        ));
+                        self.send_and_ack(send, ack).await?;
+                        return Ok(Handled::Done(Vec::new()));
+                    }
                 }
-            },
+            }
         };
         bump(&self.stats.activities);
         let started = std::time::Instant::now();
@@ -803,10 +820,10 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             .apply(key, &event, ack, delivery)
             .instrument(event_span(key, &event))
             .await;
-        if let (Some(since), true, Ok(_)) = (slot, finished, &result) {
+        if let (Some(_), true, Ok(_)) = (slot, finished, &result) {
             // Held until the report is committed: were it lost, the next invocation finds
             // its lease (and whatever the activity made) again.
-            self.release_slot(task.step, &holder, Some(since)).await;
+            self.release_slot(task.step, &holder).await;
         }
         result
     }
@@ -833,35 +850,31 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         })
     }
 
-    /// Gives a slot back; a failure only delays it to the lease's expiry. With `since`, the
-    /// hold time feeds the pacing of waiters.
-    async fn release_slot(&self, step: StepKind, holder: &str, since: Option<Timestamp>) {
-        if let Err(e) = self.store.release_slot(step.as_str(), holder).await {
-            warn!(%step, holder, error = %e, "slot not released; it comes free when its lease lapses");
-            return;
-        }
-        if let (Some(since), Ok(mut holds)) = (since, self.holds.lock()) {
-            let held = self.clock.now().since(since);
-            let average = holds.entry(step).or_insert(held);
-            *average = average.mul_f64(0.8) + held.mul_f64(0.2);
+    /// Gives a slot back and wakes whom it was granted to; a failure only delays it to the
+    /// lease's expiry.
+    async fn release_slot(&self, step: StepKind, holder: &str) {
+        let cap = self.config.limits.get(&step).copied().unwrap_or(1);
+        match self
+            .store
+            .release_slot(step.as_str(), holder, cap, self.config.slot_ttl)
+            .await
+        {
+            Ok(woken) => self.send_woken(wake(woken)).await,
+            Err(e) => {
+                warn!(%step, holder, error = %e, "slot not released; it comes free when its lease lapses");
+            }
         }
     }
 
-    /// How long a step waiting behind `ahead` others for one of `cap` slots waits before
-    /// asking again: half the time the slots need to serve those ahead, by the average hold,
-    /// so it is back before its turn without polling the store all the while.
-    fn slot_poll(&self, step: StepKind, ahead: u64, cap: u32) -> Duration {
-        let hold = self
-            .holds
-            .lock()
-            .ok()
-            .and_then(|h| h.get(&step).copied())
-            .unwrap_or(self.config.slot_poll);
-        let turns = (ahead as f64 + 1.0) / f64::from(cap.max(1));
-        hold.mul_f64(turns / 2.0).clamp(
-            self.config.slot_poll,
-            self.config.slot_poll_max.max(self.config.slot_poll),
-        )
+    /// Sends the resume messages of steps just granted a slot. Should it fail, they resume
+    /// when they next ask (`slot_poll`).
+    async fn send_woken(&self, woken: Vec<Outgoing>) {
+        if woken.is_empty() {
+            return;
+        }
+        if let Err(e) = self.queue.send(woken).await {
+            warn!(error = %e, "steps granted a slot not woken; they resume when they next ask");
+        }
     }
 
     /// What to send again for `delivery`, whose event `id` was applied before: the messages
@@ -1050,6 +1063,21 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         span.record("messaging.message.delivery_count", delivery.receive_count);
         crate::telemetry::continue_trace(span, &delivery.attributes);
     }
+}
+
+/// The resume messages of steps granted a slot, to send now.
+fn wake(bodies: Vec<Vec<u8>>) -> Vec<Outgoing> {
+    bodies
+        .into_iter()
+        .map(|body| Outgoing {
+            queue: QueueKind::Steps,
+            group: None,
+            dedup_id: None,
+            delay: Duration::ZERO,
+            body,
+            attributes: crate::telemetry::current_context(),
+        })
+        .collect()
 }
 
 /// Who holds a slot for a step: the workflow's run, so a superseded run's lease is never taken

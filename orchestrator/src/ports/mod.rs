@@ -12,7 +12,7 @@ pub use journal::{Commit, Journal, Sequential};
 pub use queue::{DeadLetter, Delivery, Outgoing, Queue, QueueKind, QueueStats, Receipt};
 pub use stack::Stack;
 pub use store::{
-    RecordWrite, SlotEntry, SlotGrant, SlotsView, Store, WorkflowFilter, WorkflowSummary,
+    RecordWrite, SlotEntry, SlotGrant, SlotsView, Store, Woken, WorkflowFilter, WorkflowSummary,
     WriteError,
 };
 

@@ -8,7 +8,7 @@ use workflows::{EventId, HistoryEntry, Tenant, TenantId, WorkflowKey, WorkflowRe
 
 use super::{
     Commit, DeadLetter, Delivery, Error, Journal, Outgoing, Queue, QueueKind, QueueStats, Receipt,
-    RecordWrite, SlotGrant, SlotsView, Store, WorkflowFilter, WorkflowSummary, WriteError,
+    RecordWrite, SlotGrant, SlotsView, Store, Woken, WorkflowFilter, WorkflowSummary, WriteError,
 };
 
 /// The three ports of one backend.
@@ -141,11 +141,20 @@ impl<S: Store, Q: Queue, J: Journal> Store for Stack<S, Q, J> {
         holder: &str,
         cap: u32,
         ttl: Duration,
-    ) -> Result<SlotGrant, Error> {
-        self.store.acquire_slot(kind, key, holder, cap, ttl).await
+        wake: &[u8],
+    ) -> Result<(SlotGrant, Woken), Error> {
+        self.store
+            .acquire_slot(kind, key, holder, cap, ttl, wake)
+            .await
     }
-    async fn release_slot(&self, kind: &str, holder: &str) -> Result<(), Error> {
-        self.store.release_slot(kind, holder).await
+    async fn release_slot(
+        &self,
+        kind: &str,
+        holder: &str,
+        cap: u32,
+        ttl: Duration,
+    ) -> Result<Woken, Error> {
+        self.store.release_slot(kind, holder, cap, ttl).await
     }
     async fn slots(&self, kind: &str) -> Result<SlotsView, Error> {
         self.store.slots(kind).await

@@ -125,6 +125,9 @@ pub enum SlotGrant {
     },
 }
 
+/// The `wake` messages of waiters just granted a slot, for the caller to send.
+pub type Woken = Vec<Vec<u8>>;
+
 /// A holder of, or a waiter for, a slot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SlotEntry {
@@ -238,6 +241,12 @@ pub trait Store: Send + Sync + 'static {
     /// the lease it has, for `ttl` from now. Leases and places in line that were not renewed in
     /// time are dropped first, so a dead worker's slots come free.
     ///
+    /// A holder that must wait joins the line (or keeps its place, renewed) with `wake`, the
+    /// message that resumes it: whenever a slot comes free (a release, a lapsed lease), the
+    /// call that finds it free grants it to the head of the line and returns the heads'
+    /// `wake` messages, which the caller sends. So a waiter is woken when its turn comes and
+    /// only asks again now and then, to keep its place.
+    ///
     /// Waiters are served in rounds across tenants, then first come first served: a waiter
     /// whose tenant already held or awaited `n` slots of the kind when it joined the line is in
     /// round `n`, and every waiter of round `n` is served before any of round `n + 1`. So no
@@ -250,15 +259,19 @@ pub trait Store: Send + Sync + 'static {
         holder: &str,
         cap: u32,
         ttl: Duration,
-    ) -> impl Future<Output = Result<SlotGrant, Error>> + Send;
+        wake: &[u8],
+    ) -> impl Future<Output = Result<(SlotGrant, Woken), Error>> + Send;
 
-    /// Gives up `holder`'s slot of `kind`, or its place in line. Releasing what is not held
-    /// does nothing.
+    /// Gives up `holder`'s slot of `kind`, or its place in line, and grants what is free to
+    /// the head of the line (leases of `ttl`), returning their `wake` messages. Releasing
+    /// what is not held does nothing.
     fn release_slot(
         &self,
         kind: &str,
         holder: &str,
-    ) -> impl Future<Output = Result<(), Error>> + Send;
+        cap: u32,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Woken, Error>> + Send;
 
     /// The holders and waiters of `kind`'s slots whose leases have not lapsed.
     fn slots(&self, kind: &str) -> impl Future<Output = Result<SlotsView, Error>> + Send;

@@ -26,7 +26,7 @@ use workflows::{
 use crate::clock::{SharedClock, SystemClock};
 use crate::ports::{
     Commit, DeadLetter, Delivery, Error, Journal, Outgoing, Queue, QueueKind, QueueStats, Receipt,
-    RecordWrite, SlotEntry, SlotGrant, SlotsView, Store, WorkflowFilter, WorkflowSummary,
+    RecordWrite, SlotEntry, SlotGrant, SlotsView, Store, Woken, WorkflowFilter, WorkflowSummary,
     WriteError,
 };
 use writer::{Op, Reply, Writer};
@@ -738,27 +738,37 @@ impl Store for SqliteBackend {
         holder: &str,
         cap: u32,
         ttl: Duration,
-    ) -> Result<SlotGrant, Error> {
+        wake: &[u8],
+    ) -> Result<(SlotGrant, Woken), Error> {
         let op = Op::AcquireSlot {
             kind: kind.to_owned(),
             holder: holder.to_owned(),
             tenant: key.tenant.to_string(),
             cap,
             ttl,
+            wake: wake.to_vec(),
         };
         match self.write_op(op).await? {
-            Reply::Slot(grant) => Ok(grant),
+            Reply::Slot(grant, woken) => Ok((grant, woken)),
             other => Err(unexpected(other)),
         }
     }
 
-    async fn release_slot(&self, kind: &str, holder: &str) -> Result<(), Error> {
+    async fn release_slot(
+        &self,
+        kind: &str,
+        holder: &str,
+        cap: u32,
+        ttl: Duration,
+    ) -> Result<Woken, Error> {
         let op = Op::ReleaseSlot {
             kind: kind.to_owned(),
             holder: holder.to_owned(),
+            cap,
+            ttl,
         };
         match self.write_op(op).await? {
-            Reply::Done => Ok(()),
+            Reply::Woken(woken) => Ok(woken),
             other => Err(unexpected(other)),
         }
     }

@@ -103,6 +103,7 @@ CREATE TABLE IF NOT EXISTS slot_waiters (
     round      INTEGER NOT NULL,
     ticket     INTEGER NOT NULL,
     expires_at INTEGER NOT NULL,
+    wake       BLOB    NOT NULL,
     PRIMARY KEY (kind, holder)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS slot_waiters_in_order ON slot_waiters (kind, round, ticket, holder);

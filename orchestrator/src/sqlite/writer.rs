@@ -10,7 +10,8 @@ use workflows::{TenantId, Timestamp, WorkflowKey};
 use super::{SqliteConfig, attributes_from_sql, attributes_to_sql, sql, unavailable};
 use crate::clock::SharedClock;
 use crate::ports::{
-    Commit, Delivery, Error, Outgoing, QueueKind, Receipt, RecordWrite, SlotGrant, WriteError,
+    Commit, Delivery, Error, Outgoing, QueueKind, Receipt, RecordWrite, SlotGrant, Woken,
+    WriteError,
 };
 
 /// A write request.
@@ -64,10 +65,13 @@ pub(super) enum Op {
         tenant: String,
         cap: u32,
         ttl: Duration,
+        wake: Vec<u8>,
     },
     ReleaseSlot {
         kind: String,
         holder: String,
+        cap: u32,
+        ttl: Duration,
     },
     /// Redrive (`back`) or discard dead letters.
     Settle {
@@ -87,7 +91,8 @@ pub(super) enum Reply {
     /// Receipts that were not current.
     Failed(Vec<Receipt>),
     Allocated(bool),
-    Slot(SlotGrant),
+    Slot(SlotGrant, Woken),
+    Woken(Woken),
     /// Ids of the dead letters handled.
     Ids(Vec<String>),
 }
@@ -326,110 +331,207 @@ fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Result
             tenant,
             cap,
             ttl,
-        } => acquire_slot(conn, &kind, &holder, &tenant, cap, now + millis(ttl), now)
-            .map(Reply::Slot),
-        Op::ReleaseSlot { kind, holder } => {
-            for table in ["slot_leases", "slot_waiters"] {
-                conn.prepare_cached(&format!(
-                    "DELETE FROM {table} WHERE kind = ?1 AND holder = ?2"
-                ))
-                .map_err(sql)?
-                .execute(params![kind, holder])
-                .map_err(sql)?;
-            }
-            Ok(Reply::Done)
+            wake,
+        } => {
+            let slot = Slot {
+                kind: &kind,
+                cap,
+                now,
+                expires_at: now + millis(ttl),
+            };
+            let (grant, woken) = slot.acquire(conn, &holder, &tenant, &wake)?;
+            Ok(Reply::Slot(grant, woken))
+        }
+        Op::ReleaseSlot {
+            kind,
+            holder,
+            cap,
+            ttl,
+        } => {
+            let slot = Slot {
+                kind: &kind,
+                cap,
+                now,
+                expires_at: now + millis(ttl),
+            };
+            Ok(Reply::Woken(slot.release(conn, &holder)?))
         }
     }
 }
 
-/// One slot request, in the writer's transaction: drop what lapsed, renew a lease held, else
-/// join (or keep) a place in line and take a free slot when no one before is owed it.
-fn acquire_slot(
-    conn: &Connection,
-    kind: &str,
-    holder: &str,
-    tenant: &str,
+/// One slot request of a kind, in the writer's transaction.
+struct Slot<'a> {
+    kind: &'a str,
     cap: u32,
-    expires_at: i64,
     now: i64,
-) -> Result<SlotGrant, Error> {
-    let count = |sql_text: &str, p: &[&dyn rusqlite::ToSql]| -> Result<i64, Error> {
-        conn.prepare_cached(sql_text)
+    /// Of leases and places granted or renewed now.
+    expires_at: i64,
+}
+
+impl Slot<'_> {
+    fn count(
+        &self,
+        conn: &Connection,
+        query: &str,
+        p: &[&dyn rusqlite::ToSql],
+    ) -> Result<i64, Error> {
+        conn.prepare_cached(query)
             .map_err(sql)?
             .query_row(p, |r| r.get(0))
             .map_err(sql)
-    };
-    for table in ["slot_leases", "slot_waiters"] {
-        conn.prepare_cached(&format!(
-            "DELETE FROM {table} WHERE kind = ?1 AND expires_at <= ?2"
-        ))
-        .map_err(sql)?
-        .execute(params![kind, now])
-        .map_err(sql)?;
     }
-    let granted: Option<i64> = conn
-        .prepare_cached(
-            "UPDATE slot_leases SET expires_at = ?3 WHERE kind = ?1 AND holder = ?2 RETURNING granted_at",
-        )
-        .map_err(sql)?
-        .query_row(params![kind, holder, expires_at], |r| r.get(0))
-        .optional()
-        .map_err(sql)?;
-    if let Some(since) = granted {
-        return Ok(SlotGrant::Held {
-            since: Timestamp::from_unix_millis(since),
-        });
+
+    /// Drops what lapsed: a dead worker's leases, a vanished waiter's place.
+    fn purge(&self, conn: &Connection) -> Result<(), Error> {
+        for table in ["slot_leases", "slot_waiters"] {
+            conn.prepare_cached(&format!(
+                "DELETE FROM {table} WHERE kind = ?1 AND expires_at <= ?2"
+            ))
+            .map_err(sql)?
+            .execute(params![self.kind, self.now])
+            .map_err(sql)?;
+        }
+        Ok(())
     }
-    let place: Option<(i64, i64)> = conn
-        .prepare_cached(
-            "UPDATE slot_waiters SET expires_at = ?3 WHERE kind = ?1 AND holder = ?2 RETURNING round, ticket",
-        )
-        .map_err(sql)?
-        .query_row(params![kind, holder, expires_at], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
-        .map_err(sql)?;
-    let (round, ticket) = match place {
-        Some(p) => p,
-        None => {
-            let round = count(
-                "SELECT COUNT(*) FROM slot_leases WHERE kind = ?1 AND tenant = ?2",
-                &[&kind, &tenant],
-            )? + count(
-                "SELECT COUNT(*) FROM slot_waiters WHERE kind = ?1 AND tenant = ?2",
-                &[&kind, &tenant],
-            )?;
-            conn.prepare_cached(
-                "INSERT INTO slot_waiters (kind, holder, tenant, round, ticket, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+
+    /// Grants free slots to the head of the line; returns the holders granted and their wake
+    /// messages.
+    fn promote(&self, conn: &Connection) -> Result<Vec<(String, Vec<u8>)>, Error> {
+        let held = self.count(
+            conn,
+            "SELECT COUNT(*) FROM slot_leases WHERE kind = ?1",
+            &[&self.kind],
+        )?;
+        let free = i64::from(self.cap) - held;
+        if free <= 0 {
+            return Ok(Vec::new());
+        }
+        let heads: Vec<(String, String, Vec<u8>)> = conn
+            .prepare_cached(
+                "SELECT holder, tenant, wake FROM slot_waiters WHERE kind = ?1 ORDER BY round, ticket, holder LIMIT ?2",
             )
             .map_err(sql)?
-            .execute(params![kind, holder, tenant, round, now, expires_at])
-            .map_err(sql)?;
-            (round, now)
-        }
-    };
-    let held = count("SELECT COUNT(*) FROM slot_leases WHERE kind = ?1", &[&kind])?;
-    let ahead = count(
-        "SELECT COUNT(*) FROM slot_waiters WHERE kind = ?1 AND (round, ticket, holder) < (?2, ?3, ?4)",
-        &[&kind, &round, &ticket, &holder],
-    )?;
-    if held + ahead < i64::from(cap) {
-        conn.prepare_cached("DELETE FROM slot_waiters WHERE kind = ?1 AND holder = ?2")
+            .query_map(params![self.kind, free], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(sql)?
-            .execute(params![kind, holder])
+            .collect::<Result<_, _>>()
             .map_err(sql)?;
-        conn.prepare_cached(
-            "INSERT INTO slot_leases (kind, holder, tenant, granted_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .map_err(sql)?
-        .execute(params![kind, holder, tenant, now, expires_at])
-        .map_err(sql)?;
-        return Ok(SlotGrant::Held {
-            since: Timestamp::from_unix_millis(now),
-        });
+        let mut woken = Vec::new();
+        for (holder, tenant, wake) in heads {
+            conn.prepare_cached("DELETE FROM slot_waiters WHERE kind = ?1 AND holder = ?2")
+                .map_err(sql)?
+                .execute(params![self.kind, holder])
+                .map_err(sql)?;
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO slot_leases (kind, holder, tenant, granted_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(sql)?
+            .execute(params![self.kind, holder, tenant, self.now, self.expires_at])
+            .map_err(sql)?;
+            woken.push((holder, wake));
+        }
+        Ok(woken)
     }
-    Ok(SlotGrant::Waiting {
-        ahead: u64::try_from(ahead).unwrap_or(0),
-    })
+
+    /// Renews `holder`'s lease, or takes its place in line and grants what is free.
+    fn acquire(
+        &self,
+        conn: &Connection,
+        holder: &str,
+        tenant: &str,
+        wake: &[u8],
+    ) -> Result<(SlotGrant, Woken), Error> {
+        self.purge(conn)?;
+        let granted: Option<i64> = conn
+            .prepare_cached(
+                "UPDATE slot_leases SET expires_at = ?3 WHERE kind = ?1 AND holder = ?2 RETURNING granted_at",
+            )
+            .map_err(sql)?
+            .query_row(params![self.kind, holder, self.expires_at], |r| r.get(0))
+            .optional()
+            .map_err(sql)?;
+        if let Some(since) = granted {
+            let woken = self.promote(conn)?.into_iter().map(|(_, w)| w).collect();
+            return Ok((
+                SlotGrant::Held {
+                    since: Timestamp::from_unix_millis(since),
+                },
+                woken,
+            ));
+        }
+        let place: Option<(i64, i64)> = conn
+            .prepare_cached(
+                "UPDATE slot_waiters SET expires_at = ?3, wake = ?4 WHERE kind = ?1 AND holder = ?2 RETURNING round, ticket",
+            )
+            .map_err(sql)?
+            .query_row(params![self.kind, holder, self.expires_at, wake], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .map_err(sql)?;
+        let (round, ticket) = match place {
+            Some(p) => p,
+            None => {
+                let round = self.count(
+                    conn,
+                    "SELECT COUNT(*) FROM slot_leases WHERE kind = ?1 AND tenant = ?2",
+                    &[&self.kind, &tenant],
+                )? + self.count(
+                    conn,
+                    "SELECT COUNT(*) FROM slot_waiters WHERE kind = ?1 AND tenant = ?2",
+                    &[&self.kind, &tenant],
+                )?;
+                conn.prepare_cached(
+                    "INSERT INTO slot_waiters (kind, holder, tenant, round, ticket, expires_at, wake) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(sql)?
+                .execute(params![self.kind, holder, tenant, round, self.now, self.expires_at, wake])
+                .map_err(sql)?;
+                (round, self.now)
+            }
+        };
+        let mut woken = Vec::new();
+        let mut mine = false;
+        for (h, w) in self.promote(conn)? {
+            if h == holder {
+                mine = true;
+            } else {
+                woken.push(w);
+            }
+        }
+        if mine {
+            return Ok((
+                SlotGrant::Held {
+                    since: Timestamp::from_unix_millis(self.now),
+                },
+                woken,
+            ));
+        }
+        let ahead = self.count(
+            conn,
+            "SELECT COUNT(*) FROM slot_waiters WHERE kind = ?1 AND (round, ticket, holder) < (?2, ?3, ?4)",
+            &[&self.kind, &round, &ticket, &holder],
+        )?;
+        Ok((
+            SlotGrant::Waiting {
+                ahead: u64::try_from(ahead).unwrap_or(0),
+            },
+            woken,
+        ))
+    }
+
+    /// Drops `holder`'s lease or place and grants what is free.
+    fn release(&self, conn: &Connection, holder: &str) -> Result<Woken, Error> {
+        for table in ["slot_leases", "slot_waiters"] {
+            conn.prepare_cached(&format!(
+                "DELETE FROM {table} WHERE kind = ?1 AND holder = ?2"
+            ))
+            .map_err(sql)?
+            .execute(params![self.kind, holder])
+            .map_err(sql)?;
+        }
+        self.purge(conn)?;
+        Ok(self.promote(conn)?.into_iter().map(|(_, w)| w).collect())
+    }
 }
 
 fn to_i64(v: u64) -> Result<i64, Error> {

@@ -780,18 +780,50 @@ pub(crate) async fn run_slots<H: Harness>(make: impl AsyncFn() -> H) {
     slot_leases_lapse_unless_renewed(&make().await).await;
 }
 
+const TTL: Duration = Duration::from_secs(60);
+
+/// Asks for an image slot for `tenant`'s `env` (run 1); its wake message names it.
 async fn acquire<H: Harness>(h: &H, tenant: &str, env: Environment, cap: u32) -> SlotGrant {
+    acquire_woken(h, tenant, env, cap).await.0
+}
+
+async fn acquire_woken<H: Harness>(
+    h: &H,
+    tenant: &str,
+    env: Environment,
+    cap: u32,
+) -> (SlotGrant, Vec<String>) {
     let k = key(tenant, env);
-    h.backend()
+    let holder = format!("{k}/r1");
+    let (grant, woken) = h
+        .backend()
         .acquire_slot(
             "image",
             &k,
-            &format!("{k}/r1"),
+            &holder,
             cap,
-            Duration::from_secs(60),
+            TTL,
+            format!("wake {holder}").as_bytes(),
         )
         .await
-        .expect("acquire")
+        .expect("acquire");
+    (grant, names(woken))
+}
+
+fn names(woken: Vec<Vec<u8>>) -> Vec<String> {
+    woken
+        .into_iter()
+        .map(|w| String::from_utf8(w).expect("utf-8"))
+        .collect()
+}
+
+async fn release<H: Harness>(h: &H, holder: &str, cap: u32) -> Vec<String> {
+    names(
+        h.backend()
+            .release_slot("image", holder, cap, TTL)
+            .await
+            .expect("release"),
+    )
 }
 
 fn holders(view: &[orchestrator::ports::SlotEntry]) -> Vec<&str> {
@@ -817,10 +849,10 @@ pub(crate) async fn slots_are_capped_and_served_in_rounds<H: Harness>(h: &H) {
     );
     // Renewing keeps the lease and its grant time.
     let SlotGrant::Held { since } = acquire(h, "aaa", Dev, 2).await else {
-        panic!("a's lease is renewed");
+        panic!("aaa's lease is renewed");
     };
     h.advance(Duration::from_millis(5)).await;
-    // Tenant a holds one already: its second workflow is in round 1, behind e's first.
+    // Tenant aaa holds one already: its second workflow is in round 1, behind eee's first.
     assert_eq!(
         acquire(h, "aaa", Staging, 2).await,
         SlotGrant::Waiting { ahead: 2 }
@@ -852,40 +884,39 @@ pub(crate) async fn slots_are_capped_and_served_in_rounds<H: Harness>(h: &H) {
     // Another kind is counted apart.
     let k = key("zzz", Dev);
     assert!(held(
-        b.acquire_slot("database", &k, "zzz#dev/r1", 1, Duration::from_secs(60))
+        b.acquire_slot("database", &k, "zzz#dev/r1", 1, TTL, b"z")
             .await
             .expect("other kind")
+            .0
     ));
 
-    // A freed slot goes to the head of the line, not to whoever asks first.
-    b.release_slot("image", "aaa#dev/r1")
-        .await
-        .expect("release");
-    assert_eq!(
-        acquire(h, "ddd", Dev, 2).await,
-        SlotGrant::Waiting { ahead: 1 },
-        "c is owed the slot"
-    );
-    assert!(held(acquire(h, "ccc", Dev, 2).await));
+    // A freed slot goes to the head of the line at once, and its wake message comes back
+    // for the caller to send.
+    assert_eq!(release(h, "aaa#dev/r1", 2).await, ["wake ccc#dev/r1"]);
+    let view = b.slots("image").await.expect("slots");
+    assert_eq!(holders(&view.held), ["bbb#dev/r1", "ccc#dev/r1"]);
+    assert!(held(acquire(h, "ccc", Dev, 2).await), "woken, it holds");
     assert_eq!(
         acquire(h, "ddd", Dev, 2).await,
         SlotGrant::Waiting { ahead: 0 }
     );
     // Leaving the line lets the next move up; releasing what is not held does nothing.
-    b.release_slot("image", "ddd#dev/r1").await.expect("leave");
-    b.release_slot("image", "nobody#dev/r1")
-        .await
-        .expect("no-op");
-    b.release_slot("image", "bbb#dev/r1")
-        .await
-        .expect("release");
-    assert!(held(acquire(h, "eee", Dev, 2).await));
+    assert!(release(h, "ddd#dev/r1", 2).await.is_empty());
+    assert!(release(h, "nobody#dev/r1", 2).await.is_empty());
+    assert_eq!(release(h, "bbb#dev/r1", 2).await, ["wake eee#dev/r1"]);
     let view = b.slots("image").await.expect("slots");
     assert_eq!(holders(&view.held), ["ccc#dev/r1", "eee#dev/r1"]);
     assert_eq!(
         holders(&view.waiting),
         ["aaa#staging/r1", "aaa#production/r1"]
     );
+    // A larger cap frees two at once, granted in line order by whoever asks next: fff, a
+    // first round newcomer, goes before aaa's second workflow, which is woken.
+    let (grant, woken) = acquire_woken(h, "fff", Dev, 4).await;
+    assert!(held(grant));
+    assert_eq!(woken, ["wake aaa#staging/r1"]);
+    let view = b.slots("image").await.expect("slots");
+    assert_eq!(holders(&view.waiting), ["aaa#production/r1"]);
 }
 
 pub(crate) async fn slot_leases_lapse_unless_renewed<H: Harness>(h: &H) {
@@ -903,7 +934,7 @@ pub(crate) async fn slot_leases_lapse_unless_renewed<H: Harness>(h: &H) {
         acquire(h, "ccc", Dev, 1).await,
         SlotGrant::Waiting { ahead: 1 }
     );
-    // b keeps its place by asking; a (a dead worker's lease) and c do not renew.
+    // bbb keeps its place by asking; aaa (a dead worker's lease) and ccc do not renew.
     h.advance(Duration::from_secs(40)).await;
     assert_eq!(
         acquire(h, "bbb", Dev, 1).await,
@@ -911,13 +942,14 @@ pub(crate) async fn slot_leases_lapse_unless_renewed<H: Harness>(h: &H) {
     );
     h.advance(Duration::from_secs(30)).await;
     let view = b.slots("image").await.expect("slots");
-    assert!(view.held.is_empty(), "a's lease lapsed: {view:?}");
+    assert!(view.held.is_empty(), "aaa's lease lapsed: {view:?}");
     assert_eq!(holders(&view.waiting), ["bbb#dev/r1"]);
+    // The next request finds the lapsed slot free: bbb asks and takes it.
     assert!(matches!(
         acquire(h, "bbb", Dev, 1).await,
         SlotGrant::Held { .. }
     ));
-    // c comes back after its place lapsed: at the end of the line again.
+    // ccc comes back after its place lapsed: at the end of the line again.
     assert_eq!(
         acquire(h, "ccc", Dev, 1).await,
         SlotGrant::Waiting { ahead: 0 }
