@@ -61,7 +61,8 @@ pub struct EngineConfig {
     pub tenant_ttl: Duration,
     /// Account-wide caps on concurrent activities per step kind (EC2 quotas are per account):
     /// an invocation of a capped kind first takes a leased slot in the store, held until the
-    /// step is done or failed, whichever worker invokes it.
+    /// step is done, whichever worker invokes it. A failed step keeps its slot (what it made
+    /// still exists) until `retry` finishes it or the lease lapses.
     pub limits: BTreeMap<StepKind, u32>,
     /// How long a slot lease lasts unless renewed; every invocation renews it, so it must
     /// outlast the longest pause between a step's invocations (rechecks and retries). A dead
@@ -697,16 +698,21 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         if !is_current {
             bump(&self.stats.stale);
             debug!("stale step message dropped");
-            // A cancelled or finished run's slot comes free now rather than at expiry. A
-            // stale copy of a step that still runs (a newer token: another copy was woken
-            // first) must not take the slot from under it.
+            // A cancelled or superseded run's slot comes free now rather than at expiry. A
+            // stale copy of a step that still holds it (running under a newer token because
+            // another copy was woken first, or failed and awaiting `retry`, its builder still
+            // up) must not take the slot from under it.
             let still_running = stored.as_ref().is_none_or(|r| {
                 r.workflow()
-                    .active_run()
+                    .run
+                    .as_ref()
                     .filter(|run| run.id == task.run)
                     .and_then(|run| run.step(task.step))
                     .is_some_and(|s| {
-                        matches!(s.status, StepStatus::Running | StepStatus::RetryWait)
+                        matches!(
+                            s.status,
+                            StepStatus::Running | StepStatus::RetryWait | StepStatus::Failed
+                        )
                     })
             });
             if cap.is_some() && !still_running {
@@ -779,7 +785,9 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             Outcome::Retryable(_) => "retryable",
             Outcome::Terminal(_) => "terminal",
         };
-        let finished = matches!(outcome, Outcome::Done(_) | Outcome::Terminal(_));
+        // Only a step done gives its slot back: a failed one still holds what it made (a
+        // builder) until `retry` finishes it, or its lease lapses.
+        let finished = matches!(outcome, Outcome::Done(_));
         tracing::Span::current().record("step.outcome", kind);
         let step_kv = metrics::Metrics::kv("step", task.step.as_str());
         self.metrics.step_duration.record(
