@@ -42,8 +42,9 @@ CREATE TABLE IF NOT EXISTS sim_creations (
     count INTEGER NOT NULL,
     PRIMARY KEY (kind, name)
 );
-CREATE TABLE IF NOT EXISTS sim_peaks (
+CREATE TABLE IF NOT EXISTS sim_counts (
     kind TEXT PRIMARY KEY,
+    live INTEGER NOT NULL,
     peak INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sim_decommissioned (
@@ -361,10 +362,20 @@ pub(super) fn create<A: Serialize>(
     )?
     .execute(params![new.kind.as_str(), new.name])?;
     // The most of a kind that ever existed at once: what an account quota would have seen.
-    conn.prepare_cached(
-        "INSERT INTO sim_peaks (kind, peak)          SELECT ?1, COUNT(*) FROM sim_resources WHERE kind = ?1          ON CONFLICT (kind) DO UPDATE SET peak = MAX(peak, excluded.peak)",
-    )?
-    .execute(params![new.kind.as_str()])?;
+    // Kept as a running count (counting the rows would cost a scan per creation); the first
+    // creation of a kind counts what is there.
+    let counted = conn
+        .prepare_cached(
+            "UPDATE sim_counts SET live = live + 1, peak = MAX(peak, live + 1) WHERE kind = ?1",
+        )?
+        .execute(params![new.kind.as_str()])?;
+    if counted == 0 {
+        conn.prepare_cached(
+            "INSERT INTO sim_counts (kind, live, peak) \
+             SELECT ?1, COUNT(*), COUNT(*) FROM sim_resources WHERE kind = ?1",
+        )?
+        .execute(params![new.kind.as_str()])?;
+    }
     tracing::info!(kind = %new.kind, name = new.name, id = %id, "resource created");
     Ok(Row {
         kind: new.kind,
@@ -383,6 +394,8 @@ pub(super) fn delete(conn: &Connection, kind: ResourceKind, name: &str) -> Resul
         .prepare_cached("DELETE FROM sim_resources WHERE kind = ?1 AND name = ?2")?
         .execute(params![kind.as_str(), name])?;
     if n > 0 {
+        conn.prepare_cached("UPDATE sim_counts SET live = live - 1 WHERE kind = ?1")?
+            .execute(params![kind.as_str()])?;
         tracing::info!(kind = %kind, name, "resource deleted");
     }
     Ok(n > 0)
@@ -478,7 +491,7 @@ pub(super) fn mark_decommissioned(
 /// Every creation count, by kind and name.
 /// The most resources of each kind that existed at once.
 pub(super) fn peaks(conn: &Connection) -> Result<Vec<(ResourceKind, u64)>, Error> {
-    let mut stmt = conn.prepare("SELECT kind, peak FROM sim_peaks ORDER BY kind")?;
+    let mut stmt = conn.prepare("SELECT kind, peak FROM sim_counts ORDER BY kind")?;
     let rows = stmt.query_map([], |row| {
         Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
     })?;
