@@ -5,3 +5,4 @@
 
 pub mod analysis;
 pub mod report;
+pub mod setup;

@@ -23,11 +23,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use orchestrator::clock::{Clock, SystemClock};
-use orchestrator::ports::{Queue, QueueKind, Store};
+use load_tests::analysis;
+use load_tests::setup::{orchestrator_binary, push_template, register_tenants, wait_for_health};
+use orchestrator::ports::{Queue, QueueKind};
 use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
-use orchestrator::tenants::token_sha256;
-use workflows::{Domain, Tenant, TenantId};
+use workflows::TenantId;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,19 +56,6 @@ struct Args {
 
 const TOKEN: &str = "load-test-token";
 
-fn payload_template() -> Result<serde_json::Value> {
-    let text = include_str!("../../../orchestrator/tests/data/gitlab/gitlab-docs_push.json");
-    Ok(serde_json::from_str(text)?)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -78,26 +65,14 @@ async fn main() -> Result<()> {
         .clone()
         .unwrap_or_else(|| dir.path().join("ingress-load.sqlite"));
     let backend = SqliteBackend::open(SqliteConfig::new(&db)).context("opening the database")?;
-    let now = SystemClock.now();
-    for i in 0..args.tenants {
-        let id = TenantId::new(format!("load{i:04}"))?;
-        let tenant = Tenant::new(
-            id,
-            Domain::new(format!("load{i}.example"))?,
-            1_000_000 + 2 * i as u64,
-            1_000_001 + 2 * i as u64,
-            token_sha256(TOKEN),
-            now,
-        );
-        backend.put_tenant(&tenant, false).await?;
-    }
-    let exe = match &args.orchestrator {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no directory of this binary")?
-            .join("orchestrator"),
-    };
+    register_tenants(
+        &backend,
+        args.tenants,
+        |i| TenantId::new(format!("load{i:04}")).unwrap_or_else(|_| unreachable!("load + digits")),
+        TOKEN,
+    )
+    .await?;
+    let exe = orchestrator_binary(args.orchestrator.as_ref())?;
     let listen = format!("127.0.0.1:{}", args.port);
     let mut server = tokio::process::Command::new(&exe)
         .arg("--db")
@@ -111,23 +86,9 @@ async fn main() -> Result<()> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(args.connections)
         .build_http();
-    // Wait for the server.
-    let health: hyper::Uri = format!("http://{listen}/healthz").parse()?;
-    let started = Instant::now();
-    loop {
-        let req = hyper::Request::get(health.clone()).body(Full::new(Bytes::new()))?;
-        if let Ok(r) = client.request(req).await
-            && r.status().is_success()
-        {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            bail!("the ingress did not start on {listen}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_health(&client, &listen).await?;
 
-    let template = Arc::new(payload_template()?);
+    let template = Arc::new(push_template()?);
     let accepted = Arc::new(AtomicU64::new(0));
     let other = Arc::new(AtomicU64::new(0));
     let next = Arc::new(AtomicU64::new(0));
@@ -195,9 +156,9 @@ async fn main() -> Result<()> {
     );
     println!(
         "latency: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        percentile(&latencies, 0.5).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.9).as_secs_f64() * 1e3,
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3,
+        analysis::percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+        analysis::percentile(&latencies, 0.9).as_secs_f64() * 1e3,
+        analysis::percentile(&latencies, 0.99).as_secs_f64() * 1e3,
         latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
     );
     server.start_kill()?;

@@ -36,15 +36,17 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use load_tests::analysis::{self, Push};
 use load_tests::report::{Fairness, Latency, Report, histogram};
+use load_tests::setup::{
+    infra_project, orchestrator_binary, push_template, register_tenants, wait_for_health,
+};
 use orchestrator::clock::{Clock, SystemClock};
 use orchestrator::engine::enqueue;
 use orchestrator::ports::{Queue, QueueKind, Store, WorkflowFilter};
 use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
-use orchestrator::tenants::token_sha256;
 use tokio::sync::Mutex;
 use workflows::{
-    Domain, Environment, Event, EventId, GitSha, RepoKind, Signal, State, StepKind, Tenant,
-    TenantId, WorkflowKey, WorkflowRecord,
+    Environment, Event, EventId, GitSha, RepoKind, Signal, State, StepKind, TenantId, WorkflowKey,
+    WorkflowRecord,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -307,7 +309,7 @@ impl<B: Queue> Sender<B> {
                     template,
                 } = &**http;
                 let mut body = template.clone();
-                let project = 1_000_000 + 2 * tenant as u64 + u64::from(repo == RepoKind::App);
+                let project = infra_project(tenant) + u64::from(repo == RepoKind::App);
                 body["project_id"] = serde_json::json!(project);
                 body["project"]["id"] = serde_json::json!(project);
                 body["ref"] = serde_json::json!(format!("refs/heads/{}", branch(key.env)));
@@ -392,33 +394,18 @@ impl<B: Queue> Pusher<B> {
     }
 }
 
-/// Live workflows among `keys`, and failed ones (which an operator would retry).
-async fn census<S: Store>(store: &S) -> Result<(usize, Vec<(WorkflowKey, u64)>)> {
-    let live = store
-        .workflows(
-            &WorkflowFilter {
-                state: Some(State::Live),
-                ..WorkflowFilter::default()
-            },
-            None,
-            usize::MAX,
-        )
-        .await?
-        .len();
-    let failed = store
-        .workflows(
-            &WorkflowFilter {
-                state: Some(State::Failed),
-                ..WorkflowFilter::default()
-            },
-            None,
-            usize::MAX,
-        )
+/// The keys and versions of the workflows in `state`.
+async fn in_state<S: Store>(store: &S, state: State) -> Result<Vec<(WorkflowKey, u64)>> {
+    let filter = WorkflowFilter {
+        state: Some(state),
+        ..WorkflowFilter::default()
+    };
+    Ok(store
+        .workflows(&filter, None, usize::MAX)
         .await?
         .into_iter()
         .map(|s| (s.key, s.version))
-        .collect();
-    Ok((live, failed))
+        .collect())
 }
 
 /// A workflow pushed to that is not live at its newest pushes, if any, described.
@@ -468,18 +455,14 @@ struct Run<B> {
 
 impl<B: Store + Queue> Run<B> {
     /// Waits (printing progress) until every workflow pushed to is live at its newest push,
-    /// retrying failed ones as an operator would and, in chaos, killing workers meanwhile.
-    async fn drain(&mut self, workflows: usize, chaos_until: Option<Instant>) -> Result<bool> {
+    /// retrying failed ones as an operator would (workers are killed only while pushes are
+    /// sent, in `steady`).
+    async fn drain(&mut self, workflows: usize) -> Result<bool> {
         let deadline = Instant::now() + Duration::from_secs(self.args.timeout);
         let mut retried: HashMap<WorkflowKey, u64> = HashMap::new();
-        let mut next_kill = Instant::now() + self.kill_interval();
         loop {
-            if chaos_until.is_some_and(|u| Instant::now() < u) && Instant::now() >= next_kill {
-                self.procs.kill_one().await?;
-                self.restarts += 1;
-                next_kill = Instant::now() + self.kill_interval();
-            }
-            let (live, failed) = census(&*self.backend).await?;
+            let live = in_state(&*self.backend, State::Live).await?.len();
+            let failed = in_state(&*self.backend, State::Failed).await?;
             for (key, version) in failed {
                 // Once per failure: a retry moves the record on.
                 if retried.get(&key) != Some(&version) {
@@ -498,7 +481,6 @@ impl<B: Store + Queue> Run<B> {
             self.procs.sample_rss();
             let events = self.backend.stats(QueueKind::Events).await?;
             let steps = self.backend.stats(QueueKind::Steps).await?;
-            let sending = chaos_until.is_some_and(|u| Instant::now() < u);
             eprintln!(
                 "[{:>6.1}s] pushes {:>6} · live {:>6}/{} · events queue {} · steps queue {} (+{} delayed) · dead {} · workers {} (restarts {})",
                 self.started.elapsed().as_secs_f64(),
@@ -512,7 +494,7 @@ impl<B: Store + Queue> Run<B> {
                 self.procs.workers.len(),
                 self.restarts,
             );
-            if !sending && live >= workflows {
+            if live >= workflows {
                 let pushes = self
                     .pusher
                     .pushes
@@ -677,25 +659,8 @@ async fn run(args: Args) -> Result<bool> {
     });
     let backend =
         Arc::new(SqliteBackend::open(SqliteConfig::new(&db)).context("opening the database")?);
-    let now = SystemClock.now();
-    for i in 0..tenants {
-        let tenant = Tenant::new(
-            tenant_id(i),
-            Domain::new(format!("t{i}.example"))?,
-            1_000_000 + 2 * i as u64,
-            1_000_001 + 2 * i as u64,
-            token_sha256(TOKEN),
-            now,
-        );
-        backend.put_tenant(&tenant, false).await?;
-    }
-    let exe = match &args.orchestrator {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no directory of this binary")?
-            .join("orchestrator"),
-    };
+    register_tenants(&*backend, tenants, tenant_id, TOKEN).await?;
+    let exe = orchestrator_binary(args.orchestrator.as_ref())?;
     // The storm's tenants are brought live with the cloud at zero latency first.
     let first_scale = if args.scenario == Scenario::Storm {
         0.0
@@ -730,9 +695,7 @@ async fn run(args: Args) -> Result<bool> {
             wait_for_health(&client, &listen)
                 .await
                 .with_context(|| format!("see {}", dir.join("ingress-1.log").display()))?;
-            let template = serde_json::from_str(include_str!(
-                "../../../orchestrator/tests/data/gitlab/gitlab-docs_push.json"
-            ))?;
+            let template = push_template()?;
             Sender::Ingress(Box::new(Http {
                 client,
                 url: format!("http://{listen}/hooks/gitlab").parse()?,
@@ -785,7 +748,7 @@ async fn run(args: Args) -> Result<bool> {
                         .len()
                 })
                 .unwrap_or(0);
-            let drained = run.drain(workflows, None).await?;
+            let drained = run.drain(workflows).await?;
             (start_ts, load_s, drained)
         }
         Scenario::Storm => {
@@ -803,7 +766,7 @@ async fn run(args: Args) -> Result<bool> {
                 }
             }
             while tasks.join_next().await.is_some() {}
-            if !run.drain(tenants, None).await? {
+            if !run.drain(tenants).await? {
                 bail!("the tenants did not all go live before the storm");
             }
             // Workers start again on the scaled cloud; the storm is measured from here.
@@ -829,7 +792,7 @@ async fn run(args: Args) -> Result<bool> {
             let load_s = began.elapsed().as_secs_f64();
             run.pushes_series = vec![(run.pusher.sent() - before) as u64];
             fairness_from = Some(before);
-            let drained = run.drain(tenants, None).await?;
+            let drained = run.drain(tenants).await?;
             (start_ts, load_s, drained)
         }
     };
@@ -912,11 +875,11 @@ async fn run(args: Args) -> Result<bool> {
 
     let latencies = analysis::latencies(&measured, &histories);
     let mut live: Vec<Duration> = latencies.iter().flatten().copied().collect();
+    live.sort();
     let missing = latencies.len() - live.len();
     let fairness = fairness_from.map(|_| {
-        let mut waits = live.clone();
-        waits.sort();
-        let median = analysis::percentile(&waits, 0.5).as_secs_f64();
+        let waits = &live;
+        let median = analysis::percentile(waits, 0.5).as_secs_f64();
         let longest = waits.last().copied().unwrap_or_default().as_secs_f64();
         Fairness {
             tenants: waits.len(),
@@ -980,7 +943,7 @@ async fn run(args: Args) -> Result<bool> {
         events_per_s: measured.len() as f64 / load_s.max(1e-3),
         transitions,
         transitions_per_s: transitions as f64 / total_s.max(1e-3),
-        latency: Latency::of(&mut live.clone(), missing),
+        latency: Latency::of(&mut live, missing),
         aws_requests_per_transition: None,
         worker_peak_rss_mib: run.procs.peak_rss_kib as f64 / 1024.0,
         worker_restarts: run.restarts,
@@ -991,7 +954,6 @@ async fn run(args: Args) -> Result<bool> {
         pushes_series: run.pushes_series.clone(),
         histogram: histogram(&live),
     };
-    live.clear();
     print!("{}", report.text());
     let name = report.scenario.clone();
     let out = run
@@ -1031,21 +993,4 @@ fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-async fn wait_for_health(client: &Client<HttpConnector, Full<Bytes>>, listen: &str) -> Result<()> {
-    let health: hyper::Uri = format!("http://{listen}/healthz").parse()?;
-    let started = Instant::now();
-    loop {
-        let req = hyper::Request::get(health.clone()).body(Full::new(Bytes::new()))?;
-        if let Ok(r) = client.request(req).await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            bail!("the ingress did not start on {listen}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

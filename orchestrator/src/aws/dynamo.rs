@@ -1038,15 +1038,9 @@ impl Store for DynamoStore {
         wake: &[u8],
     ) -> Result<(SlotGrant, Woken), Error> {
         let pool = slot_pool(kind);
-        let now = self.clock.now().as_unix_millis();
-        let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4));
+        let span = SlotSpan::new(&pool, cap, self.clock.now(), ttl);
+        let (now, expires) = (span.now, span.expires);
         let tenant = key.tenant.as_str();
-        let span = SlotSpan {
-            pool: &pool,
-            cap,
-            now,
-            expires,
-        };
 
         let mut leases = self.live_leases(&span).await?;
         if let Some(mine) = leases.iter().find(|l| l.holder == holder) {
@@ -1130,13 +1124,7 @@ impl Store for DynamoStore {
         ttl: Duration,
     ) -> Result<Woken, Error> {
         let pool = slot_pool(kind);
-        let now = self.clock.now().as_unix_millis();
-        let span = SlotSpan {
-            pool: &pool,
-            cap,
-            now,
-            expires: now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4)),
-        };
+        let span = SlotSpan::new(&pool, cap, self.clock.now(), ttl);
         let items = vec![
             TransactWriteItem::builder()
                 .delete(
@@ -1247,6 +1235,18 @@ struct SlotSpan<'a> {
     now: i64,
     /// Of leases granted now.
     expires: i64,
+}
+
+impl<'a> SlotSpan<'a> {
+    fn new(pool: &'a str, cap: u32, now: Timestamp, ttl: Duration) -> Self {
+        let now = now.as_unix_millis();
+        Self {
+            pool,
+            cap,
+            now,
+            expires: now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4)),
+        }
+    }
 }
 
 fn slot_pool(kind: &str) -> String {

@@ -757,12 +757,10 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                         debug!(ahead, "waiting for a slot");
                         // A slot coming free wakes the step (its resume message is in line);
                         // until then it asks again now and then, keeping its place.
-                        send.push(message(
-                            key,
-                            Body::Step(Box::new(task.clone())),
-                            self.config.slot_poll,
-                            now,
-                        ));
+                        send.push(Outgoing {
+                            delay: self.config.slot_poll,
+                            ..resume
+                        });
                         self.send_and_ack(send, ack).await?;
                         return Ok(Handled::Done(Vec::new()));
                     }

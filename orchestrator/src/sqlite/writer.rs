@@ -333,13 +333,8 @@ fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Result
             ttl,
             wake,
         } => {
-            let slot = Slot {
-                kind: &kind,
-                cap,
-                now,
-                expires_at: now + millis(ttl),
-            };
-            let (grant, woken) = slot.acquire(conn, &holder, &tenant, &wake)?;
+            let (grant, woken) =
+                Slot::new(&kind, cap, now, ttl).acquire(conn, &holder, &tenant, &wake)?;
             Ok(Reply::Slot(grant, woken))
         }
         Op::ReleaseSlot {
@@ -347,15 +342,9 @@ fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Result
             holder,
             cap,
             ttl,
-        } => {
-            let slot = Slot {
-                kind: &kind,
-                cap,
-                now,
-                expires_at: now + millis(ttl),
-            };
-            Ok(Reply::Woken(slot.release(conn, &holder)?))
-        }
+        } => Ok(Reply::Woken(
+            Slot::new(&kind, cap, now, ttl).release(conn, &holder)?,
+        )),
     }
 }
 
@@ -368,7 +357,16 @@ struct Slot<'a> {
     expires_at: i64,
 }
 
-impl Slot<'_> {
+impl<'a> Slot<'a> {
+    fn new(kind: &'a str, cap: u32, now: i64, ttl: Duration) -> Self {
+        Self {
+            kind,
+            cap,
+            now,
+            expires_at: now + millis(ttl),
+        }
+    }
+
     fn count(
         &self,
         conn: &Connection,
