@@ -57,6 +57,20 @@ pub trait Activities: Send + Sync + 'static {
     /// Runs the reconciler of `invocation.task.step` once.
     fn invoke(&self, invocation: Invocation<'_>) -> impl Future<Output = Outcome> + Send;
 
+    /// Gives up what `invocation`'s step holds only while it runs (an image build's builder
+    /// instance) because the engine will not invoke it again: it failed terminally, or its run
+    /// stopped driving it (paused by another step's failure, superseded by a push, cancelled).
+    /// What the step exists to make (an image, a database) stays. The engine gives back the
+    /// step's slot of a capped kind only after this succeeded, so what runs never outnumbers
+    /// the cap. Safe to repeat; `Err` says why it could not, and the engine tries again later.
+    fn abandon(
+        &self,
+        invocation: Invocation<'_>,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        let _ = invocation;
+        std::future::ready(Ok(()))
+    }
+
     /// The retry policy of `step`.
     fn retry_policy(&self, step: StepKind) -> RetryPolicy {
         let _ = step;

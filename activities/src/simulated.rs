@@ -208,10 +208,15 @@ impl SimulatedCloud {
         self.inner.with_conn(store::creations)
     }
 
-    /// The highest creation count of any resource name (0 when nothing was created): 1 means
-    /// every resource was created at most once. Blocking.
+    /// The highest creation count of any resource name (0 when nothing was created), a
+    /// creation after an abandonment not counted: 1 means nothing was created twice. Blocking.
     pub fn max_creations(&self) -> Result<u64, Error> {
-        Ok(self.creations()?.iter().map(|c| c.count).max().unwrap_or(0))
+        Ok(self
+            .creations()?
+            .iter()
+            .map(|c| c.count.saturating_sub(c.abandoned))
+            .max()
+            .unwrap_or(0))
     }
 
     /// The most resources of each kind that existed at the same moment (image builders: the
@@ -423,6 +428,41 @@ impl Activities for SimulatedCloud {
     ))]
     async fn invoke(&self, invocation: Invocation<'_>) -> Outcome {
         self.run(invocation).await
+    }
+
+    /// Terminates an abandoned image build's builder. A drawn fault fails it retryably (a
+    /// throttled `TerminateInstances`).
+    #[instrument(level = "debug", skip_all, fields(
+        tenant.id = %invocation.key.tenant,
+        workflow.env = %invocation.key.env,
+        step = %invocation.task.step,
+        run = %invocation.task.run,
+    ))]
+    async fn abandon(&self, invocation: Invocation<'_>) -> Result<(), String> {
+        if invocation.task.step != StepKind::Image {
+            return Ok(());
+        }
+        if let Some(fault) = self.inner.draw_fault() {
+            tracing::info!(?fault, "fault injected");
+            return Err(format!("injected {fault:?} fault terminating the builder"));
+        }
+        let (key, task) = (invocation.key.clone(), invocation.task.clone());
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            inner.with_conn(|conn| {
+                // Immediate, as reconcilers' transactions: other processes share the file.
+                conn.execute_batch("BEGIN IMMEDIATE")?;
+                let result = reconcile::abandon(conn, &key, &task)
+                    .and_then(|()| Ok(conn.execute_batch("COMMIT")?));
+                if result.is_err() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                result
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::Blocking(e.to_string())))
+        .map_err(|e| e.to_string())
     }
 
     /// Per-kind policies in simulated time; see [`SimConfig::retry_policy`].

@@ -140,6 +140,8 @@ pub struct Outcome<'a> {
     pub dead_letters: u64,
     /// Slot leases and places in line left when everything was live.
     pub slots_left: usize,
+    /// Image builders still there when everything was live (abandoned builds' leaks).
+    pub builders_left: Vec<String>,
 }
 
 /// Checks every invariant: no event lost, none applied twice, every workflow live at its
@@ -208,6 +210,13 @@ pub fn check(o: &Outcome<'_>) -> Vec<Invariant> {
     if o.slots_left > 0 {
         stuck.push(format!("{} slot leases or places left", o.slots_left));
     }
+    if !o.builders_left.is_empty() {
+        stuck.push(format!(
+            "{} builders left running, {}",
+            o.builders_left.len(),
+            o.builders_left.join(", ")
+        ));
+    }
     let over: Vec<String> = o
         .caps
         .iter()
@@ -244,7 +253,7 @@ pub fn check(o: &Outcome<'_>) -> Vec<Invariant> {
         Invariant::new(
             "nothing stuck",
             &stuck,
-            "every workflow at rest, no dead letters, no slot held".to_owned(),
+            "every workflow at rest, no dead letters, no slot held, no builder left".to_owned(),
         ),
         Invariant::new(
             "caps never exceeded",
@@ -262,6 +271,45 @@ pub fn check(o: &Outcome<'_>) -> Vec<Invariant> {
     ]
 }
 
+/// AWS requests per transition over every worker, from the last `engine stats` line of each
+/// worker's log (`transitions=N … requests=M`); `None` when no worker logged one or none made
+/// a transition.
+pub fn requests_per_transition(logs: &[String]) -> Option<f64> {
+    let (mut transitions, mut requests) = (0u64, 0u64);
+    for log in logs {
+        let Some(line) = log.lines().rev().find(|l| l.contains("engine stats")) else {
+            continue;
+        };
+        let line = strip_ansi(line);
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.trim_matches('"').parse::<u64>().ok())
+        };
+        transitions += field("transitions").unwrap_or(0);
+        requests += field("requests").unwrap_or(0);
+    }
+    (transitions > 0).then(|| requests as f64 / transitions as f64)
+}
+
+/// `s` without terminal colour sequences (`ESC [ … m`).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The `p`-quantile (0..=1) of sorted values, nearest rank.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
@@ -273,6 +321,17 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn requests_per_transition_sums_each_workers_last_count() {
+        let a = "2026-11-27T10:00:00Z  INFO orchestrator: engine stats transitions=10 activities=4 requests=30 requests_per_transition=\"3.00\" by_operation=\"sqs:SendMessage=9\"\n\
+                 2026-11-27T10:00:09Z  INFO orchestrator: engine stats transitions=100 activities=40 requests=250 requests_per_transition=\"2.50\" by_operation=\"\"\n\
+                 2026-11-27T10:00:09Z  INFO orchestrator: worker stopped\n";
+        let b = "\u{1b}[2m2026\u{1b}[0m INFO engine stats \u{1b}[3mtransitions\u{1b}[0m\u{1b}[2m=\u{1b}[0m50 \u{1b}[3mrequests\u{1b}[0m\u{1b}[2m=\u{1b}[0m200\n";
+        let per = super::requests_per_transition(&[a.into(), b.into(), "no stats".into()]);
+        assert_eq!(per, Some(450.0 / 150.0));
+        assert_eq!(super::requests_per_transition(&["nothing".into()]), None);
+    }
+
     use workflows::{DeploymentOutput, Environment, Release, RunId, StepReport, TenantId, Verdict};
 
     use super::*;
@@ -394,6 +453,7 @@ mod tests {
             caps: vec![(StepKind::Image, 2, 3)],
             dead_letters: 1,
             slots_left: 0,
+            builders_left: vec!["acme-dev-builder-1".into()],
         };
         let found = check(&o);
         let by_name = |n: &str| found.iter().find(|i| i.name == n).expect(n);
@@ -403,6 +463,12 @@ mod tests {
         assert!(!by_name("every workflow live at its newest push").held);
         assert!(!by_name("no resource created twice").held);
         assert!(!by_name("nothing stuck").held);
+        let stuck = &by_name("nothing stuck").detail;
+        assert!(stuck.contains("1 dead letters"), "{stuck}");
+        assert!(
+            stuck.contains("1 builders left running, acme-dev-builder-1"),
+            "{stuck}"
+        );
         assert!(!by_name("caps never exceeded").held);
 
         let histories = BTreeMap::from([(k.clone(), vec![applied])]);
@@ -415,6 +481,7 @@ mod tests {
             caps: vec![(StepKind::Image, 2, 2)],
             dead_letters: 0,
             slots_left: 0,
+            builders_left: Vec::new(),
         };
         let found = check(&o);
         let held: Vec<&str> = found.iter().filter(|i| i.held).map(|i| i.name).collect();

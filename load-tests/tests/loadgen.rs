@@ -18,8 +18,17 @@ fn orchestrator() -> PathBuf {
 }
 
 fn loadgen(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    loadgen_with(dir, args, &[])
+}
+
+fn loadgen_with(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(args)
+        .envs(env.iter().copied())
         .arg("--dir")
         .arg(dir.join("run"))
         .arg("--out")
@@ -30,6 +39,26 @@ fn loadgen(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
         .arg(orchestrator())
         .output()
         .expect("loadgen runs")
+}
+
+/// The report of a run that succeeded with its six invariants held.
+fn held(out: &std::process::Output, dir: &std::path::Path) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.json")).expect("json"))
+            .expect("a JSON report");
+    let invariants = report["invariants"].as_array().expect("invariants");
+    assert_eq!(invariants.len(), 6);
+    assert!(
+        invariants.iter().all(|i| i["held"] == true),
+        "{invariants:?}"
+    );
+    report
 }
 
 #[test]
@@ -51,22 +80,9 @@ fn a_steady_run_keeps_every_invariant_and_reports() {
             "image=2",
         ],
     );
+    let report = held(&out, dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("report.json")).expect("json"))
-            .expect("a JSON report");
     assert_eq!(report["pushes"], 60);
-    let invariants = report["invariants"].as_array().expect("invariants");
-    assert_eq!(invariants.len(), 6);
-    assert!(
-        invariants.iter().all(|i| i["held"] == true),
-        "{invariants:?}"
-    );
     assert!(report["transitions"].as_u64().expect("transitions") > 60);
     assert!(report["latency"]["count"] == 60, "{}", report["latency"]);
     assert!(report["worker_peak_rss_mib"].as_f64().expect("rss") > 1.0);
@@ -102,4 +118,92 @@ fn a_run_that_cannot_finish_exits_with_status_one() {
         "{stdout}"
     );
     assert!(stdout.contains("ok   no event lost"), "{stdout}");
+}
+
+/// `tools/moto_server.py` on a free port, killed when dropped.
+struct Moto {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start() -> Self {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tools/moto_server.py");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new("python3")
+            .arg(&script)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 with moto starts (pip install 'moto[server]')");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "moto_server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_steady_run_on_sqs_and_dynamodb_counts_aws_requests_per_transition() {
+    let moto = Moto::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let endpoint = moto.endpoint.clone();
+    let out = loadgen_with(
+        dir.path(),
+        &[
+            "steady",
+            "--backend",
+            "aws",
+            "--prefix",
+            "lg",
+            "--tenants",
+            "3",
+            "--rate",
+            "3",
+            "--seconds",
+            "2",
+            "--seed",
+            "5",
+            "--cap",
+            "image=1",
+            "--timeout",
+            "180",
+        ],
+        &[
+            ("AWS_ENDPOINT_URL", &endpoint),
+            ("AWS_REGION", "eu-west-1"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+        ],
+    );
+    let report = held(&out, dir.path());
+    assert_eq!(report["backend"], "aws");
+    assert_eq!(report["pushes"], 6);
+    // Every transition takes at least a receive, a record write and a delete.
+    let per = report["aws_requests_per_transition"]
+        .as_f64()
+        .expect("requests per transition on the AWS backend");
+    assert!(per > 1.0, "{per}");
+    // The workers ran on the queues and tables loadgen made, not on a file.
+    let config = std::fs::read_to_string(dir.path().join("run/orchestrator.toml")).expect("config");
+    assert!(config.contains("backend = \"aws\"") && config.contains("prefix = \"lg\""));
 }

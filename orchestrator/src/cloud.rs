@@ -30,6 +30,13 @@ impl<S: Store> Activities for Cloud<S> {
         }
     }
 
+    async fn abandon(&self, invocation: Invocation<'_>) -> Result<(), String> {
+        match self {
+            Cloud::Simulated(c) => c.abandon(invocation).await,
+            Cloud::Aws(c) => c.abandon(invocation).await,
+        }
+    }
+
     fn retry_policy(&self, step: StepKind) -> RetryPolicy {
         match self {
             Cloud::Simulated(c) => c.retry_policy(step),

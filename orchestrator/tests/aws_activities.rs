@@ -906,3 +906,97 @@ async fn a_deploy_token_is_read_from_secrets_manager() {
     let bytes = object.body.collect().await.expect("body").into_bytes();
     assert_eq!(&bytes[..2], [0x1f, 0x8b], "a gzip archive");
 }
+
+/// The builder instances named for `key`'s build of `sha`: (instance id, state), oldest first.
+async fn builders(w: &World, key: &WorkflowKey, sha: &GitSha) -> Vec<(String, String)> {
+    let name = format!("{}-{}-builder-{}", key.tenant, key.env, sha.short());
+    let out = w
+        .clients
+        .ec2
+        .describe_instances()
+        .filters(Filter::builder().name("tag:Name").values(&name).build())
+        .send()
+        .await
+        .expect("instances");
+    let mut found: Vec<_> = out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .map(|i| {
+            (
+                i.instance_id().unwrap_or_default().to_owned(),
+                i.state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_owned())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// An abandoned build's builder is terminated; the build, resumed, launches a new one. (moto
+/// ignores client tokens; that a resumed build gets a new one is a unit test of `image`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_build_has_its_builder_terminated_and_starts_again() {
+    let w = World::new().await;
+    let k = WorkflowKey::new(TenantId::new("acme").expect("id"), Environment::Dev);
+    let domain = Domain::new("acme.example").expect("domain");
+    let sha = GitSha::new("a".repeat(40)).expect("sha");
+    let mut task = StepTask {
+        run: workflows::RunId::FIRST,
+        step: StepKind::Network,
+        token: 1,
+        attempt: 1,
+        first_attempt_at: w.clock.now(),
+        delay: Duration::ZERO,
+        release: workflows::Release {
+            infra: Some(sha.clone()),
+            app: None,
+        },
+        resources: workflows::Resources::default(),
+    };
+    let invoke = async |task: &StepTask| {
+        w.cloud
+            .invoke(Invocation {
+                key: &k,
+                domain: &domain,
+                task,
+            })
+            .await
+    };
+    match invoke(&task).await {
+        Outcome::Done(workflows::StepOutput::Network(n)) => task.resources.network = Some(n),
+        other => panic!("network: {other:?}"),
+    }
+    task.step = StepKind::Image;
+    assert!(matches!(invoke(&task).await, Outcome::Progress { .. }));
+    let first = builders(&w, &k, &sha).await;
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].1, "running");
+    let abandon = async |task: &StepTask| {
+        w.cloud
+            .abandon(Invocation {
+                key: &k,
+                domain: &domain,
+                task,
+            })
+            .await
+    };
+    abandon(&task).await.expect("abandoned");
+    abandon(&task).await.expect("abandoning again is harmless");
+    let gone = builders(&w, &k, &sha).await;
+    assert!(
+        gone.iter()
+            .all(|(_, state)| state == "terminated" || state == "shutting-down"),
+        "{gone:?}"
+    );
+    // Resumed later (a fresh start): a new builder.
+    task.first_attempt_at = Timestamp::from_unix_millis(task.first_attempt_at.as_unix_millis() + 1);
+    assert!(matches!(invoke(&task).await, Outcome::Progress { .. }));
+    let again = builders(&w, &k, &sha).await;
+    let running: Vec<_> = again.iter().filter(|(_, s)| s == "running").collect();
+    assert_eq!(running.len(), 1, "{again:?}");
+    assert_ne!(running[0].0, first[0].0);
+}

@@ -34,6 +34,13 @@ struct Instant {
     /// builds in flight (from the first invocation to done) are counted in `builds`.
     image_progress: Option<Duration>,
     builds: Arc<Builds>,
+    /// This tenant's step fails terminally; another kind than image only once the tenant's
+    /// image build started (it reports progress until then).
+    terminal: Option<(&'static str, StepKind)>,
+    /// So many calls to `abandon` fail before they succeed.
+    abandon_failures: AtomicU64,
+    /// `invoke <tenant> <step>` and `abandon <tenant> <step> ok|failed`, in order.
+    log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 /// Image builds between their first invocation and done.
@@ -51,9 +58,42 @@ struct Running {
     peak: AtomicU64,
 }
 
+impl Instant {
+    fn note(&self, line: String) {
+        self.log.lock().expect("lock").push(line);
+    }
+}
+
 impl Activities for Instant {
+    async fn abandon(&self, invocation: Invocation<'_>) -> Result<(), String> {
+        let (tenant, step) = (&invocation.key.tenant, invocation.task.step);
+        let fail = self
+            .abandon_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let verdict = if fail { "failed" } else { "ok" };
+        self.note(format!("abandon {tenant} {step} {verdict}"));
+        if fail {
+            Err("throttled".into())
+        } else {
+            Ok(())
+        }
+    }
+
     async fn invoke(&self, invocation: Invocation<'_>) -> Outcome {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        let (tenant, step) = (&invocation.key.tenant, step_of(invocation));
+        self.note(format!("invoke {tenant} {step}"));
+        if self.terminal == Some((tenant.as_str(), step)) {
+            let building = format!("invoke {tenant} image");
+            if step != StepKind::Image && !self.log.lock().expect("lock").contains(&building) {
+                return Outcome::Progress {
+                    recheck_after: Duration::from_millis(50),
+                    note: "waiting for the build to start".into(),
+                };
+            }
+            return Outcome::Terminal("rejected".into());
+        }
         if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
         }
@@ -87,6 +127,10 @@ impl Activities for Instant {
         }
         Outcome::Done(output_for(invocation.task))
     }
+}
+
+fn step_of(invocation: Invocation<'_>) -> StepKind {
+    invocation.task.step
 }
 
 type TestEngine = Engine<SqliteBackend, SqliteBackend, SqliteBackend, Instant>;
@@ -597,6 +641,72 @@ async fn a_stale_copy_of_a_running_step_keeps_its_slot() {
         1,
         "globex's build started while acme's ran"
     );
+}
+
+/// acme's run fails at `failing` while acme holds the only image slot; globex, waiting for
+/// it, must not build before acme's build was abandoned (its first abandonment fails).
+async fn abandoned_before_given_back(failing: StepKind, image_progress: Option<Duration>) {
+    let w = World::new().await;
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let engine = w.engine(
+        Instant {
+            image_progress,
+            terminal: Some(("acme", failing)),
+            abandon_failures: AtomicU64::new(1),
+            log: log.clone(),
+            ..Instant::default()
+        },
+        EngineConfig {
+            limits: [(StepKind::Image, 1)].into(),
+            slot_poll: Duration::from_millis(300),
+            ..fast()
+        },
+    );
+    let (stop, handle) = w.start(&engine);
+    let acme = key("acme", Environment::Dev);
+    let globex = key("globex", Environment::Dev);
+    w.push(&acme, RepoKind::Infra, 1, "a-infra").await;
+    w.until("acme failed", async |w| {
+        w.state(&acme).await == Some(State::Failed)
+    })
+    .await;
+    w.push(&globex, RepoKind::Infra, 2, "g-infra").await;
+    w.until("globex live", async |w| {
+        w.live_at(&globex, Some(2), None).await
+    })
+    .await;
+    stop.cancel();
+    handle.await.expect("stops");
+    let log = log.lock().expect("lock").clone();
+    let at = |line: &str| {
+        log.iter()
+            .position(|l| l == line)
+            .unwrap_or_else(|| panic!("no {line:?} in {log:?}"))
+    };
+    assert!(at("invoke acme image") < at("abandon acme image failed"));
+    assert!(at("abandon acme image failed") < at("abandon acme image ok"));
+    assert!(
+        at("abandon acme image ok") < at("invoke globex image"),
+        "globex built before acme's build was given up: {log:?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.starts_with("abandon globex")),
+        "{log:?}"
+    );
+    let view = w.backend.slots("image").await.expect("slots");
+    assert!(view.held.is_empty() && view.waiting.is_empty(), "{view:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_that_fails_is_abandoned_before_its_slot_is_given_back() {
+    abandoned_before_given_back(StepKind::Image, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_paused_by_another_failure_is_abandoned_before_its_slot_is_given_back() {
+    // The database fails while acme's build reports progress; the build's next message is
+    // stale, and gives it up.
+    abandoned_before_given_back(StepKind::Database, Some(Duration::from_millis(200))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -304,12 +304,16 @@ impl Run {
     }
 
     /// Puts back to pending every step with a message or timer outstanding, whose reports
-    /// become stale; `retry` (or nothing, for an ended run) dispatches them again.
+    /// become stale; `retry` (or nothing, for an ended run) dispatches them again, as a fresh
+    /// start with a fresh retry budget: the engine abandons what a paused step was doing (an
+    /// image build's builder), so it begins again rather than continues.
     fn pause_outstanding(&mut self) {
         for step in &mut self.steps {
             if step.is_outstanding() {
                 step.status = StepStatus::Pending;
                 step.next_attempt_at = None;
+                step.attempt = 0;
+                step.first_attempt_at = None;
             }
         }
     }

@@ -8,14 +8,15 @@
 //! | image available | terminate the builder if it is still there; done |
 //! | image pending | wait |
 //! | image failed | deregister it; retryable (the next attempt builds again) |
-//! | no image, no builder | launch the builder from the base image with the user data below (client token from key, step and commit); wait |
+//! | no image, no builder | launch the builder from the base image with the user data below (client token from key, commit, run and the build's first attempt); wait |
 //! | builder pending or running | wait; past `builder_timeout_secs` terminate it and fail terminally |
 //! | builder stopping | wait |
 //! | builder stopped | create the image from it (a duplicate name means another attempt did: adopt); wait |
 //!
 //! The builder's user data fetches the infra artifact, runs `provision/*.sh` in name order and
 //! powers off (its shutdown behaviour is `stop`, so the stopped builder is what the image is
-//! made from). With a KMS key configured its root volume, and so the image, is encrypted
+//! made from). A build its workflow abandons ([`abandon`]: failed, paused, superseded,
+//! cancelled) has its builder terminated. With a KMS key configured its root volume, and so the image, is encrypted
 //! with that key.
 
 use aws_sdk_ec2::types::{
@@ -110,6 +111,22 @@ pub(super) async fn reconcile<A: Allocations>(
                 "builder {builder_id} running the provisioning scripts"
             )))
         }
+    }
+}
+
+/// Gives up the build of the run's commit: its builder is terminated (an image already
+/// requested from it stays, and the next build of the commit adopts it).
+pub(super) async fn abandon<A: Allocations>(
+    cloud: &AwsCloud<A>,
+    names: &Names,
+    invocation: Invocation<'_>,
+) -> Result<(), Error> {
+    let Some(sha) = invocation.task.release.infra.as_ref() else {
+        return Ok(());
+    };
+    match find_builder(cloud, &names.builder(sha)).await? {
+        Some(builder) => terminate(cloud, &builder).await,
+        None => Ok(()),
     }
 }
 
@@ -234,7 +251,7 @@ async fn launch_builder<A: Allocations>(
         )
         .user_data(base64::engine::general_purpose::STANDARD.encode(user_data))
         .instance_initiated_shutdown_behavior(ShutdownBehavior::Stop)
-        .client_token(names.token(StepKind::Image, sha.as_str()))
+        .client_token(launch_token(names, invocation, sha))
         .tag_specifications(
             TagSpecification::builder()
                 .resource_type(ResourceType::Instance)
@@ -276,6 +293,21 @@ async fn launch_builder<A: Allocations>(
         .unwrap_or("?");
     tracing::info!(builder = %name, instance = id, "builder launched");
     Ok(())
+}
+
+/// The idempotency token of a builder launch: the same for every retry of one build, new for
+/// each build the workflow starts (a run, or a step resumed after it was abandoned), since EC2
+/// answers a token it has seen with the instance it launched, terminated or not.
+fn launch_token(names: &Names, invocation: Invocation<'_>, sha: &GitSha) -> String {
+    let task = invocation.task;
+    names.token(
+        StepKind::Image,
+        &format!(
+            "{sha}|{}|{}",
+            task.run,
+            task.first_attempt_at.as_unix_millis()
+        ),
+    )
 }
 
 /// The root device name of `image` (where an encrypted volume must be mapped).
@@ -325,5 +357,62 @@ async fn create_image<A: Allocations>(
         // Another attempt asked for it already: the next look finds it.
         Err(e) if code(&e) == Some("InvalidAMIName.Duplicate") => Ok(()),
         Err(e) => Err(classify("ec2:CreateImage", name, &e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use workflows::{Domain, WorkflowKey};
+    use workflows::{Environment, Release, Resources, RunId, StepTask, TenantId, Timestamp};
+
+    #[test]
+    fn a_launch_token_holds_across_retries_and_changes_with_each_build() {
+        let key = WorkflowKey::new(TenantId::new("acme").expect("id"), Environment::Dev);
+        let domain = Domain::new("acme.example").expect("domain");
+        let names = Names::new(&key);
+        let sha = GitSha::new("a".repeat(40)).expect("sha");
+        let task = StepTask {
+            run: RunId::FIRST,
+            step: StepKind::Image,
+            token: 1,
+            attempt: 1,
+            first_attempt_at: Timestamp::from_unix_millis(1_000),
+            delay: std::time::Duration::ZERO,
+            release: Release {
+                infra: Some(sha.clone()),
+                app: None,
+            },
+            resources: Resources::default(),
+        };
+        let token = |task: &StepTask| {
+            launch_token(
+                &names,
+                Invocation {
+                    key: &key,
+                    domain: &domain,
+                    task,
+                },
+                &sha,
+            )
+        };
+        let first = token(&task);
+        let retry = StepTask {
+            token: 5,
+            attempt: 3,
+            ..task.clone()
+        };
+        assert_eq!(token(&retry), first, "a retry of the same build");
+        let resumed = StepTask {
+            first_attempt_at: Timestamp::from_unix_millis(9_000),
+            ..task.clone()
+        };
+        assert_ne!(token(&resumed), first, "a build started again");
+        let next_run = StepTask {
+            run: RunId::FIRST.next(),
+            ..task.clone()
+        };
+        assert_ne!(token(&next_run), first, "another run's build");
+        assert!(first.len() <= 64);
     }
 }

@@ -561,6 +561,16 @@ impl<A: Allocations> Activities for AwsCloud<A> {
         }
     }
 
+    #[instrument(level = "debug", skip_all, fields(tenant.id = %invocation.key.tenant, workflow.env = %invocation.key.env, step = %invocation.task.step, run = %invocation.task.run))]
+    async fn abandon(&self, invocation: Invocation<'_>) -> Result<(), String> {
+        if invocation.task.step != StepKind::Image {
+            return Ok(());
+        }
+        image::abandon(self, &Names::new(invocation.key), invocation)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     fn retry_policy(&self, step: StepKind) -> RetryPolicy {
         let (initial_s, max_s, max_attempts, within_min) = match step {
             StepKind::Network | StepKind::SourceInfra | StepKind::SourceApp | StepKind::Routing => {

@@ -251,6 +251,7 @@ fn image(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
     let stem = cx.stem();
     let workflow = cx.workflow();
     let image_name = format!("{stem}-{sha}");
+    // The same name `abandon` terminates.
     let builder_name = format!("{stem}-builder-{sha}");
     let latency = cx.config.latency(StepKind::Image);
     let builder_share = latency / 2;
@@ -318,6 +319,18 @@ fn image(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
         name: image_name,
         reason: "the image reconciler did not settle".to_owned(),
     })
+}
+
+/// Gives up `task`'s image build: its builder goes (an image already requested from it stays,
+/// and the next build of the commit adopts it).
+pub(super) fn abandon(conn: &Connection, key: &WorkflowKey, task: &StepTask) -> Result<(), Error> {
+    if let Some(sha) = &task.release.infra {
+        let builder = format!("{}-{}-builder-{sha}", key.tenant, key.env);
+        if store::abandon(conn, ResourceKind::Builder, &builder)? {
+            tracing::info!(builder, "abandoned build's builder terminated");
+        }
+    }
+    Ok(())
 }
 
 /// The environment's MySQL database: encrypted, its master password managed in a secret.

@@ -42,6 +42,12 @@ CREATE TABLE IF NOT EXISTS sim_creations (
     count INTEGER NOT NULL,
     PRIMARY KEY (kind, name)
 );
+CREATE TABLE IF NOT EXISTS sim_abandons (
+    kind  TEXT NOT NULL,
+    name  TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (kind, name)
+);
 CREATE TABLE IF NOT EXISTS sim_counts (
     kind TEXT PRIMARY KEY,
     live INTEGER NOT NULL,
@@ -203,6 +209,16 @@ pub struct Creation {
     pub name: String,
     /// Creations so far.
     pub count: u64,
+    /// Deletions because the step that created it was abandoned (a builder whose build its
+    /// workflow gave up); each allows one creation more without it being a duplicate.
+    pub abandoned: u64,
+}
+
+impl Creation {
+    /// Creations beyond the first that no abandonment explains: duplicates.
+    pub fn duplicates(&self) -> u64 {
+        self.count.saturating_sub(self.abandoned).saturating_sub(1)
+    }
 }
 
 /// A listener rule priority held by a rule.
@@ -503,22 +519,41 @@ pub(super) fn peaks(conn: &Connection) -> Result<Vec<(ResourceKind, u64)>, Error
 }
 
 pub(super) fn creations(conn: &Connection) -> Result<Vec<Creation>, Error> {
-    let mut stmt =
-        conn.prepare("SELECT kind, name, count FROM sim_creations ORDER BY kind, name")?;
+    let mut stmt = conn.prepare(
+        "SELECT c.kind, c.name, c.count, COALESCE(a.count, 0) FROM sim_creations c \
+         LEFT JOIN sim_abandons a ON a.kind = c.kind AND a.name = c.name \
+         ORDER BY c.kind, c.name",
+    )?;
     let rows = stmt.query_map([], |row| {
         Ok((
             row.get::<_, String>(0)?,
             row.get::<_, String>(1)?,
             row.get::<_, i64>(2)?,
+            row.get::<_, i64>(3)?,
         ))
     })?;
     rows.map(|r| {
-        let (kind, name, count) = r?;
+        let (kind, name, count, abandoned) = r?;
         Ok(Creation {
             kind: kind.parse()?,
             name,
             count: u64::try_from(count).unwrap_or(0),
+            abandoned: u64::try_from(abandoned).unwrap_or(0),
         })
     })
     .collect()
+}
+
+/// Deletes the `kind` resource `name` because the step that made it was abandoned, and
+/// counts that (its next creation is not a duplicate). Whether there was one.
+pub(super) fn abandon(conn: &Connection, kind: ResourceKind, name: &str) -> Result<bool, Error> {
+    let deleted = delete(conn, kind, name)?;
+    if deleted {
+        conn.prepare_cached(
+            "INSERT INTO sim_abandons (kind, name, count) VALUES (?1, ?2, 1) \
+             ON CONFLICT (kind, name) DO UPDATE SET count = count + 1",
+        )?
+        .execute(params![kind.as_str(), name])?;
+    }
+    Ok(deleted)
 }

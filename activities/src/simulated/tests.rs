@@ -1157,3 +1157,73 @@ async fn peaks_count_the_resources_that_existed_at_once() {
     assert!(peaks.contains(&(ResourceKind::Builder, 2)), "{peaks:?}");
     assert!(names(&s.cloud, ResourceKind::Builder).is_empty());
 }
+
+#[tokio::test]
+async fn an_abandoned_build_loses_its_builder_and_starts_again() {
+    let s = sim(SimConfig::default());
+    let k = staging();
+    let rel = release(Some(1), Some(2));
+    let mut resources = Resources::default();
+    let source = task(StepKind::SourceInfra, 1, rel.clone(), resources.clone());
+    record(
+        &mut resources,
+        StepKind::SourceInfra,
+        s.until_done(&k, &source).await.output,
+    );
+    let image = task(StepKind::Image, 1, rel, resources);
+    assert!(matches!(
+        s.invoke(&k, &image).await,
+        Outcome::Progress { .. }
+    ));
+    assert_eq!(names(&s.cloud, ResourceKind::Builder).len(), 1);
+    let domain = domain_of(&k);
+    let abandon = || {
+        s.cloud.abandon(Invocation {
+            key: &k,
+            domain: &domain,
+            task: &image,
+        })
+    };
+    abandon().await.expect("abandoned");
+    assert!(names(&s.cloud, ResourceKind::Builder).is_empty());
+    abandon().await.expect("abandoning again changes nothing");
+    // Resumed, the build launches a builder of the same name again: not a duplicate.
+    s.until_done(&k, &image).await;
+    let builder = s
+        .cloud
+        .creations()
+        .expect("creations")
+        .into_iter()
+        .find(|c| c.kind == ResourceKind::Builder)
+        .expect("builder");
+    assert_eq!((builder.count, builder.abandoned), (2, 1));
+    assert_eq!(builder.duplicates(), 0);
+    assert_eq!(s.cloud.max_creations().expect("max"), 1);
+    assert!(names(&s.cloud, ResourceKind::Builder).is_empty());
+}
+
+#[tokio::test]
+async fn abandoning_fails_retryably_under_faults_and_ignores_other_steps() {
+    let s = sim(SimConfig {
+        throttle_probability: 1.0,
+        ..SimConfig::instant()
+    });
+    let k = staging();
+    let domain = domain_of(&k);
+    for step in StepKind::ALL {
+        let t = task(step, 1, release(Some(1), Some(2)), Resources::default());
+        let result = s
+            .cloud
+            .abandon(Invocation {
+                key: &k,
+                domain: &domain,
+                task: &t,
+            })
+            .await;
+        assert_eq!(
+            result.is_err(),
+            step == StepKind::Image,
+            "{step}: {result:?}"
+        );
+    }
+}

@@ -60,6 +60,14 @@ enum Scenario {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BackendKind {
+    /// The embedded SQLite file.
+    Embedded,
+    /// SQS and DynamoDB, found the standard AWS way (`AWS_ENDPOINT_URL` for a moto_server).
+    Aws,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Via {
     /// Straight to the events queue, as the ingress would put them.
     Queue,
@@ -105,6 +113,13 @@ struct Args {
     /// Seed of the generator's choices and of the cloud's faults.
     #[arg(long)]
     seed: Option<u64>,
+    /// What the workers run on. With `aws`, loadgen creates queues and tables named
+    /// `<prefix>-…` and leaves them; the simulated cloud stays in the run's directory.
+    #[arg(long, value_enum, default_value_t = BackendKind::Embedded)]
+    backend: BackendKind,
+    /// The AWS backend's name prefix (default: `loadgen-` and 8 random hex digits).
+    #[arg(long)]
+    prefix: Option<String>,
     /// Where pushes go.
     #[arg(long, value_enum, default_value_t = Via::Queue)]
     via: Via,
@@ -586,11 +601,16 @@ fn write_config(
     } else {
         ("15s", "5s")
     };
+    let (backend, aws) = match (args.backend, &args.prefix) {
+        (BackendKind::Aws, Some(prefix)) => ("aws", format!("[aws]\nprefix = {prefix:?}\n\n")),
+        _ => ("embedded", String::new()),
+    };
+    // The simulated cloud lives in the embedded file whatever the backend.
     let text = format!(
-        r#"backend = "embedded"
+        r#"backend = "{backend}"
 activities = "simulated"
 
-[embedded]
+{aws}[embedded]
 path = {db:?}
 
 [engine]
@@ -657,8 +677,53 @@ async fn run(args: Args) -> Result<bool> {
         Scenario::Storm => 20_000.0,
         _ => 600.0,
     });
-    let backend =
-        Arc::new(SqliteBackend::open(SqliteConfig::new(&db)).context("opening the database")?);
+    let setup = Setup {
+        dir,
+        db,
+        tenants,
+        time_scale,
+    };
+    match args.backend {
+        BackendKind::Embedded => {
+            let backend = SqliteBackend::open(SqliteConfig::new(&setup.db))
+                .context("opening the database")?;
+            drive(args, Arc::new(backend), setup).await
+        }
+        BackendKind::Aws => {
+            let mut args = args;
+            let prefix = args
+                .prefix
+                .get_or_insert_with(|| format!("loadgen-{:08x}", fastrand::u32(..)))
+                .clone();
+            let sdk = orchestrator::aws::load_sdk_config().await;
+            let names = orchestrator::aws::Names::new(&prefix);
+            orchestrator::aws::init::create_all(&sdk, &names, 10)
+                .await
+                .context("creating the queues and tables (for moto, set AWS_ENDPOINT_URL)")?;
+            eprintln!("loadgen: SQS queues and DynamoDB tables {prefix}-… (left in place)");
+            let counter = orchestrator::aws::RequestCounter::new();
+            let stack = orchestrator::aws::connect(&sdk, &names, &counter, 64).await?;
+            drive(args, Arc::new(stack), setup).await
+        }
+    }
+}
+
+/// Where a run keeps its files, and what every scenario needs to know.
+struct Setup {
+    dir: PathBuf,
+    db: PathBuf,
+    tenants: usize,
+    time_scale: f64,
+}
+
+/// Runs the scenario on `backend`, checks the invariants and writes the reports.
+async fn drive<B: Store + Queue>(args: Args, backend: Arc<B>, setup: Setup) -> Result<bool> {
+    let Setup {
+        dir,
+        db,
+        tenants,
+        time_scale,
+    } = setup;
     register_tenants(&*backend, tenants, tenant_id, TOKEN).await?;
     let exe = orchestrator_binary(args.orchestrator.as_ref())?;
     // The storm's tenants are brought live with the cloud at zero latency first.
@@ -831,8 +896,15 @@ async fn run(args: Args) -> Result<bool> {
     let created_twice = cloud
         .creations()?
         .into_iter()
-        .filter(|c| c.count > 1)
-        .map(|c| (format!("{} {}", c.kind, c.name), c.count))
+        .filter(|c| c.duplicates() > 0)
+        .map(|c| (format!("{} {}", c.kind, c.name), c.count - c.abandoned))
+        .collect();
+    // Builders are transient: with every workflow at rest, none should be left.
+    let builders_left = cloud
+        .resources()?
+        .into_iter()
+        .filter(|r| r.kind == ResourceKind::Builder)
+        .map(|r| r.name)
         .collect();
     let peaks: HashMap<ResourceKind, u64> = cloud.peaks()?.into_iter().collect();
     let caps = run
@@ -871,6 +943,7 @@ async fn run(args: Args) -> Result<bool> {
         caps,
         dead_letters: dead,
         slots_left,
+        builders_left,
     });
 
     let latencies = analysis::latencies(&measured, &histories);
@@ -931,9 +1004,28 @@ async fn run(args: Args) -> Result<bool> {
         "slot leases that had to lapse".to_owned(),
         abandoned.0.to_string(),
     );
+    // The workers count their own requests, and log the counts when they stop (and now and
+    // then before: a killed worker's last count stands for it).
+    let aws_requests_per_transition = match run.args.backend {
+        BackendKind::Embedded => None,
+        BackendKind::Aws => {
+            let mut logs = Vec::new();
+            for entry in std::fs::read_dir(&dir)? {
+                let path = entry?.path();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
+                if name.starts_with("worker-") && name.ends_with(".log") {
+                    logs.push(std::fs::read_to_string(&path)?);
+                }
+            }
+            analysis::requests_per_transition(&logs)
+        }
+    };
     let report = Report {
         scenario: format!("{:?}", run.args.scenario).to_lowercase(),
-        backend: "embedded".to_owned(),
+        backend: format!("{:?}", run.args.backend).to_lowercase(),
         via: format!("{:?}", run.args.via).to_lowercase(),
         started_at,
         settings,
@@ -944,7 +1036,7 @@ async fn run(args: Args) -> Result<bool> {
         transitions,
         transitions_per_s: transitions as f64 / total_s.max(1e-3),
         latency: Latency::of(&mut live, missing),
-        aws_requests_per_transition: None,
+        aws_requests_per_transition,
         worker_peak_rss_mib: run.procs.peak_rss_kib as f64 / 1024.0,
         worker_restarts: run.restarts,
         operator_retries: run.operator_retries,

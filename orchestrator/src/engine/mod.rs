@@ -61,8 +61,10 @@ pub struct EngineConfig {
     pub tenant_ttl: Duration,
     /// Account-wide caps on concurrent activities per step kind (EC2 quotas are per account):
     /// an invocation of a capped kind first takes a leased slot in the store, held until the
-    /// step is done, whichever worker invokes it. A failed step keeps its slot (what it made
-    /// still exists) until `retry` finishes it or the lease lapses.
+    /// step is done, whichever worker invokes it. A step its run stops driving (failed,
+    /// paused by another step's failure, superseded, cancelled) is abandoned
+    /// ([`Activities::abandon`]: an image build's builder is terminated) before its slot is
+    /// given back, so what runs in the cloud never outnumbers the cap.
     pub limits: BTreeMap<StepKind, u32>,
     /// How long a slot lease lasts unless renewed; every invocation renews it, so it must
     /// outlast the longest pause between a step's invocations (rechecks and retries). A dead
@@ -698,31 +700,18 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         if !is_current {
             bump(&self.stats.stale);
             debug!("stale step message dropped");
-            // A cancelled or superseded run's slot comes free now rather than at expiry. A
-            // stale copy of a step that still holds it (running under a newer token because
-            // another copy was woken first, or failed and awaiting `retry`, its builder still
-            // up) must not take the slot from under it.
-            let still_running = stored.as_ref().is_none_or(|r| {
-                r.workflow()
-                    .run
-                    .as_ref()
-                    .filter(|run| run.id == task.run)
-                    .and_then(|run| run.step(task.step))
-                    .is_some_and(|s| {
-                        matches!(
-                            s.status,
-                            StepStatus::Running | StepStatus::RetryWait | StepStatus::Failed
-                        )
-                    })
-            });
-            if cap.is_some() && !still_running {
-                self.release_slot(task.step, &holder).await;
+            // A step its run no longer drives (paused, superseded, cancelled, failed) is
+            // given up now rather than at its lease's expiry. A stale copy of a step still
+            // driven (running under a newer token because another copy was woken first) must
+            // not take the slot from under it.
+            let mut send = Vec::new();
+            if cap.is_some() && stored.as_ref().is_some_and(|r| to_abandon(r, task)) {
+                send = self.abandon(key, &tenant.domain, task, &holder).await;
             }
             let id = workflows::event::step_event_id(task.run, task.step, task.token);
-            let send = match &stored {
-                Some(record) => self.resend(key, &id, record, delivery).await?,
-                None => Vec::new(),
-            };
+            if let Some(record) = &stored {
+                send.extend(self.resend(key, &id, record, delivery).await?);
+            }
             self.send_and_ack(send, ack).await?;
             return Ok(Handled::Done(Vec::new()));
         }
@@ -783,8 +772,8 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             Outcome::Retryable(_) => "retryable",
             Outcome::Terminal(_) => "terminal",
         };
-        // Only a step done gives its slot back: a failed one still holds what it made (a
-        // builder) until `retry` finishes it, or its lease lapses.
+        // A step done gives its slot back. One its run stops driving (failed terminally, out
+        // of retries) is given up through the reminder its report's commit sends (`apply`).
         let finished = matches!(outcome, Outcome::Done(_));
         tracing::Span::current().record("step.outcome", kind);
         let step_kv = metrics::Metrics::kv("step", task.step.as_str());
@@ -826,12 +815,38 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             .apply(key, &event, ack, delivery)
             .instrument(event_span(key, &event))
             .await;
+        // Held until the report is committed: were it lost, the next invocation finds its
+        // lease (and whatever the activity made) again.
         if let (Some(_), true, Ok(_)) = (slot, finished, &result) {
-            // Held until the report is committed: were it lost, the next invocation finds
-            // its lease (and whatever the activity made) again.
             self.release_slot(task.step, &holder).await;
         }
         result
+    }
+
+    /// Gives up a capped step its run no longer drives: what it holds while it runs (a
+    /// builder) goes first, then its slot, so the count of what runs never exceeds the cap.
+    /// If the activities cannot give it up now, this returns a copy of the step message to
+    /// send after `slot_poll`: stale, it comes back here to try again, the slot still held.
+    async fn abandon(
+        &self,
+        key: &WorkflowKey,
+        domain: &workflows::Domain,
+        task: &StepTask,
+        holder: &str,
+    ) -> Vec<Outgoing> {
+        let invocation = Invocation { key, domain, task };
+        match self.activities.abandon(invocation).await {
+            Ok(()) => {
+                debug!("step abandoned");
+                self.release_slot(task.step, holder).await;
+                Vec::new()
+            }
+            Err(error) => {
+                warn!(%error, "step not abandoned yet; its slot stays held until it is");
+                let body = Body::Step(Box::new(task.clone()));
+                vec![message(key, body, self.config.slot_poll, self.clock.now())]
+            }
+        }
     }
 
     /// Sends `send` and acknowledges the message, one commit.
@@ -956,50 +971,59 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             };
             let now = self.clock.now();
             let from_version = record.version;
+            // Only capped steps are given up when stopped: nothing to keep otherwise.
+            let before = (!self.config.limits.is_empty())
+                .then(|| record.workflow().active_run().cloned())
+                .flatten();
             let applied = record.apply(event, input(now));
-            let commit = match &applied.verdict {
-                Verdict::Duplicate => {
-                    bump(&self.stats.duplicates);
-                    // Its commands may not have been sent (a crash after the write): send
-                    // them again. Repeating them is safe.
-                    Commit {
-                        write: None,
-                        send: self.resend(key, &event.id(), &record, delivery).await?,
-                        ack: Some(ack.clone()),
-                        claim: None,
+            let commit =
+                match &applied.verdict {
+                    Verdict::Duplicate => {
+                        bump(&self.stats.duplicates);
+                        // Its commands may not have been sent (a crash after the write): send
+                        // them again. Repeating them is safe.
+                        Commit {
+                            write: None,
+                            send: self.resend(key, &event.id(), &record, delivery).await?,
+                            ack: Some(ack.clone()),
+                            claim: None,
+                        }
                     }
-                }
-                Verdict::Stale(_) if !fresh => {
-                    // The cached record may be older than the message (another worker
-                    // moved the workflow on): only the stored record can say it is stale.
-                    fresh = true;
-                    continue;
-                }
-                Verdict::Stale(reason) => {
-                    bump(&self.stats.stale);
-                    debug!(reason, "stale event dropped");
-                    // A report or timer is stale once applied; if it was applied by a
-                    // worker that died before sending its commands, send them now.
-                    let send = self.resend(key, &event.id(), &record, delivery).await?;
-                    Commit {
-                        send,
-                        ack: Some(ack.clone()),
-                        ..Commit::default()
+                    Verdict::Stale(_) if !fresh => {
+                        // The cached record may be older than the message (another worker
+                        // moved the workflow on): only the stored record can say it is stale.
+                        fresh = true;
+                        continue;
                     }
-                }
-                verdict => {
-                    let entry = record.history_entry(event, &applied);
-                    if !matches!(verdict, Verdict::Accepted) {
-                        info!(?verdict, "event not applied");
+                    Verdict::Stale(reason) => {
+                        bump(&self.stats.stale);
+                        debug!(reason, "stale event dropped");
+                        // A report or timer is stale once applied; if it was applied by a
+                        // worker that died before sending its commands, send them now.
+                        let send = self.resend(key, &event.id(), &record, delivery).await?;
+                        Commit {
+                            send,
+                            ack: Some(ack.clone()),
+                            ..Commit::default()
+                        }
                     }
-                    Commit {
-                        write: Some(RecordWrite::new(&record, &entry)),
-                        send: outgoing(key, &applied.commands, now),
-                        ack: Some(ack.clone()),
-                        claim: Some(self.config.visibility),
+                    verdict => {
+                        let entry = record.history_entry(event, &applied);
+                        if !matches!(verdict, Verdict::Accepted) {
+                            info!(?verdict, "event not applied");
+                        }
+                        let mut send = outgoing(key, &applied.commands, now);
+                        send.extend(stopped(before.as_ref(), &record, &self.config.limits).map(
+                            |task| message(key, Body::Step(Box::new(task)), Duration::ZERO, now),
+                        ));
+                        Commit {
+                            write: Some(RecordWrite::new(&record, &entry)),
+                            send,
+                            ack: Some(ack.clone()),
+                            claim: Some(self.config.visibility),
+                        }
                     }
-                }
-            };
+                };
             let writes = commit.write.is_some();
             match self.commit(commit).await {
                 Ok(claimed) => {
@@ -1084,6 +1108,50 @@ fn wake(bodies: Vec<Vec<u8>>) -> Vec<Outgoing> {
             attributes: crate::telemetry::current_context(),
         })
         .collect()
+}
+
+/// The capped steps `before` (the active run before an event) drove and the run in `after`
+/// no longer drives, as copies of their step messages. Sent with the event's commit, each
+/// arrives stale and gives its step up (`abandon`): a failed, paused, superseded or cancelled
+/// build's builder goes, then its slot, even if this worker dies after the commit.
+fn stopped<'a>(
+    before: Option<&'a workflows::Run>,
+    after: &'a WorkflowRecord,
+    limits: &'a BTreeMap<StepKind, u32>,
+) -> impl Iterator<Item = StepTask> + 'a {
+    before.into_iter().flat_map(move |run| {
+        run.steps
+            .iter()
+            .filter(|s| limits.contains_key(&s.kind))
+            .filter(|s| matches!(s.status, StepStatus::Running | StepStatus::RetryWait))
+            .map(move |s| StepTask {
+                run: run.id,
+                step: s.kind,
+                token: s.token,
+                attempt: s.attempt,
+                first_attempt_at: s.first_attempt_at.unwrap_or(run.started_at),
+                delay: Duration::ZERO,
+                release: run.release.clone(),
+                resources: after.workflow().resources.clone(),
+            })
+            .filter(|task| to_abandon(after, task))
+    })
+}
+
+/// Whether a stale copy of `task` gives its step up: the step's run no longer drives it
+/// (paused, failed, superseded, cancelled). A step still running or waiting to retry keeps
+/// its slot; one done gave it back already, with nothing left to abandon.
+fn to_abandon(record: &WorkflowRecord, task: &StepTask) -> bool {
+    let step = record
+        .workflow()
+        .run
+        .as_ref()
+        .filter(|run| run.id == task.run)
+        .and_then(|run| Some((run.is_active(), run.step(task.step)?.status)));
+    !matches!(
+        step,
+        Some((_, StepStatus::Done)) | Some((true, StepStatus::Running | StepStatus::RetryWait))
+    )
 }
 
 /// Who holds a slot for a step: the workflow's run, so a superseded run's lease is never taken

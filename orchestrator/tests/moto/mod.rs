@@ -6,8 +6,8 @@
 //! copies back, undoing any write another request made in between (seen in the crash test: a
 //! history entry v6 whose record stayed at v5, after which the workflow could never be written
 //! again). DynamoDB itself serializes transactions. So the server runs with moto's DynamoDB
-//! write operations behind one re-entrant lock ([`SERVER`]: a transaction calls the others);
-//! everything else is moto as installed.
+//! write operations behind one re-entrant lock ([`SERVER`], `tools/moto_server.py`: a
+//! transaction calls the others); everything else is moto as installed.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -17,21 +17,9 @@ use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 
-/// `moto_server`, with DynamoDB's write operations serialized (see the module docs).
-const SERVER: &str = r#"
-import sys, threading
-from moto.dynamodb.models import DynamoDBBackend
-lock = threading.RLock()
-def locked(method):
-    def call(self, *args, **kwargs):
-        with lock:
-            return method(self, *args, **kwargs)
-    return call
-for name in ("transact_write_items", "put_item", "update_item", "delete_item", "batch_write_item"):
-    setattr(DynamoDBBackend, name, locked(getattr(DynamoDBBackend, name)))
-from moto.server import main
-main(sys.argv[1:])
-"#;
+/// `moto_server`, with DynamoDB's write operations serialized (see the module docs); the same
+/// script users run for `loadgen --backend aws`.
+const SERVER: &str = include_str!("../../../tools/moto_server.py");
 
 /// A running moto server.
 pub struct Moto {

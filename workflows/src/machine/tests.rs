@@ -379,6 +379,11 @@ fn retry_resumes_the_failed_step_with_a_fresh_budget() {
         Some("quota"),
         "kept until it succeeds"
     );
+    // A paused step starts afresh too: the engine abandoned what it was doing.
+    let run = d.record.workflow().run.clone().expect("run");
+    let paused = run.step(Routing).expect("routing");
+    assert_eq!(paused.attempt, 1);
+    assert_eq!(paused.first_attempt_at, db.first_attempt_at);
     d.run_to_quiescence();
     assert_eq!(d.state(), State::Live);
 }
