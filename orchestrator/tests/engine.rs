@@ -710,6 +710,59 @@ async fn a_build_paused_by_another_failure_is_abandoned_before_its_slot_is_given
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_copy_of_a_done_step_gives_back_a_slot_granted_to_it() {
+    let w = World::new().await;
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let engine = w.engine(
+        Instant {
+            log: log.clone(),
+            ..Instant::default()
+        },
+        EngineConfig {
+            limits: [(StepKind::Image, 1)].into(),
+            ..fast()
+        },
+    );
+    let (stop, handle) = w.start(&engine);
+    let acme = key("acme", Environment::Dev);
+    w.push(&acme, RepoKind::Infra, 1, "a-infra").await;
+    w.until("acme live", async |w| w.live_at(&acme, Some(1), None).await)
+        .await;
+    // A copy that waited in line is granted the slot after its step was done elsewhere.
+    let holder = orchestrator::engine::holder_of(&acme, workflows::RunId::FIRST);
+    let (grant, _) = w
+        .backend
+        .acquire_slot("image", &acme, &holder, 1, Duration::from_secs(600), b"")
+        .await
+        .expect("acquire");
+    assert!(matches!(grant, orchestrator::ports::SlotGrant::Held { .. }));
+    let history = w.backend.history(&acme, 0, 100).await.expect("history");
+    let copies: Vec<_> = history
+        .iter()
+        .flat_map(|e| outgoing(&acme, &e.commands, w.clock.now()))
+        .collect();
+    w.backend.send(copies).await.expect("send");
+    w.until("the slot given back", async |w| {
+        w.backend
+            .slots("image")
+            .await
+            .expect("slots")
+            .held
+            .is_empty()
+    })
+    .await;
+    stop.cancel();
+    handle.await.expect("stops");
+    let abandons = log
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|l| l.starts_with("abandon"))
+        .count();
+    assert_eq!(abandons, 0, "a done step has nothing to abandon");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_rearms_a_workflow_whose_step_message_was_lost() {
     let w = World::new().await;
     let k = key("acme", Environment::Dev);

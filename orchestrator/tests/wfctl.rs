@@ -1729,3 +1729,118 @@ fn help_documents_rotate_token_and_signing_secret() {
         assert!(run.stdout.contains(expected), "{expected}: {}", run.stdout);
     }
 }
+
+#[test]
+fn slots_lists_holders_and_the_line_and_show_notes_a_waiting_step() {
+    let f = Fixture::new();
+    f.add_tenant("acme", 11, 12);
+    f.add_tenant("globex", 21, 22);
+    // acme#staging's run r1 has its image step running: it waits behind globex for the one
+    // image slot.
+    let mut d = Driver::new(Environment::Staging);
+    f.push(&mut d, RepoKind::Infra, 1);
+    for step in [StepKind::Network, StepKind::SourceInfra] {
+        let message = d.take(step).expect("in flight");
+        let event = Driver::delivery(&message, |task| StepOutcome::Done {
+            output: workflows::testing::output_for(task),
+        });
+        f.drive(&mut d, &event);
+    }
+    assert!(d.in_flight.iter().any(|m| m.step() == StepKind::Image));
+    let acme = workflows::testing::key(Environment::Staging);
+    let globex = WorkflowKey::new(TenantId::new("globex").expect("id"), Environment::Dev);
+    let ttl = Duration::from_secs(600);
+    let run = workflows::RunId::FIRST;
+    let held = orchestrator::engine::holder_of(&globex, run);
+    let waiting = orchestrator::engine::holder_of(&acme, run);
+    f.rt.block_on(async {
+        let (grant, _) = f
+            .store
+            .acquire_slot("image", &globex, &held, 1, ttl, b"wake")
+            .await
+            .expect("acquire");
+        assert!(matches!(grant, orchestrator::ports::SlotGrant::Held { .. }));
+        let (grant, _) = f
+            .store
+            .acquire_slot("image", &acme, &waiting, 1, ttl, b"wake")
+            .await
+            .expect("acquire");
+        assert!(matches!(
+            grant,
+            orchestrator::ports::SlotGrant::Waiting { ahead: 0 }
+        ));
+    });
+
+    let table = f.wfctl(&["slots"]);
+    table.ok();
+    let rows: Vec<&str> = table.stdout.lines().collect();
+    assert!(
+        rows[0].contains("KIND") && rows[0].contains("LAPSES"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].contains("image") && rows[1].contains("globex#dev") && rows[1].contains("held"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[2].contains("acme#staging")
+            && rows[2].contains("r1")
+            && rows[2].contains("waiting #1"),
+        "{rows:?}"
+    );
+    assert!(
+        rows[2].contains("in 9m") || rows[2].contains("in 10m"),
+        "{rows:?}"
+    );
+
+    let json = f.wfctl(&["slots", "image", "-o", "json"]).ok().json();
+    let entries = json.as_array().expect("an array");
+    assert_eq!(entries.len(), 2);
+    assert_eq!(
+        keys(&entries[1]),
+        sorted(vec![
+            "kind",
+            "status",
+            "position",
+            "workflow",
+            "run",
+            "tenant",
+            "since",
+            "expires_at"
+        ])
+    );
+    assert_eq!(entries[0]["status"], "held");
+    assert!(entries[0].get("position").is_none());
+    assert_eq!(
+        (
+            &entries[1]["workflow"],
+            &entries[1]["run"],
+            &entries[1]["position"]
+        ),
+        (
+            &Value::from("acme#staging"),
+            &Value::from("r1"),
+            &Value::from(1)
+        )
+    );
+    let none = f.wfctl(&["slots", "database"]);
+    none.ok();
+    assert!(
+        none.stdout.is_empty() && none.stderr.contains("nobody waits"),
+        "{none:?}"
+    );
+    f.wfctl(&["slots", "builders"]).code(2);
+
+    let show = f.wfctl(&["show", "acme", "--env", "staging"]);
+    show.ok();
+    let image = show
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("image"))
+        .expect("image row");
+    assert!(
+        image.contains("running") && image.contains("waiting for a slot: #1 in line"),
+        "{}",
+        show.stdout
+    );
+}

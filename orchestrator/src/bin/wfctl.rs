@@ -18,7 +18,7 @@ use orchestrator::cli::{
 use orchestrator::clock::{Clock, SystemClock};
 use orchestrator::config::Backend;
 use orchestrator::ports::{Queue, QueueKind, Store};
-use workflows::{Domain, Environment, Signal, State, TenantId};
+use workflows::{Domain, Environment, Signal, State, StepKind, TenantId};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -117,7 +117,35 @@ enum Command {
     /// them.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Show the account-wide slots of capped step kinds (`[limits]`): which runs hold them,
+    /// and which wait, in the order they will be served.
+    #[command(after_long_help = SLOTS_JSON)]
+    Slots(SlotsArgs),
 }
+
+#[derive(Debug, Args)]
+struct SlotsArgs {
+    /// Only these step kinds (image, database, ...); every kind by default.
+    #[arg(value_name = "KIND")]
+    kinds: Vec<StepKind>,
+}
+
+const SLOTS_JSON: &str = "\
+A run takes a slot before it invokes a step of a capped kind and gives it back when the step is
+done, or, once its run stops driving it (failed, paused, superseded, cancelled), after what the
+step held (an image build's builder) is gone. A lease nobody renews lapses at slot_ttl. Waiters
+are served in rounds per tenant (each tenant's first waiting run before anyone's second), then
+first come first served; `wfctl show` notes a step that waits.
+
+JSON output (-o json): an array of
+  kind        the step kind
+  status      held or waiting
+  position    place in line, 1 served next (waiting only)
+  workflow    \"tenant#env\"
+  run         the run that holds or waits
+  tenant
+  since       when it was granted the slot or joined the line
+  expires_at  when the lease or place lapses unless renewed";
 
 #[derive(Debug, Subcommand)]
 enum DlqCommand {
@@ -635,6 +663,7 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
             cli::workflow::list(store, &req, p).await
         }
         Command::Show(a) => cli::workflow::show(store, &a.tenant, a.env, p).await,
+        Command::Slots(a) => cli::slots::slots(store, &a.kinds, p).await,
         Command::History(a) => {
             let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
             let req = HistoryRequest {

@@ -9,6 +9,7 @@
 pub mod dlq;
 pub mod output;
 pub mod signal;
+pub mod slots;
 pub mod tenant;
 pub mod views;
 pub mod workflow;

@@ -5,8 +5,8 @@
 //! with `1` once everything else has been shown.
 
 use workflows::{
-    Environment, GitSha, HistoryEntry, Push, RunEnd, RunKind, State, StepProgress, StepStatus,
-    TenantId, WorkflowKey, WorkflowRecord,
+    Environment, GitSha, HistoryEntry, Push, RunEnd, RunKind, State, StepKind, StepProgress,
+    StepStatus, TenantId, WorkflowKey, WorkflowRecord,
 };
 
 use super::output::{Cell, Printer, Style, Table, absolute, state_style, step_style};
@@ -210,12 +210,16 @@ pub async fn show<S: Store>(
         let views: Vec<&WorkflowView> = shown.iter().map(|(v, _)| v).collect();
         p.json(&views)?;
     } else {
+        let mut lines = std::collections::HashMap::new();
         for (i, (view, record)) in shown.iter().enumerate() {
             if i > 0 {
                 p.line("")?;
             }
             match record {
-                Some(record) => render_workflow(p, record)?,
+                Some(record) => {
+                    let waiting = waiting_steps(store, record, &mut lines).await?;
+                    render_workflow(p, record, &waiting)?;
+                }
                 None => render_corrupt(p, view)?,
             }
         }
@@ -272,7 +276,38 @@ fn describe_push(p: &Printer<'_>, push: &Push) -> String {
     )
 }
 
-fn render_workflow(p: &mut Printer<'_>, record: &WorkflowRecord) -> std::io::Result<()> {
+/// The running steps of `record`'s active run that wait for a slot, with their place in line
+/// (1 is served next); `lines` keeps each kind's line once read.
+async fn waiting_steps<S: Store>(
+    store: &S,
+    record: &WorkflowRecord,
+    lines: &mut std::collections::HashMap<StepKind, Vec<String>>,
+) -> Result<Vec<(StepKind, usize)>, Error> {
+    let Some(run) = record.workflow().active_run() else {
+        return Ok(Vec::new());
+    };
+    let holder = crate::engine::holder_of(&record.key, run.id);
+    let mut waiting = Vec::new();
+    for step in run.steps.iter().filter(|s| s.status == StepStatus::Running) {
+        let line = match lines.entry(step.kind) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let view = store.slots(step.kind.as_str()).await?;
+                e.insert(view.waiting.into_iter().map(|e| e.holder).collect())
+            }
+        };
+        if let Some(i) = line.iter().position(|h| *h == holder) {
+            waiting.push((step.kind, i + 1));
+        }
+    }
+    Ok(waiting)
+}
+
+fn render_workflow(
+    p: &mut Printer<'_>,
+    record: &WorkflowRecord,
+    waiting: &[(StepKind, usize)],
+) -> std::io::Result<()> {
     let w = record.workflow();
     let state = record.state();
     let mut block = Table::headless();
@@ -363,7 +398,14 @@ fn render_workflow(p: &mut Printer<'_>, record: &WorkflowRecord) -> std::io::Res
         ])
         .indent(2);
         for s in &run.steps {
-            steps.row(step_row(p, s));
+            let mut row = step_row(p, s);
+            if let Some((_, n)) = waiting.iter().find(|(kind, _)| *kind == s.kind) {
+                row[4] = Cell::styled(
+                    format!("waiting for a slot: #{n} in line (wfctl slots)"),
+                    Style::Yellow,
+                );
+            }
+            steps.row(row);
         }
         p.table(&steps)?;
     }

@@ -703,10 +703,17 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             // A step its run no longer drives (paused, superseded, cancelled, failed) is
             // given up now rather than at its lease's expiry. A stale copy of a step still
             // driven (running under a newer token because another copy was woken first) must
-            // not take the slot from under it.
+            // not take the slot from under it. A copy of a step done may have been granted a
+            // slot from the line meanwhile: that one goes back.
             let mut send = Vec::new();
-            if cap.is_some() && stored.as_ref().is_some_and(|r| to_abandon(r, task)) {
-                send = self.abandon(key, &tenant.domain, task, &holder).await;
+            if let (Some(_), Some(r)) = (cap, &stored) {
+                match settled(r, task) {
+                    Settled::Driven => {}
+                    Settled::Done => self.release_slot(task.step, &holder).await,
+                    Settled::Stopped => {
+                        send = self.abandon(key, &tenant.domain, task, &holder).await;
+                    }
+                }
             }
             let id = workflows::event::step_event_id(task.run, task.step, task.token);
             if let Some(record) = &stored {
@@ -1134,30 +1141,44 @@ fn stopped<'a>(
                 release: run.release.clone(),
                 resources: after.workflow().resources.clone(),
             })
-            .filter(|task| to_abandon(after, task))
+            .filter(|task| settled(after, task) == Settled::Stopped)
     })
 }
 
-/// Whether a stale copy of `task` gives its step up: the step's run no longer drives it
-/// (paused, failed, superseded, cancelled). A step still running or waiting to retry keeps
-/// its slot; one done gave it back already, with nothing left to abandon.
-fn to_abandon(record: &WorkflowRecord, task: &StepTask) -> bool {
+/// Where `task`'s step stands for the slot its run holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Running or waiting to retry: the run still drives it, and keeps the slot.
+    Driven,
+    /// Done: nothing to abandon; a slot still held (granted to a late copy) goes back.
+    Done,
+    /// Failed, paused, superseded or cancelled: to abandon, then give the slot back.
+    Stopped,
+}
+
+fn settled(record: &WorkflowRecord, task: &StepTask) -> Settled {
     let step = record
         .workflow()
         .run
         .as_ref()
         .filter(|run| run.id == task.run)
         .and_then(|run| Some((run.is_active(), run.step(task.step)?.status)));
-    !matches!(
-        step,
-        Some((_, StepStatus::Done)) | Some((true, StepStatus::Running | StepStatus::RetryWait))
-    )
+    match step {
+        Some((_, StepStatus::Done)) => Settled::Done,
+        Some((true, StepStatus::Running | StepStatus::RetryWait)) => Settled::Driven,
+        _ => Settled::Stopped,
+    }
 }
 
 /// Who holds a slot for a step: the workflow's run, so a superseded run's lease is never taken
 /// for the next run's.
 fn slot_holder(key: &WorkflowKey, task: &StepTask) -> String {
-    format!("{key}/{}", task.run)
+    holder_of(key, task.run)
+}
+
+/// The slot holder of `key`'s run `run` (`<tenant>#<env>/<run>`), as the store lists it.
+pub fn holder_of(key: &WorkflowKey, run: workflows::RunId) -> String {
+    format!("{key}/{run}")
 }
 
 /// The span of applying `event`; its verdict, states and run are recorded once known.
