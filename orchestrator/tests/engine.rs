@@ -14,7 +14,10 @@ use activities::{Activities, Invocation, Outcome};
 use conformance::{key, tenant};
 use orchestrator::clock::{SharedClock, SystemClock};
 use orchestrator::engine::{Engine, EngineConfig, enqueue, outgoing, sweep_once};
-use orchestrator::ports::{Batched, Queue, QueueKind, RecordWrite, Store, WorkflowFilter};
+use orchestrator::ports::{
+    Batched, Commit, Delivery, Journal, Queue, QueueKind, RecordWrite, Sequential, Store,
+    WorkflowFilter, WriteError,
+};
 use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
 use tokio_util::sync::CancellationToken;
 use workflows::testing::output_for;
@@ -37,6 +40,8 @@ struct Instant {
     /// This tenant's step fails terminally; another kind than image only once the tenant's
     /// image build started (it reports progress until then).
     terminal: Option<(&'static str, StepKind)>,
+    /// This tenant's step fails retryably, always.
+    retryable: Option<(&'static str, StepKind)>,
     /// So many calls to `abandon` fail before they succeed.
     abandon_failures: AtomicU64,
     /// `invoke <tenant> <step>` and `abandon <tenant> <step> ok|failed`, in order.
@@ -84,6 +89,9 @@ impl Activities for Instant {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let (tenant, step) = (&invocation.key.tenant, step_of(invocation));
         self.note(format!("invoke {tenant} {step}"));
+        if self.retryable == Some((tenant.as_str(), step)) {
+            return Outcome::Retryable("throttled".into());
+        }
         if self.terminal == Some((tenant.as_str(), step)) {
             let building = format!("invoke {tenant} image");
             if step != StepKind::Image && !self.log.lock().expect("lock").contains(&building) {
@@ -643,6 +651,31 @@ async fn a_stale_copy_of_a_running_step_keeps_its_slot() {
     );
 }
 
+impl World {
+    /// Pushes to acme#dev until its run failed, then to globex#dev until it is live.
+    async fn fail_acme_then_serve_globex(&self) {
+        let acme = key("acme", Environment::Dev);
+        let globex = key("globex", Environment::Dev);
+        self.push(&acme, RepoKind::Infra, 1, "a-infra").await;
+        self.until("acme failed", async |w| {
+            w.state(&acme).await == Some(State::Failed)
+        })
+        .await;
+        self.push(&globex, RepoKind::Infra, 2, "g-infra").await;
+        self.until("globex live", async |w| {
+            w.live_at(&globex, Some(2), None).await
+        })
+        .await;
+    }
+}
+
+/// Where `line` is in `log`.
+fn position(log: &[String], line: &str) -> usize {
+    log.iter()
+        .position(|l| l == line)
+        .unwrap_or_else(|| panic!("no {line:?} in {log:?}"))
+}
+
 /// acme's run fails at `failing` while acme holds the only image slot; globex, waiting for
 /// it, must not build before acme's build was abandoned (its first abandonment fails).
 async fn abandoned_before_given_back(failing: StepKind, image_progress: Option<Duration>) {
@@ -663,26 +696,11 @@ async fn abandoned_before_given_back(failing: StepKind, image_progress: Option<D
         },
     );
     let (stop, handle) = w.start(&engine);
-    let acme = key("acme", Environment::Dev);
-    let globex = key("globex", Environment::Dev);
-    w.push(&acme, RepoKind::Infra, 1, "a-infra").await;
-    w.until("acme failed", async |w| {
-        w.state(&acme).await == Some(State::Failed)
-    })
-    .await;
-    w.push(&globex, RepoKind::Infra, 2, "g-infra").await;
-    w.until("globex live", async |w| {
-        w.live_at(&globex, Some(2), None).await
-    })
-    .await;
+    w.fail_acme_then_serve_globex().await;
     stop.cancel();
     handle.await.expect("stops");
     let log = log.lock().expect("lock").clone();
-    let at = |line: &str| {
-        log.iter()
-            .position(|l| l == line)
-            .unwrap_or_else(|| panic!("no {line:?} in {log:?}"))
-    };
+    let at = |line: &str| position(&log, line);
     assert!(at("invoke acme image") < at("abandon acme image failed"));
     assert!(at("abandon acme image failed") < at("abandon acme image ok"));
     assert!(
@@ -707,6 +725,85 @@ async fn a_build_paused_by_another_failure_is_abandoned_before_its_slot_is_given
     // The database fails while acme's build reports progress; the build's next message is
     // stale, and gives it up.
     abandoned_before_given_back(StepKind::Database, Some(Duration::from_millis(200))).await;
+}
+
+/// A sequential journal (write, send, acknowledge, as on SQS and DynamoDB) that dies once after
+/// the record write of the first commit leaving a workflow failed: nothing of it is sent or
+/// acknowledged, so its message comes back when its visibility timeout ends (and finds its
+/// event applied).
+struct DiesAfterWrite {
+    inner: Sequential<SqliteBackend, SqliteBackend>,
+    store: Arc<SqliteBackend>,
+    died: std::sync::atomic::AtomicBool,
+}
+
+impl Journal for DiesAfterWrite {
+    async fn commit(&self, commits: Vec<Commit>) -> Vec<Result<Vec<Delivery>, WriteError>> {
+        let mut results = Vec::new();
+        for commit in commits {
+            let failing = commit
+                .write
+                .as_ref()
+                .is_some_and(|w| w.state == State::Failed);
+            match commit.write {
+                Some(write) if failing && !self.died.swap(true, Ordering::SeqCst) => {
+                    results.push(self.store.write(write).await.map(|()| Vec::new()));
+                }
+                write => {
+                    let commit = Commit { write, ..commit };
+                    results.extend(self.inner.commit(vec![commit]).await);
+                }
+            }
+        }
+        results
+    }
+}
+
+/// acme's build waits to retry (its message is a timer, not a step message) when its database
+/// fails; the worker dies after writing the failure, so the copy that gives the build up is
+/// lost with the commit. The redelivered report, a duplicate, sends it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_build_is_abandoned_even_if_the_worker_dies_after_writing_the_pause() {
+    let w = World::new().await;
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = Arc::new(w.backend.clone());
+    let journal = Arc::new(DiesAfterWrite {
+        inner: Sequential::new(store.clone(), store.clone()),
+        store: store.clone(),
+        died: std::sync::atomic::AtomicBool::new(false),
+    });
+    let engine = Arc::new(Engine::new(
+        store.clone(),
+        store,
+        journal.clone(),
+        Arc::new(Instant {
+            retryable: Some(("acme", StepKind::Image)),
+            terminal: Some(("acme", StepKind::Database)),
+            log: log.clone(),
+            ..Instant::default()
+        }),
+        w.clock.clone(),
+        EngineConfig {
+            limits: [(StepKind::Image, 1)].into(),
+            visibility: Duration::from_millis(500),
+            ..fast()
+        },
+    ));
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(engine.clone().run(stop.clone()));
+    w.fail_acme_then_serve_globex().await;
+    stop.cancel();
+    handle.await.expect("stops");
+    assert!(
+        journal.died.load(Ordering::SeqCst),
+        "the commit of the failure died"
+    );
+    let log = log.lock().expect("lock").clone();
+    let at = |line: &str| position(&log, line);
+    assert!(
+        at("abandon acme image ok") < at("invoke globex image"),
+        "globex built before acme's build was given up: {log:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

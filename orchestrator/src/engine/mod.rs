@@ -933,7 +933,16 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         if !awaited.is_empty() {
             debug!(event.id = %id, commands = awaited.len(), "sending an applied event's commands again");
         }
-        Ok(outgoing(key, &awaited, self.clock.now()))
+        let now = self.clock.now();
+        let mut send = outgoing(key, &awaited, now);
+        // The copies that give up capped steps the event stopped (`stopped`) were lost with
+        // the commands; a copy for every capped step the run does not drive stands in for
+        // them (giving up a step that holds nothing changes nothing).
+        send.extend(
+            parked(record, &self.config.limits)
+                .map(|task| message(key, Body::Step(Box::new(task)), Duration::ZERO, now)),
+        );
+        Ok(send)
     }
 
     async fn commit(&self, commit: Commit) -> Result<Vec<Delivery>, WriteError> {
@@ -1131,18 +1140,40 @@ fn stopped<'a>(
             .iter()
             .filter(|s| limits.contains_key(&s.kind))
             .filter(|s| matches!(s.status, StepStatus::Running | StepStatus::RetryWait))
-            .map(move |s| StepTask {
-                run: run.id,
-                step: s.kind,
-                token: s.token,
-                attempt: s.attempt,
-                first_attempt_at: s.first_attempt_at.unwrap_or(run.started_at),
-                delay: Duration::ZERO,
-                release: run.release.clone(),
-                resources: after.workflow().resources.clone(),
-            })
+            .map(move |s| copy_of(run, s, after))
             .filter(|task| settled(after, task) == Settled::Stopped)
     })
+}
+
+/// The capped steps of `record`'s run that the run does not drive (failed, paused, or of an
+/// ended run), as copies of their step messages.
+fn parked<'a>(
+    record: &'a WorkflowRecord,
+    limits: &'a BTreeMap<StepKind, u32>,
+) -> impl Iterator<Item = StepTask> + 'a {
+    record.workflow().run.iter().flat_map(move |run| {
+        run.steps
+            .iter()
+            .filter(|s| limits.contains_key(&s.kind))
+            // Pending covers paused steps (and some that never ran, which hold nothing).
+            .filter(|s| matches!(s.status, StepStatus::Failed | StepStatus::Pending))
+            .map(move |s| copy_of(run, s, record))
+            .filter(|task| settled(record, task) == Settled::Stopped)
+    })
+}
+
+/// A copy of the message of `run`'s step `s`, with `record`'s resources.
+fn copy_of(run: &workflows::Run, s: &workflows::StepProgress, record: &WorkflowRecord) -> StepTask {
+    StepTask {
+        run: run.id,
+        step: s.kind,
+        token: s.token,
+        attempt: s.attempt,
+        first_attempt_at: s.first_attempt_at.unwrap_or(run.started_at),
+        delay: Duration::ZERO,
+        release: run.release.clone(),
+        resources: record.workflow().resources.clone(),
+    }
 }
 
 /// Where `task`'s step stands for the slot its run holds.
