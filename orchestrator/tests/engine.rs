@@ -238,6 +238,20 @@ impl World {
         }
     }
 
+    async fn all_live_at(
+        &self,
+        keys: &[WorkflowKey],
+        infra: Option<u32>,
+        app: Option<u32>,
+    ) -> bool {
+        for k in keys {
+            if !self.live_at(k, infra, app).await {
+                return false;
+            }
+        }
+        true
+    }
+
     async fn live_at(&self, key: &WorkflowKey, infra: Option<u32>, app: Option<u32>) -> bool {
         let Some(r) = self.backend.workflow(key).await.expect("read") else {
             return false;
@@ -532,11 +546,7 @@ async fn two_engines_on_one_file_converge() {
         }
     }
     w.until("every workflow live at its newest pushes", async |w| {
-        let mut all = true;
-        for k in &keys {
-            all &= w.live_at(k, Some(4), Some(5)).await;
-        }
-        all
+        w.all_live_at(&keys, Some(4), Some(5)).await
     })
     .await;
     stop_a.cancel();
@@ -581,11 +591,7 @@ async fn a_cap_on_image_builds_holds_across_two_engines() {
         w.push(k, RepoKind::App, 2, &format!("k{i}-app")).await;
     }
     w.until("every workflow live", async |w| {
-        let mut all = true;
-        for k in &keys {
-            all &= w.live_at(k, Some(1), Some(2)).await;
-        }
-        all
+        w.all_live_at(&keys, Some(1), Some(2)).await
     })
     .await;
     stop_a.cancel();

@@ -251,8 +251,7 @@ fn image(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
     let stem = cx.stem();
     let workflow = cx.workflow();
     let image_name = format!("{stem}-{sha}");
-    // The same name `abandon` terminates.
-    let builder_name = format!("{stem}-builder-{sha}");
+    let builder_name = builder_name(cx.key, sha);
     let latency = cx.config.latency(StepKind::Image);
     let builder_share = latency / 2;
     // Each pass either returns or takes one action that changes what the next pass sees;
@@ -321,11 +320,16 @@ fn image(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
     })
 }
 
+/// The builder of `key`'s image build of `sha`.
+fn builder_name(key: &WorkflowKey, sha: &GitSha) -> String {
+    format!("{}-{}-builder-{sha}", key.tenant, key.env)
+}
+
 /// Gives up `task`'s image build: its builder goes (an image already requested from it stays,
 /// and the next build of the commit adopts it).
 pub(super) fn abandon(conn: &Connection, key: &WorkflowKey, task: &StepTask) -> Result<(), Error> {
     if let Some(sha) = &task.release.infra {
-        let builder = format!("{}-{}-builder-{sha}", key.tenant, key.env);
+        let builder = builder_name(key, sha);
         if store::abandon(conn, ResourceKind::Builder, &builder)? {
             tracing::info!(builder, "abandoned build's builder terminated");
         }

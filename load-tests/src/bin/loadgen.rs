@@ -407,6 +407,11 @@ impl<B: Queue> Pusher<B> {
     fn sent(&self) -> usize {
         self.pushes.lock().map(|p| p.len()).unwrap_or(0)
     }
+
+    /// The pushes accepted so far.
+    fn accepted(&self) -> Vec<Push> {
+        self.pushes.lock().map(|p| p.clone()).unwrap_or_default()
+    }
 }
 
 /// The keys and versions of the workflows in `state`.
@@ -510,12 +515,7 @@ impl<B: Store + Queue> Run<B> {
                 self.restarts,
             );
             if live >= workflows {
-                let pushes = self
-                    .pusher
-                    .pushes
-                    .lock()
-                    .map(|p| p.clone())
-                    .unwrap_or_default();
+                let pushes = self.pusher.accepted();
                 match not_live_at_newest(&*self.backend, &pushes).await? {
                     None => return Ok(true),
                     Some(why) => eprintln!("loadgen: waiting: {why}"),
@@ -872,12 +872,7 @@ async fn drive<B: Store + Queue>(args: Args, backend: Arc<B>, setup: Setup) -> R
     }
 
     // What the store and the cloud recorded.
-    let all_pushes = run
-        .pusher
-        .pushes
-        .lock()
-        .map(|p| p.clone())
-        .unwrap_or_default();
+    let all_pushes = run.pusher.accepted();
     let measured: Vec<Push> = match fairness_from {
         Some(from) => all_pushes[from..].to_vec(),
         None => all_pushes.clone(),

@@ -939,8 +939,12 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         // the commands; a copy for every capped step the run does not drive stands in for
         // them (giving up a step that holds nothing changes nothing).
         send.extend(
-            parked(record, &self.config.limits)
-                .map(|task| message(key, Body::Step(Box::new(task)), Duration::ZERO, now)),
+            capped_copies(
+                record,
+                &self.config.limits,
+                &[StepStatus::Failed, StepStatus::Pending],
+            )
+            .map(|task| message(key, Body::Step(Box::new(task)), Duration::ZERO, now)),
         );
         Ok(send)
     }
@@ -987,59 +991,69 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
             };
             let now = self.clock.now();
             let from_version = record.version;
-            // Only capped steps are given up when stopped: nothing to keep otherwise.
-            let before = (!self.config.limits.is_empty())
-                .then(|| record.workflow().active_run().cloned())
-                .flatten();
+            // The capped steps the run drives now; those the event stops are given up.
+            let driven: Vec<StepTask> = capped_copies(
+                &record,
+                &self.config.limits,
+                &[StepStatus::Running, StepStatus::RetryWait],
+            )
+            .collect();
             let applied = record.apply(event, input(now));
-            let commit =
-                match &applied.verdict {
-                    Verdict::Duplicate => {
-                        bump(&self.stats.duplicates);
-                        // Its commands may not have been sent (a crash after the write): send
-                        // them again. Repeating them is safe.
-                        Commit {
-                            write: None,
-                            send: self.resend(key, &event.id(), &record, delivery).await?,
-                            ack: Some(ack.clone()),
-                            claim: None,
-                        }
+            let commit = match &applied.verdict {
+                Verdict::Duplicate => {
+                    bump(&self.stats.duplicates);
+                    // Its commands may not have been sent (a crash after the write): send
+                    // them again. Repeating them is safe.
+                    Commit {
+                        write: None,
+                        send: self.resend(key, &event.id(), &record, delivery).await?,
+                        ack: Some(ack.clone()),
+                        claim: None,
                     }
-                    Verdict::Stale(_) if !fresh => {
-                        // The cached record may be older than the message (another worker
-                        // moved the workflow on): only the stored record can say it is stale.
-                        fresh = true;
-                        continue;
+                }
+                Verdict::Stale(_) if !fresh => {
+                    // The cached record may be older than the message (another worker
+                    // moved the workflow on): only the stored record can say it is stale.
+                    fresh = true;
+                    continue;
+                }
+                Verdict::Stale(reason) => {
+                    bump(&self.stats.stale);
+                    debug!(reason, "stale event dropped");
+                    // A report or timer is stale once applied; if it was applied by a
+                    // worker that died before sending its commands, send them now.
+                    let send = self.resend(key, &event.id(), &record, delivery).await?;
+                    Commit {
+                        send,
+                        ack: Some(ack.clone()),
+                        ..Commit::default()
                     }
-                    Verdict::Stale(reason) => {
-                        bump(&self.stats.stale);
-                        debug!(reason, "stale event dropped");
-                        // A report or timer is stale once applied; if it was applied by a
-                        // worker that died before sending its commands, send them now.
-                        let send = self.resend(key, &event.id(), &record, delivery).await?;
-                        Commit {
-                            send,
-                            ack: Some(ack.clone()),
-                            ..Commit::default()
-                        }
+                }
+                verdict => {
+                    let entry = record.history_entry(event, &applied);
+                    if !matches!(verdict, Verdict::Accepted) {
+                        info!(?verdict, "event not applied");
                     }
-                    verdict => {
-                        let entry = record.history_entry(event, &applied);
-                        if !matches!(verdict, Verdict::Accepted) {
-                            info!(?verdict, "event not applied");
-                        }
-                        let mut send = outgoing(key, &applied.commands, now);
-                        send.extend(stopped(before.as_ref(), &record, &self.config.limits).map(
-                            |task| message(key, Body::Step(Box::new(task)), Duration::ZERO, now),
-                        ));
-                        Commit {
-                            write: Some(RecordWrite::new(&record, &entry)),
-                            send,
-                            ack: Some(ack.clone()),
-                            claim: Some(self.config.visibility),
-                        }
+                    let mut send = outgoing(key, &applied.commands, now);
+                    // Sent with the commit, each copy arrives stale and gives its step
+                    // up (`abandon`), even if this worker dies after the commit.
+                    send.extend(
+                        driven
+                            .iter()
+                            .filter(|task| settled(&record, task) == Settled::Stopped)
+                            .map(|task| {
+                                let body = Body::Step(Box::new(task.clone()));
+                                message(key, body, Duration::ZERO, now)
+                            }),
+                    );
+                    Commit {
+                        write: Some(RecordWrite::new(&record, &entry)),
+                        send,
+                        ack: Some(ack.clone()),
+                        claim: Some(self.config.visibility),
                     }
-                };
+                }
+            };
             let writes = commit.write.is_some();
             match self.commit(commit).await {
                 Ok(claimed) => {
@@ -1126,39 +1140,19 @@ fn wake(bodies: Vec<Vec<u8>>) -> Vec<Outgoing> {
         .collect()
 }
 
-/// The capped steps `before` (the active run before an event) drove and the run in `after`
-/// no longer drives, as copies of their step messages. Sent with the event's commit, each
-/// arrives stale and gives its step up (`abandon`): a failed, paused, superseded or cancelled
-/// build's builder goes, then its slot, even if this worker dies after the commit.
-fn stopped<'a>(
-    before: Option<&'a workflows::Run>,
-    after: &'a WorkflowRecord,
-    limits: &'a BTreeMap<StepKind, u32>,
-) -> impl Iterator<Item = StepTask> + 'a {
-    before.into_iter().flat_map(move |run| {
-        run.steps
-            .iter()
-            .filter(|s| limits.contains_key(&s.kind))
-            .filter(|s| matches!(s.status, StepStatus::Running | StepStatus::RetryWait))
-            .map(move |s| copy_of(run, s, after))
-            .filter(|task| settled(after, task) == Settled::Stopped)
-    })
-}
-
-/// The capped steps of `record`'s run that the run does not drive (failed, paused, or of an
-/// ended run), as copies of their step messages.
-fn parked<'a>(
+/// Copies of the step messages of the capped steps of `record`'s last run whose status is one
+/// of `statuses`: before an event, the running ones it may stop; on a redelivery after a
+/// crash, the failed and paused ones to give up again.
+fn capped_copies<'a>(
     record: &'a WorkflowRecord,
     limits: &'a BTreeMap<StepKind, u32>,
+    statuses: &'a [StepStatus],
 ) -> impl Iterator<Item = StepTask> + 'a {
     record.workflow().run.iter().flat_map(move |run| {
         run.steps
             .iter()
-            .filter(|s| limits.contains_key(&s.kind))
-            // Pending covers paused steps (and some that never ran, which hold nothing).
-            .filter(|s| matches!(s.status, StepStatus::Failed | StepStatus::Pending))
+            .filter(|s| limits.contains_key(&s.kind) && statuses.contains(&s.status))
             .map(move |s| copy_of(run, s, record))
-            .filter(|task| settled(record, task) == Settled::Stopped)
     })
 }
 
