@@ -10,17 +10,20 @@
 //! deterministically from tenant, environment and release and looked up before they are
 //! created.
 //!
-//! Implementations: [`simulated`] (in-memory resources persisted in SQLite, AWS-like latencies
-//! scaled down, fault injection); the AWS implementations come with the AWS activities issue.
+//! Implementations: [`simulated`] (resources persisted in SQLite, AWS-like latencies scaled
+//! down, fault injection) and, with the `aws` feature (on by default), `aws` (the reconcilers
+//! on EC2, S3, RDS, ELBv2 and Auto Scaling).
 
 use std::future::Future;
 use std::time::Duration;
 
 use workflows::{Domain, RetryPolicy, StepKind, StepOutput, StepTask, WorkflowKey};
 
+#[cfg(feature = "aws")]
 pub mod aws;
 pub mod clock;
 pub mod gate;
+pub mod infrastructure;
 pub mod simulated;
 
 /// Where a step stands after one invocation of its reconciler.

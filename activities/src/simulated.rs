@@ -1,4 +1,4 @@
-//! The simulated cloud: the resources of DESIGN.md §6 as rows of an SQLite file, with AWS-like
+//! The simulated cloud: the resources of the AWS reconcilers as rows of an SQLite file, with AWS-like
 //! latencies (scaled by [`SimConfig::time_scale`]) and injected faults. It backs the embedded
 //! default (`orchestrator dev`), the crash test and the load tests.
 //!

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use orchestrator::clock::{Clock, SystemClock};
 use orchestrator::ports::Store;
 use orchestrator::tenants::token_sha256;
-use workflows::{Domain, Tenant, TenantId};
+use workflows::{Domain, GitSha, Tenant, TenantId};
 
 /// The GitLab project of tenant `i`'s infrastructure repository; its application repository
 /// is the next one.
@@ -80,4 +80,27 @@ pub fn push_template() -> Result<serde_json::Value> {
     Ok(serde_json::from_str(include_str!(
         "../../orchestrator/tests/data/gitlab/gitlab-docs_push.json"
     ))?)
+}
+
+/// The `n`-th commit of a generated push: `n` as 40 hex digits.
+pub fn commit(n: u64) -> Result<GitSha, workflows::id::Error> {
+    GitSha::new(format!("{n:040x}"))
+}
+
+/// The `n` of a commit made by [`commit`] (0 for another commit).
+pub fn commit_number(sha: &GitSha) -> u64 {
+    sha.as_str()
+        .get(24..)
+        .and_then(|tail| u64::from_str_radix(tail, 16).ok())
+        .unwrap_or(0)
+}
+
+/// This process's peak resident set so far (`VmHWM`), in MiB; 0 where `/proc` has none.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }

@@ -120,51 +120,9 @@ fn a_run_that_cannot_finish_exits_with_status_one() {
     assert!(stdout.contains("ok   no event lost"), "{stdout}");
 }
 
-/// `tools/moto_server.py` on a free port, killed when dropped.
-struct Moto {
-    child: std::process::Child,
-    endpoint: String,
-}
-
-impl Moto {
-    fn start() -> Self {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tools/moto_server.py");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new("python3")
-            .arg(&script)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python3 with moto starts (pip install 'moto[server]')");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "moto_server did not start"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        Self {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_steady_run_on_sqs_and_dynamodb_counts_aws_requests_per_transition() {
-    let moto = Moto::start();
+    let moto = testkit::moto::Moto::start_blocking();
     let dir = tempfile::tempdir().expect("tempdir");
     let endpoint = moto.endpoint.clone();
     let out = loadgen_with(

@@ -13,9 +13,9 @@ pub struct StoreAllocations<S>(pub Arc<S>);
 
 fn activity_error(e: ports::Error) -> Error {
     if e.is_retryable() {
-        Error::Retryable(e.to_string())
+        Error::Retryable(ports::chain(&e))
     } else {
-        Error::Terminal(e.to_string())
+        Error::Terminal(ports::chain(&e))
     }
 }
 

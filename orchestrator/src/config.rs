@@ -61,7 +61,7 @@
 //! source_url = "https://gitlab.example.com/{tenant}/{repo}.git"
 //! # kms_key_id, deploy_token_secret, instance_type, builder_instance_type, db_instance_class,
 //! # db_allocated_storage_gib, group_size, app_port, health_check_path, builder_timeout_secs,
-//! # rollout_timeout_secs, recheck_secs: see `activities::aws::Infrastructure`
+//! # rollout_timeout_secs, recheck_secs: see `activities::infrastructure::Infrastructure`
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -133,7 +133,7 @@ pub struct Config {
     /// Which activities.
     pub activities: ActivitiesKind,
     /// The shared AWS infrastructure the AWS activities build on.
-    pub infrastructure: activities::aws::Infrastructure,
+    pub infrastructure: activities::infrastructure::Infrastructure,
     /// The embedded backend.
     pub embedded: Embedded,
     /// The AWS backend.

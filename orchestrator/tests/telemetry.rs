@@ -3,14 +3,11 @@
 //! step, all under the webhook's trace through the W3C context the messages carry. Spans are
 //! collected with the OpenTelemetry SDK's in-memory exporter.
 
-mod conformance;
-
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use activities::{Activities, Invocation, Outcome};
-use conformance::tenant;
 use opentelemetry::trace::{SpanKind, TracerProvider as _};
 use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
 use opentelemetry_sdk::metrics::{InMemoryMetricExporter, PeriodicReader, SdkMeterProvider};
@@ -22,6 +19,7 @@ use orchestrator::ingress::{Ingress, IngressConfig, serve};
 use orchestrator::ports::Store;
 use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
 use orchestrator::tenants::token_sha256;
+use testkit::fixtures::tenant;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt as _;
 use workflows::testing::output_for;

@@ -1,4 +1,5 @@
-//! The per-(tenant, env) state machine (DESIGN.md §3), built with `statig` in blocking mode.
+//! The per-(tenant, env) state machine (ARCHITECTURE.md, "The state machine"), built with
+//! `statig` in blocking mode.
 //!
 //! Handlers are synchronous and pure: they change the workflow's data and push [`Command`]s
 //! into the [`Ctx`]; they never read a clock or do I/O ("now" and the tenant's settings come in
@@ -18,7 +19,7 @@
 //! ├── decommissioning
 //! └── decommissioned          (final)
 //! ```
-//! Which leaf a run is in follows from its steps: [`Workflow::settle`] dispatches the steps
+//! Which leaf a run is in follows from its steps: [`Workflow::advance`] dispatches the steps
 //! whose dependencies are complete and names the state the data implies, so every handler that
 //! changes a run ends the same way.
 
@@ -486,7 +487,7 @@ impl Workflow {
             steps,
             next_token: 1,
         });
-        Transition(self.settle(ctx))
+        Transition(self.advance(ctx))
     }
 
     /// Keeps `push` as the pending push of its repository while a run is busy.
@@ -540,7 +541,7 @@ impl Workflow {
             .as_ref()
             .map(|d| d.release.clone())
             .unwrap_or_default();
-        Transition(self.settle(ctx))
+        Transition(self.advance(ctx))
     }
 
     /// Resumes a failed run: the failed step gets a fresh retry budget.
@@ -556,7 +557,7 @@ impl Workflow {
                 step.finished_at = None;
             }
         }
-        Transition(self.settle(ctx))
+        Transition(self.advance(ctx))
     }
 
     fn on_step_report(&mut self, report: &StepReport, ctx: &mut Ctx) -> Outcome<State> {
@@ -637,7 +638,7 @@ impl Workflow {
                 step.last_error = Some(error.clone());
             }
         }
-        Transition(self.settle(ctx))
+        Transition(self.advance(ctx))
     }
 
     fn on_timer(&mut self, timer: &TimerFired, ctx: &mut Ctx) -> Outcome<State> {
@@ -703,7 +704,7 @@ impl Workflow {
 
     /// Moves the active run as far as its data allows (dispatching every step whose
     /// dependencies are complete) and returns the state the data implies.
-    fn settle(&mut self, ctx: &mut Ctx) -> State {
+    fn advance(&mut self, ctx: &mut Ctx) -> State {
         let now = ctx.now;
         let Some(run) = self.run.as_mut().filter(|r| r.is_active()) else {
             return if self.deployed.is_some() {

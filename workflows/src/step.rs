@@ -1,6 +1,6 @@
 //! The steps of a run, the graph between them, and what each one produces.
 //!
-//! Preparation steps form a small graph (DESIGN.md §3): source before image; network before
+//! Preparation steps form a small graph (ARCHITECTURE.md, "Steps and the preparation graph"): source before image; network before
 //! database, image and rollout; image, database and routing before rollout. A step whose
 //! output for the run's inputs already exists is skipped.
 

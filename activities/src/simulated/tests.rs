@@ -1022,7 +1022,7 @@ async fn a_workflow_driven_by_the_machine_goes_live_and_is_decommissioned() {
     let key = driver.record.key.clone();
     let domain = domain_of(&key);
 
-    async fn settle(s: &Sim, driver: &mut Driver, key: &WorkflowKey, domain: &Domain) {
+    async fn run_until_idle(s: &Sim, driver: &mut Driver, key: &WorkflowKey, domain: &Domain) {
         for _ in 0..10_000 {
             if driver.in_flight.is_empty() {
                 return;
@@ -1061,12 +1061,12 @@ async fn a_workflow_driven_by_the_machine_goes_live_and_is_decommissioned() {
             let event = Driver::delivery(&message, |_| outcome);
             driver.apply(&event);
         }
-        panic!("the workflow never settled");
+        panic!("the workflow never ran out of messages");
     }
 
     driver.push(workflows::RepoKind::Infra, 1);
     driver.push(workflows::RepoKind::App, 2);
-    settle(&s, &mut driver, &key, &domain).await;
+    run_until_idle(&s, &mut driver, &key, &domain).await;
     assert_eq!(
         driver.state(),
         State::Live,
@@ -1074,7 +1074,7 @@ async fn a_workflow_driven_by_the_machine_goes_live_and_is_decommissioned() {
         driver.record.workflow()
     );
     driver.push(workflows::RepoKind::Infra, 3);
-    settle(&s, &mut driver, &key, &domain).await;
+    run_until_idle(&s, &mut driver, &key, &domain).await;
     assert_eq!(driver.state(), State::Live);
 
     let retries = driver
@@ -1105,7 +1105,7 @@ async fn a_workflow_driven_by_the_machine_goes_live_and_is_decommissioned() {
     assert_eq!(groups[0], deployed.group_name);
 
     driver.signal(workflows::Signal::Decommission);
-    settle(&s, &mut driver, &key, &domain).await;
+    run_until_idle(&s, &mut driver, &key, &domain).await;
     assert_eq!(driver.state(), State::Decommissioned);
     assert!(s.cloud.resources_of(&key).expect("resources").is_empty());
     assert!(s.cloud.priorities().expect("priorities").is_empty());

@@ -1,5 +1,5 @@
 //! The AWS backend: the `Queue` port on SQS ([`sqs`]), the `Store` port on DynamoDB
-//! ([`dynamo`]), the `Journal` as [`crate::ports::Batched`] over both, `orchestrator init`
+//! ([`dynamo`]), the `Journal` as [`Batched`] over both, `orchestrator init`
 //! ([`init`]), and request accounting.
 //!
 //! AWS settings come from the standard AWS environment and profiles (`AWS_REGION`,
@@ -12,14 +12,18 @@ pub mod sqs;
 
 use std::sync::Arc;
 
-use crate::ports::{Batched, Error, Stack};
+use crate::ports::Error;
 pub use crate::requests::{RequestCount, RequestCounter};
+use crate::stack::{Batched, Stack};
+use aws_common::Class;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextRef;
-use aws_smithy_runtime_api::client::orchestrator::Metadata;
+use aws_smithy_runtime_api::client::orchestrator::{HttpResponse, Metadata};
+use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_runtime_api::client::runtime_components::RuntimeComponents;
 use aws_smithy_types::config_bag::ConfigBag;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 /// The names of the queues and tables, all derived from one prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,61 +108,38 @@ impl Intercept for RequestCounter {
     }
 }
 
-/// Maps an SDK error to a port error: throttling, 5xx and transport failures are retryable
-/// (`Unavailable`); a missing resource or denied access names the resource and the permission
-/// and is not.
-pub(crate) fn sdk_error<E, R>(
+/// Maps an SDK error to a port error by [`aws_common::classify`]: what may pass (throttling,
+/// 5xx, timeouts, connection failures) is `Unavailable`; a missing resource names it and
+/// `orchestrator init`, denied access names the IAM permission to grant, and anything else is
+/// the request's fault. The cause is the classified error: the service's code and message.
+pub(crate) fn sdk_error<E>(
     backend: &'static str,
     action: &str,
     resource: &str,
-    err: aws_smithy_runtime_api::client::result::SdkError<E, R>,
+    err: SdkError<E, HttpResponse>,
 ) -> Error
 where
-    E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
+    E: ProvideErrorMetadata + std::error::Error + 'static,
 {
-    use aws_smithy_runtime_api::client::result::SdkError;
-    let code = match &err {
-        SdkError::ServiceError(e) => e.err().code().map(str::to_owned),
-        _ => None,
-    };
-    let message = match &err {
-        SdkError::ServiceError(e) => e.err().message().map(str::to_owned),
-        _ => None,
-    }
-    .unwrap_or_else(|| aws_smithy_types::error::display::DisplayErrorContext(&err).to_string());
-    match code.as_deref() {
-        Some(
-            "ResourceNotFoundException"
-            | "AWS.SimpleQueueService.NonExistentQueue"
-            | "QueueDoesNotExist",
-        ) => Error::Invalid(format!(
-            "{resource} does not exist ({backend} {action}): create it with `orchestrator init`"
-        )),
-        Some("AccessDeniedException" | "AccessDenied" | "UnauthorizedOperation") => {
-            Error::Invalid(format!(
-                "access denied: {action} on {resource}; grant {} on it ({message})",
+    let classified = aws_common::classify(&err);
+    match classified.class {
+        Class::NotFound => Error::invalid_by(
+            format!(
+                "{resource} does not exist ({backend} {action}): create it with `orchestrator init`"
+            ),
+            classified,
+        ),
+        Class::AccessDenied => Error::invalid_by(
+            format!(
+                "access denied: {action} on {resource}; grant {} on it",
                 permission(backend, action)
-            ))
+            ),
+            classified,
+        ),
+        class if class.is_retryable() => {
+            Error::unavailable_by(backend, format!("{action} on {resource}"), classified)
         }
-        Some(c)
-            if c.contains("Throttl")
-                || c == "ProvisionedThroughputExceededException"
-                || c == "RequestLimitExceeded"
-                || c == "InternalServerError"
-                || c == "ServiceUnavailable"
-                || c == "InternalFailure" =>
-        {
-            Error::Unavailable {
-                backend,
-                message: format!("{action} on {resource}: {c}: {message}"),
-            }
-        }
-        Some(c) => Error::Invalid(format!("{action} on {resource} failed: {c}: {message}")),
-        None => Error::Unavailable {
-            backend,
-            message: format!("{action} on {resource}: {message}"),
-        },
+        _ => Error::invalid_by(format!("{action} on {resource} failed"), classified),
     }
 }
 

@@ -54,6 +54,7 @@ use tracing::{debug, info, warn};
 use workflows::Timestamp;
 
 use super::{Names, RequestCounter, sdk_error};
+use crate::ports::queue::Disposal;
 use crate::ports::{DeadLetter, Delivery, Error, Outgoing, Queue, QueueKind, QueueStats, Receipt};
 
 const BACKEND: &str = "sqs";
@@ -223,19 +224,20 @@ impl SqsQueue {
         }
     }
 
-    /// Moves dead letters of `queue` back to it (`back`) or deletes them: all, or the ones
+    /// Moves dead letters of `queue` back to it or deletes them (`disposal`): all, or the ones
     /// whose dead-letter ids are in `ids`. Pages through the dead-letter queue receiving them;
     /// a moved one is sent to the queue (events in their group, under a new deduplication id
     /// derived from the dead letter's id, so the original id's window does not drop them), then
     /// deleted from the dead-letter queue; the others are released. Returns the ids handled. At
     /// least once: a failure between the send and the delete leaves a copy in both queues (a
     /// FIFO queue drops the second send within five minutes).
-    async fn settle(
+    async fn dispose_dead_letters(
         &self,
         queue: QueueKind,
         ids: Option<Vec<String>>,
-        back: bool,
+        disposal: Disposal,
     ) -> Result<Vec<String>, Error> {
+        let back = disposal == Disposal::Redrive;
         let pair = self.pair(queue);
         let mut wanted: Option<HashSet<String>> = ids.map(|ids| ids.into_iter().collect());
         if wanted.as_ref().is_some_and(HashSet::is_empty) {
@@ -327,7 +329,7 @@ impl SqsQueue {
             }
         };
         if let Err(e) = self.release(&pair.dlq, skipped).await {
-            warn!(queue = %pair.dlq.name, error = %e, "cannot release dead letters left in place");
+            warn!(queue = %pair.dlq.name, error = %crate::ports::chain(&e), "cannot release dead letters left in place");
         }
         result?;
         if back {
@@ -508,7 +510,7 @@ impl SqsQueue {
         let (messages, receipts): (Vec<Prepared>, Vec<String>) = chained.into_iter().unzip();
         let count = messages.len();
         if let Err(e) = self.send_prepared(target, messages).await {
-            warn!(queue = %target.name, error = %e, "cannot send delayed messages on; they come back after their visibility timeout");
+            warn!(queue = %target.name, error = %crate::ports::chain(&e), "cannot send delayed messages on; they come back after their visibility timeout");
             return;
         }
         match self.delete_batch(target, receipts).await {
@@ -520,7 +522,9 @@ impl SqsQueue {
                 count = failed.len(),
                 "chained messages could not be deleted; they will be chained again"
             ),
-            Err(e) => warn!(queue = %target.name, error = %e, "cannot delete chained messages"),
+            Err(e) => {
+                warn!(queue = %target.name, error = %crate::ports::chain(&e), "cannot delete chained messages")
+            }
         }
     }
 
@@ -641,7 +645,7 @@ impl Queue for SqsQueue {
             if !released.is_empty() {
                 debug!(queue = %pair.main.name, count = released.len(), "later messages of a group released");
                 if let Err(e) = self.release(&pair.main, released).await {
-                    warn!(queue = %pair.main.name, error = %e, "cannot release later messages of a group; they come back after the visibility timeout");
+                    warn!(queue = %pair.main.name, error = %crate::ports::chain(&e), "cannot release later messages of a group; they come back after the visibility timeout");
                 }
             }
         }
@@ -687,7 +691,7 @@ impl Queue for SqsQueue {
     async fn quarantine(&self, delivery: &Delivery, reason: &str) -> Result<(), Error> {
         let pair = self.pair(delivery.queue);
         let body = String::from_utf8(delivery.body.clone())
-            .map_err(|_| Error::Invalid(format!("message {} is not UTF-8", delivery.id)))?;
+            .map_err(|_| Error::invalid(format!("message {} is not UTF-8", delivery.id)))?;
         let mut attributes: BTreeMap<String, String> = delivery
             .attributes
             .iter()
@@ -766,7 +770,7 @@ impl Queue for SqsQueue {
         };
         // A peek: what was received is released at once.
         if let Err(e) = self.release(&pair.dlq, receipts).await {
-            warn!(queue = %pair.dlq.name, error = %e, "cannot release peeked dead letters; they are hidden for a minute");
+            warn!(queue = %pair.dlq.name, error = %crate::ports::chain(&e), "cannot release peeked dead letters; they are hidden for a minute");
         }
         result?;
         dead.sort_by_key(|d| (d.dead_at, d.sent_at));
@@ -779,11 +783,13 @@ impl Queue for SqsQueue {
         queue: QueueKind,
         ids: Option<Vec<String>>,
     ) -> Result<Vec<String>, Error> {
-        self.settle(queue, ids, true).await
+        self.dispose_dead_letters(queue, ids, Disposal::Redrive)
+            .await
     }
 
     async fn discard(&self, queue: QueueKind, ids: Vec<String>) -> Result<Vec<String>, Error> {
-        self.settle(queue, Some(ids), false).await
+        self.dispose_dead_letters(queue, Some(ids), Disposal::Discard)
+            .await
     }
 
     fn system(&self) -> &'static str {
@@ -812,7 +818,7 @@ impl Queue for SqsQueue {
 /// so an existing queue is found again; the rest is set with `SetQueueAttributes`.
 pub async fn create_queues(client: &Client, names: &Names, max_receives: u32) -> Result<(), Error> {
     if !(1..=1000).contains(&max_receives) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::invalid(format!(
             "max_receives must be between 1 and 1000 (SQS maxReceiveCount), not {max_receives}"
         )));
     }
@@ -931,7 +937,7 @@ async fn redrive_policy(client: &Client, main: &Target, dlq: &Target) -> Result<
         .await
         .map_err(|e| sdk_error(BACKEND, "GetQueueAttributes", &queue_resource(main), e))?;
     let missing = || {
-        Error::Invalid(format!(
+        Error::invalid(format!(
             "queue {} has no redrive policy to {}: run `orchestrator init`",
             main.name, dlq.name
         ))
@@ -941,7 +947,7 @@ async fn redrive_policy(client: &Client, main: &Target, dlq: &Target) -> Result<
         .and_then(|mut a| a.remove(&QueueAttributeName::RedrivePolicy))
         .ok_or_else(missing)?;
     let policy: serde_json::Value = serde_json::from_str(&policy).map_err(|e| {
-        Error::Invalid(format!(
+        Error::invalid(format!(
             "queue {} has a redrive policy that is not JSON ({e}): run `orchestrator init`",
             main.name
         ))
@@ -951,7 +957,7 @@ async fn redrive_policy(client: &Client, main: &Target, dlq: &Target) -> Result<
         .and_then(|v| v.as_str())
         .ok_or_else(missing)?;
     if target.rsplit(':').next() != Some(dlq.name.as_str()) {
-        return Err(Error::Invalid(format!(
+        return Err(Error::invalid(format!(
             "queue {} sends its dead letters to {target}, not to {}: run `orchestrator init`",
             main.name, dlq.name
         )));
@@ -1015,15 +1021,15 @@ fn prepare(m: Outgoing, now_ms: i64) -> Result<Prepared, Error> {
     let (group, dedup_id, delay_seconds) = match m.queue {
         QueueKind::Events => {
             if !m.delay.is_zero() {
-                return Err(Error::Invalid(
-                    "events messages cannot be delayed (a FIFO queue has no per-message delay): send timers to the steps queue".into(),
+                return Err(Error::invalid(
+                    "events messages cannot be delayed (a FIFO queue has no per-message delay): send timers to the steps queue",
                 ));
             }
             let group = m.group.ok_or_else(|| {
-                Error::Invalid("an events message needs a group (the workflow key)".into())
+                Error::invalid("an events message needs a group (the workflow key)")
             })?;
             let dedup = m.dedup_id.ok_or_else(|| {
-                Error::Invalid("an events message needs a deduplication id (the event id)".into())
+                Error::invalid("an events message needs a deduplication id (the event id)")
             })?;
             (Some(group), Some(dedup), 0)
         }
@@ -1037,7 +1043,7 @@ fn prepare(m: Outgoing, now_ms: i64) -> Result<Prepared, Error> {
         }
     };
     if attributes.len() > MAX_ATTRIBUTES {
-        return Err(Error::Invalid(format!(
+        return Err(Error::invalid(format!(
             "a message has {} attributes; SQS allows {MAX_ATTRIBUTES}",
             attributes.len()
         )));
@@ -1050,7 +1056,7 @@ fn prepare(m: Outgoing, now_ms: i64) -> Result<Prepared, Error> {
         });
     }
     let body = String::from_utf8(m.body)
-        .map_err(|_| Error::Invalid("a message body is not UTF-8 (SQS bodies are text)".into()))?;
+        .map_err(|_| Error::invalid("a message body is not UTF-8 (SQS bodies are text)"))?;
     Ok(Prepared {
         body,
         group,
@@ -1223,14 +1229,11 @@ fn queue_resource(target: &Target) -> String {
 }
 
 fn build_error(e: BuildError) -> Error {
-    Error::Invalid(format!("cannot build an SQS request: {e}"))
+    Error::invalid(format!("cannot build an SQS request: {e}"))
 }
 
 fn unavailable(message: String) -> Error {
-    Error::Unavailable {
-        backend: BACKEND,
-        message,
-    }
+    Error::unavailable(BACKEND, message)
 }
 
 /// The error of batch entries that failed twice.
@@ -1245,12 +1248,9 @@ fn entry_error(action: &str, queue: &str, failed: &[BatchResultErrorEntry]) -> E
         failed.len()
     );
     if failed.iter().any(BatchResultErrorEntry::sender_fault) {
-        Error::Invalid(message)
+        Error::invalid(message)
     } else {
-        Error::Unavailable {
-            backend: BACKEND,
-            message,
-        }
+        Error::unavailable(BACKEND, message)
     }
 }
 
@@ -1306,15 +1306,15 @@ mod tests {
     fn events_need_a_group_and_a_dedup_id_and_no_delay() {
         let mut m = step(Duration::ZERO);
         m.queue = QueueKind::Events;
-        assert!(matches!(prepare(m.clone(), 0), Err(Error::Invalid(_))));
+        assert!(matches!(prepare(m.clone(), 0), Err(Error::Invalid { .. })));
         m.group = Some("acme#dev".into());
-        assert!(matches!(prepare(m.clone(), 0), Err(Error::Invalid(_))));
+        assert!(matches!(prepare(m.clone(), 0), Err(Error::Invalid { .. })));
         m.dedup_id = Some("e-1".into());
         let p = prepare(m.clone(), 0).expect("prepare");
         assert_eq!(p.group.as_deref(), Some("acme#dev"));
         assert_eq!(p.dedup_id.as_deref(), Some("e-1"));
         m.delay = Duration::from_secs(1);
-        assert!(matches!(prepare(m, 0), Err(Error::Invalid(_))));
+        assert!(matches!(prepare(m, 0), Err(Error::Invalid { .. })));
     }
 
     #[test]
@@ -1337,7 +1337,7 @@ mod tests {
     fn non_utf8_bodies_and_empty_attributes() {
         let mut m = step(Duration::ZERO);
         m.body = vec![0xff, 0xfe];
-        assert!(matches!(prepare(m, 0), Err(Error::Invalid(_))));
+        assert!(matches!(prepare(m, 0), Err(Error::Invalid { .. })));
         let mut m = step(Duration::ZERO);
         m.attributes.insert("tracestate".into(), String::new());
         let p = prepare(m, 0).expect("prepare");

@@ -5,22 +5,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use activities::simulated::{SimConfig, SimulatedCloud};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use orchestrator::clock::{SharedClock, SystemClock};
 use orchestrator::cloud::Cloud;
-use orchestrator::config::{ActivitiesKind, Backend, Config};
+use orchestrator::config::{Backend, Config};
+use orchestrator::dev;
 use orchestrator::engine::{Engine, enqueue, run_sweeper};
 use orchestrator::ports::{Journal, Queue, Store};
 use orchestrator::requests::RequestCounter;
 use orchestrator::sqlite::SqliteBackend;
 use orchestrator::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
-use workflows::{
-    Domain, Environment, Event, EventId, GitSha, Push, RepoKind, Tenant, TenantId, WorkflowKey,
-};
+use tracing::info;
+use workflows::{Environment, Event, EventId, GitSha, Push, RepoKind, TenantId, WorkflowKey};
 
 const ABOUT: &str = "The tenant-host orchestrator: durable workflows that turn git pushes into \
 running virtual hosts.";
@@ -238,21 +236,6 @@ fn load_config(cli: &Cli) -> Result<Config> {
     Ok(config)
 }
 
-fn sim_config(config: &Config, default_scale: f64, flag: Option<f64>) -> Result<SimConfig> {
-    let mut table = config.simulated.clone();
-    if !table.contains_key("time_scale") {
-        table.insert("time_scale".into(), toml::Value::Float(default_scale));
-    }
-    if let Some(scale) = flag {
-        table.insert("time_scale".into(), toml::Value::Float(scale));
-    }
-    let sim: SimConfig = table
-        .try_into()
-        .map_err(|e: toml::de::Error| anyhow::anyhow!("invalid [simulated] settings: {e}"))?;
-    sim.validate().context("invalid [simulated] settings")?;
-    Ok(sim)
-}
-
 /// Cancelled on SIGINT or SIGTERM.
 fn shutdown_signal() -> CancellationToken {
     let token = CancellationToken::new();
@@ -302,6 +285,11 @@ async fn run(cli: Cli) -> Result<()> {
             };
             execute(&cli, parts).await
         }
+        #[cfg(not(feature = "aws"))]
+        Backend::Aws => bail!(
+            "backend = \"aws\" needs a build with the `aws` feature (cargo build -p orchestrator --features aws)"
+        ),
+        #[cfg(feature = "aws")]
         Backend::Aws => {
             let sdk = orchestrator::aws::load_sdk_config().await;
             let names = orchestrator::aws::Names::new(&config.aws.prefix);
@@ -464,6 +452,18 @@ fn log_stats<S: Store, Q: Queue, J: Journal, A: activities::Activities>(
 }
 
 /// With `--sandbox`, creates (or finds) the sandbox and prints its `[infrastructure]`.
+#[cfg(not(feature = "aws"))]
+async fn sandbox(args: &InitArgs) -> Result<()> {
+    if args.sandbox {
+        bail!(
+            "--sandbox needs a build with the `aws` feature (cargo build -p orchestrator --features aws)"
+        );
+    }
+    Ok(())
+}
+
+/// With `--sandbox`, creates (or finds) the sandbox and prints its `[infrastructure]`.
+#[cfg(feature = "aws")]
 async fn sandbox(args: &InitArgs) -> Result<()> {
     if !args.sandbox {
         return Ok(());
@@ -485,34 +485,20 @@ async fn sandbox(args: &InitArgs) -> Result<()> {
     Ok(())
 }
 
-/// The configured activities: the simulated cloud in the embedded file (time scale from
-/// `[simulated]`, else `default_scale`, overridden by `flag`), or the AWS reconcilers, whose
-/// settings and infrastructure are checked before anything runs.
+/// The configured activities (see [`Cloud::open`]).
 async fn open_cloud<S: Store, Q: Queue, J: Journal>(
     parts: &Parts<S, Q, J>,
     default_scale: f64,
-    flag: Option<f64>,
+    time_scale: Option<f64>,
 ) -> Result<Cloud<S>> {
-    match parts.config.activities {
-        ActivitiesKind::Simulated => {
-            let sim = sim_config(&parts.config, default_scale, flag)?;
-            let cloud = SimulatedCloud::open_with_clock(
-                &parts.config.embedded.path,
-                sim,
-                parts.clock.clone(),
-            )
-            .context("opening the simulated cloud")?;
-            Ok(Cloud::Simulated(cloud))
-        }
-        ActivitiesKind::Aws => {
-            let cloud =
-                orchestrator::cloud::aws(&parts.config, parts.store.clone(), parts.clock.clone())
-                    .await
-                    .context("the AWS activities cannot start")?;
-            info!(vpc = %cloud.infrastructure().vpc_id, "AWS activities ready");
-            Ok(Cloud::Aws(Box::new(cloud)))
-        }
-    }
+    Ok(Cloud::open(
+        &parts.config,
+        parts.store.clone(),
+        parts.clock.clone(),
+        default_scale,
+        time_scale,
+    )
+    .await?)
 }
 
 fn engine<S: Store, Q: Queue, J: Journal>(
@@ -599,8 +585,6 @@ async fn inject_event<S: Store, Q: Queue, J: Journal>(
     Ok(())
 }
 
-const DEMO_TENANT: &str = "demo";
-
 async fn dev<S: Store, Q: Queue, J: Journal>(
     parts: &Parts<S, Q, J>,
     args: &DevArgs,
@@ -608,10 +592,7 @@ async fn dev<S: Store, Q: Queue, J: Journal>(
 ) -> Result<()> {
     let cloud = open_cloud(parts, 60.0, args.time_scale).await?;
     let stop = shutdown_signal();
-    let time_scale = match &cloud {
-        Cloud::Simulated(c) => c.config().time_scale,
-        Cloud::Aws(_) => 1.0,
-    };
+    let time_scale = cloud.time_scale();
     let engine = engine(parts, cloud);
     info!(backend = %parts.location, time_scale, "dev: ingress, workers and sweeper in one process");
     let ingress = if args.no_ingress {
@@ -626,9 +607,9 @@ async fn dev<S: Store, Q: Queue, J: Journal>(
     let mut demo_keys = Vec::new();
     let mut watchers = Vec::new();
     if !args.no_demo {
-        demo_keys = start_demo(parts).await?;
+        demo_keys = dev::start_demo(&*parts.store, &*parts.queue, parts.clock.now()).await?;
         for key in &demo_keys {
-            watchers.push(tokio::spawn(watch(
+            watchers.push(tokio::spawn(dev::watch(
                 parts.store.clone(),
                 key.clone(),
                 stop.clone(),
@@ -644,23 +625,11 @@ async fn dev<S: Store, Q: Queue, J: Journal>(
         tokio::spawn(async move { run_sweeper(&*store, &*queue, clock, config, stop).await })
     };
     if args.exit_when_live {
-        let backend = parts.store.clone();
-        let stop = stop.clone();
-        let keys = demo_keys.clone();
-        tokio::spawn(async move {
-            loop {
-                let mut live = !keys.is_empty();
-                for k in &keys {
-                    live &= matches!(backend.workflow(k).await, Ok(Some(r)) if r.state() == workflows::State::Live);
-                }
-                if live {
-                    info!("every demo workflow is live");
-                    stop.cancel();
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        });
+        tokio::spawn(dev::stop_when_live(
+            parts.store.clone(),
+            demo_keys,
+            stop.clone(),
+        ));
     }
     engine.run(stop).await;
     let _ = sweeper.await;
@@ -671,130 +640,4 @@ async fn dev<S: Store, Q: Queue, J: Journal>(
         ingress.await.context("the ingress stopped")??;
     }
     Ok(())
-}
-
-/// Registers the demo tenant (once) and pushes both of its repositories to `dev`.
-async fn start_demo<S: Store, Q: Queue, J: Journal>(
-    parts: &Parts<S, Q, J>,
-) -> Result<Vec<WorkflowKey>> {
-    let id = TenantId::new(DEMO_TENANT)?;
-    let now = parts.clock.now();
-    if parts.store.tenant(&id).await?.is_none() {
-        let token = orchestrator::tenants::generate_token();
-        let tenant = Tenant::new(
-            id.clone(),
-            Domain::new("demo.example.com")?,
-            1001,
-            1002,
-            orchestrator::tenants::token_sha256(&token),
-            now,
-        );
-        match parts.store.put_tenant(&tenant, true).await {
-            Ok(()) => info!(
-                tenant = DEMO_TENANT,
-                "demo tenant registered (GitLab projects 1001 and 1002)"
-            ),
-            Err(orchestrator::ports::Error::AlreadyExists(what)) => {
-                warn!(%what, "demo tenant not registered: its projects are taken");
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let key = WorkflowKey::new(id, Environment::Dev);
-    // New commits each start, so every `orchestrator dev` shows a deployment.
-    let seed = u64::try_from(now.as_unix_millis()).unwrap_or(0);
-    for (repo, salt) in [(RepoKind::Infra, 1u64), (RepoKind::App, 2u64)] {
-        let sha = GitSha::new(format!("{:016x}{:024x}", seed, salt))?;
-        let event = Event::Push(Push {
-            event_id: EventId::new(format!("demo:{key}:{repo}:{sha}"))?,
-            repo,
-            sha: sha.clone(),
-            git_ref: "refs/heads/dev".into(),
-            author: "demo".into(),
-            message: format!("demo {repo} push"),
-            received_at: now,
-        });
-        enqueue(&*parts.queue, &key, event, now).await?;
-        info!(workflow = %key, %repo, sha = %sha.short(), "demo push queued");
-    }
-    Ok(vec![key])
-}
-
-/// Prints every new history entry of `key` to stderr, as it is written: a plain line, or with
-/// `json` a log event (so every line of `--log-format json` is JSON).
-async fn watch<S: Store>(backend: Arc<S>, key: WorkflowKey, stop: CancellationToken, json: bool) {
-    let mut after = match backend.workflow(&key).await {
-        Ok(Some(r)) => r.version,
-        _ => 0,
-    };
-    // A step waiting for something reports the same progress many times; say it once.
-    let mut said: std::collections::HashMap<workflows::StepKind, String> = Default::default();
-    // After the stop, one more pass prints what was written up to it (the last step's entry).
-    let mut last_pass = false;
-    loop {
-        last_pass |= stop.is_cancelled();
-        match backend.history(&key, after, 100).await {
-            Ok(entries) => {
-                for e in entries {
-                    after = e.version;
-                    if let workflows::Event::Step(r) = &e.event {
-                        if let workflows::StepOutcome::Progress { note, .. } = &r.outcome {
-                            if said.get(&r.step) == Some(note) {
-                                continue;
-                            }
-                            said.insert(r.step, note.clone());
-                        } else {
-                            said.remove(&r.step);
-                        }
-                    }
-                    if json {
-                        info!(workflow = %key, version = e.version, "{}", describe(&e));
-                    } else {
-                        eprintln!("{}", describe(&e));
-                    }
-                }
-            }
-            Err(e) => warn!(error = %e, "watch: history not readable"),
-        }
-        if last_pass {
-            return;
-        }
-        tokio::select! {
-            () = stop.cancelled() => {}
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
-        }
-    }
-}
-
-/// One line for a history entry, for people watching `orchestrator dev`: the workflow, the
-/// version, the state after it, what happened, and which steps it started.
-fn describe(e: &workflows::HistoryEntry) -> String {
-    let started: Vec<String> = e
-        .commands
-        .iter()
-        .filter_map(|c| match c {
-            workflows::Command::RunStep(t) if t.delay.is_zero() => Some(t.step.to_string()),
-            _ => None,
-        })
-        .collect();
-    let mut line = format!(
-        "{}  v{:<3} {:<18} {}",
-        e.key,
-        e.version,
-        e.to,
-        orchestrator::cli::views::describe_event(&e.event)
-    );
-    if let workflows::Event::Step(r) = &e.event
-        && r.step == workflows::StepKind::Rollout
-        && matches!(r.outcome, workflows::StepOutcome::Done { .. })
-    {
-        line.push_str("; the release is live");
-        if let (true, Some(run)) = (e.to != workflows::State::Live, e.run) {
-            line.push_str(&format!("; run {run} starts for the pushes that waited"));
-        }
-    }
-    if !started.is_empty() {
-        line.push_str(&format!("; starting {}", started.join(", ")));
-    }
-    line
 }

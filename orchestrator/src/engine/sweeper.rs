@@ -1,5 +1,5 @@
 //! The sweeper: finds workflows that should be making progress but have not changed for
-//! longer than a deadline, and re-arms them (DESIGN.md §4).
+//! longer than a deadline, and re-arms them (ARCHITECTURE.md, "The engine").
 //!
 //! A workflow in `preparing`, `rolling_out` or `decommissioning` always has a step message or
 //! timer outstanding. If one was lost, the workflow would wait forever; the sweeper sends it
@@ -69,7 +69,7 @@ pub async fn sweep_once<S: Store, Q: Queue>(
                     continue;
                 }
                 let id = format!("rearm:{}:v{}", summary.key, summary.version);
-                let event_id = EventId::new(id).map_err(|e| Error::Invalid(e.to_string()))?;
+                let event_id = EventId::new(id).map_err(|e| Error::invalid(e.to_string()))?;
                 enqueue(queue, &summary.key, Event::Rearm { event_id }, now).await?;
                 info!(workflow.key = %summary.key, state = %summary.state, idle_since = %summary.updated_at, "workflow re-armed");
                 rearmed.push(summary.key);
@@ -93,7 +93,7 @@ pub async fn run_sweeper<S: Store, Q: Queue>(
             () = tokio::time::sleep(config.interval) => {}
         }
         if let Err(e) = sweep_once(store, queue, &clock, config.deadline).await {
-            warn!(error = %e, "sweep failed; trying again next interval");
+            warn!(error = %crate::ports::chain(&e), "sweep failed; trying again next interval");
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The GitLab webhook ingress (DESIGN.md §7): `POST /hooks/gitlab`.
+//! The GitLab webhook ingress (ARCHITECTURE.md, "The ingress"): `POST /hooks/gitlab`.
 //!
 //! A push to a mapped branch becomes one small typed event on the events queue (FIFO group =
 //! workflow key, deduplication id = event id), and the answer, `202`, comes only after the
@@ -194,7 +194,7 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
                 );
             }
             Err(e) => {
-                warn!(project, error = %e, "tenant lookup failed");
+                warn!(project, error = %crate::ports::chain(&e), "tenant lookup failed");
                 return Answer::error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "tenant registry unavailable",
@@ -301,7 +301,7 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
                 }
             }
             Err(e) => {
-                warn!(tenant.id = %tenant.id, error = %e, "push not queued");
+                warn!(tenant.id = %tenant.id, error = %crate::ports::chain(&e), "push not queued");
                 Answer::error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the event queue is unavailable; nothing was accepted, resend later",

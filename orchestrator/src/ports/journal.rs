@@ -3,9 +3,10 @@
 //! A commit is the record write (if the event changed the record), the messages its commands
 //! send, and the acknowledgement of the message that was handled. The SQLite backend commits all
 //! three in one transaction and groups the commits of different workflows into one fsync (an
-//! atomic outbox). [`Sequential`] commits them one after the other on any `Store` and `Queue`,
-//! which is what SQS and DynamoDB allow: a crash between the steps leaves the message
-//! unacknowledged, and its redelivery finds the event applied and sends its commands again.
+//! atomic outbox). `crate::stack::Sequential` commits them one after the other on any `Store`
+//! and `Queue`, which is what SQS and DynamoDB allow: a crash between the steps leaves the
+//! message unacknowledged, and its redelivery finds the event applied and sends its commands
+//! again.
 //!
 //! A commit may also **claim** the step messages it sends: the SQLite backend then stores them
 //! as already received by the committing worker (invisible for the given visibility timeout)
@@ -13,11 +14,10 @@
 //! If the worker dies, the visibility timeout hands them to another worker like any message.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
-use super::queue::{Delivery, Outgoing, Queue, QueueKind, Receipt};
-use super::store::{RecordWrite, Store, WriteError};
+use super::queue::{Delivery, Outgoing, QueueKind, Receipt};
+use super::store::{RecordWrite, WriteError};
 
 /// What handling one message changes.
 #[derive(Debug, Clone, Default)]
@@ -48,47 +48,5 @@ pub trait Journal: Send + Sync + 'static {
     /// of that event's commands, and the engine sends them again from the history.
     fn is_atomic(&self) -> bool {
         false
-    }
-}
-
-/// A journal over a separate store and queue: write, then send, then acknowledge.
-#[derive(Debug)]
-pub struct Sequential<S, Q> {
-    store: Arc<S>,
-    queue: Arc<Q>,
-}
-
-impl<S, Q> Sequential<S, Q> {
-    /// A journal writing to `store` and sending to `queue`.
-    pub fn new(store: Arc<S>, queue: Arc<Q>) -> Self {
-        Self { store, queue }
-    }
-}
-
-impl<S: Store, Q: Queue> Journal for Sequential<S, Q> {
-    async fn commit(&self, commits: Vec<Commit>) -> Vec<Result<Vec<Delivery>, WriteError>> {
-        let mut results = Vec::with_capacity(commits.len());
-        for commit in commits {
-            // Sent messages are not claimed: other workers receive them.
-            results.push(self.commit_one(commit).await.map(|()| Vec::new()));
-        }
-        results
-    }
-}
-
-impl<S: Store, Q: Queue> Sequential<S, Q> {
-    async fn commit_one(&self, commit: Commit) -> Result<(), WriteError> {
-        if let Some(write) = commit.write {
-            self.store.write(write).await?;
-        }
-        if !commit.send.is_empty() {
-            self.queue.send(commit.send).await?;
-        }
-        if let Some((queue, receipt)) = commit.ack {
-            // A receipt that is no longer current means the message was delivered again;
-            // that delivery will find the event applied. Nothing is lost.
-            self.queue.ack(queue, vec![receipt]).await?;
-        }
-        Ok(())
     }
 }

@@ -1,4 +1,5 @@
-//! The `Queue` port: the two logical queues of DESIGN.md §5 and their dead-letter queues.
+//! The `Queue` port: the two logical queues (events, FIFO per workflow; steps) and
+//! their dead-letter queues.
 //!
 //! Semantics every adapter gives (the conformance suite checks them):
 //! - **events** is FIFO per group (the workflow key): a group's next message is delivered only
@@ -213,4 +214,14 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Counts of `queue`.
     fn stats(&self, queue: QueueKind) -> impl Future<Output = Result<QueueStats, Error>> + Send;
+}
+
+/// What becomes of dead letters an operator selected: put back, or deleted ([`Queue::redrive`],
+/// [`Queue::discard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposal {
+    /// Back to their queue.
+    Redrive,
+    /// Deleted for good.
+    Discard,
 }

@@ -24,6 +24,7 @@ use workflows::{
 };
 
 use crate::clock::{SharedClock, SystemClock};
+use crate::ports::queue::Disposal;
 use crate::ports::{
     Commit, DeadLetter, Delivery, Error, Journal, Outgoing, Queue, QueueKind, QueueStats, Receipt,
     RecordWrite, SlotEntry, SlotGrant, SlotsView, Store, Woken, WorkflowFilter, WorkflowSummary,
@@ -67,10 +68,57 @@ impl SqliteConfig {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Error {
-    Error::Unavailable {
-        backend: "sqlite",
-        message: e.to_string(),
+/// The backend name in errors.
+const BACKEND: &str = "sqlite";
+
+/// `what` failed for a reason of the operating system's (a thread, a task, a file): may pass.
+fn unavailable(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::unavailable_by(BACKEND, what, e)
+}
+
+/// A SQLite error as a port error. What may pass is `Unavailable`: the file busy or locked by
+/// another process, an I/O error, a full disk, no memory, an interrupted statement, a file
+/// that cannot be opened now, a schema changed under a prepared statement. What would fail
+/// again is `Invalid`: a constraint the data breaks, a table or column this code expects and
+/// the file lacks, a value of the wrong type, a file that is not a database or is corrupt.
+pub(crate) fn sql(e: rusqlite::Error) -> Error {
+    use rusqlite::ErrorCode::{
+        CannotOpen, DatabaseBusy, DatabaseLocked, DiskFull, FileLockingProtocolFailed,
+        OperationInterrupted, OutOfMemory, SchemaChanged, SystemIoFailure,
+    };
+    let passing = match &e {
+        rusqlite::Error::SqliteFailure(f, _) => matches!(
+            f.code,
+            DatabaseBusy
+                | DatabaseLocked
+                | SystemIoFailure
+                | DiskFull
+                | OutOfMemory
+                | OperationInterrupted
+                | CannotOpen
+                | FileLockingProtocolFailed
+                | SchemaChanged
+        ),
+        _ => false,
+    };
+    if passing {
+        Error::unavailable_by(BACKEND, "a statement failed", e)
+    } else {
+        Error::invalid_by("a statement failed on the database file", e)
+    }
+}
+
+/// `path` cannot be opened as the database, because of `e` (classified as [`sql`] does).
+fn opening(path: &Path, e: rusqlite::Error) -> Error {
+    let what = format!("cannot open {}", path.display());
+    match sql(e) {
+        Error::Unavailable { cause, .. } => Error::Unavailable {
+            backend: BACKEND,
+            what,
+            cause,
+        },
+        Error::Invalid { cause, .. } => Error::Invalid { what, cause },
+        other => other,
     }
 }
 
@@ -82,14 +130,17 @@ pub(crate) fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Con
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
-    .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
-    conn.busy_timeout(busy_timeout).map_err(unavailable)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(unavailable)?;
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(unavailable)?;
-    conn.pragma_update(None, "foreign_keys", "ON")
-        .map_err(unavailable)?;
+    .map_err(|e| opening(path, e))?;
+    conn.busy_timeout(busy_timeout)
+        .map_err(|e| opening(path, e))?;
+    for (pragma, value) in [
+        ("journal_mode", "WAL"),
+        ("synchronous", "FULL"),
+        ("foreign_keys", "ON"),
+    ] {
+        conn.pragma_update(None, pragma, value)
+            .map_err(|e| opening(path, e))?;
+    }
     Ok(conn)
 }
 
@@ -131,24 +182,25 @@ impl SqliteBackend {
     /// Opens the backend with `clock` deciding visibility, delays and deduplication windows.
     pub fn open_with_clock(config: SqliteConfig, clock: SharedClock) -> Result<Self, Error> {
         let conn = open_connection(&config.path, config.busy_timeout)?;
-        conn.execute_batch(schema::CREATE).map_err(unavailable)?;
+        conn.execute_batch(schema::CREATE)
+            .map_err(|e| opening(&config.path, e))?;
         let layout: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE name = 'layout'", [], |r| {
                 r.get(0)
             })
             .optional()
-            .map_err(unavailable)?;
+            .map_err(|e| opening(&config.path, e))?;
         match layout.as_deref().map(str::parse::<i64>) {
             None => {
                 conn.execute(
                     "INSERT OR IGNORE INTO meta (name, value) VALUES ('layout', ?1)",
                     [schema::LAYOUT_VERSION.to_string()],
                 )
-                .map_err(unavailable)?;
+                .map_err(|e| opening(&config.path, e))?;
             }
             Some(Ok(v)) if v == schema::LAYOUT_VERSION => {}
             Some(other) => {
-                return Err(Error::Invalid(format!(
+                return Err(Error::invalid(format!(
                     "{} has table layout {other:?}; this code uses layout {}",
                     config.path.display(),
                     schema::LAYOUT_VERSION
@@ -172,13 +224,13 @@ impl SqliteBackend {
         &self.inner.config.path
     }
 
-    async fn write_op(&self, op: Op) -> Result<Reply, Error> {
+    /// Sends the request `op` makes with its reply channel to the writer, and waits for the
+    /// answer (given once the request's round is committed).
+    async fn request<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, Error> {
         let (tx, rx) = oneshot::channel();
-        self.inner.writer.submit(op, tx)?;
-        let reply = rx
-            .await
-            .map_err(|_| unavailable("the writer thread stopped"))??;
-        Ok(reply)
+        self.inner.writer.submit(op(tx))?;
+        rx.await
+            .map_err(|_| Error::unavailable(BACKEND, "the writer thread stopped"))?
     }
 
     fn wake(&self, queues: impl IntoIterator<Item = QueueKind>) {
@@ -201,7 +253,7 @@ impl SqliteBackend {
             result
         })
         .await
-        .map_err(unavailable)?
+        .map_err(|e| unavailable("a read task", e))?
     }
 
     fn take_reader(&self) -> Result<Connection, Error> {
@@ -209,7 +261,7 @@ impl SqliteBackend {
             .inner
             .readers
             .lock()
-            .map_err(|_| unavailable("reader pool poisoned"))?
+            .map_err(|_| Error::unavailable(BACKEND, "the reader pool is poisoned"))?
             .pop();
         match pooled {
             Some(conn) => Ok(conn),
@@ -225,30 +277,25 @@ impl SqliteBackend {
         }
     }
 
-    async fn settle(
+    async fn dispose_dead_letters(
         &self,
         queue: QueueKind,
         ids: Option<Vec<String>>,
-        back: bool,
+        disposal: Disposal,
     ) -> Result<Vec<String>, Error> {
-        match self.write_op(Op::Settle { queue, ids, back }).await? {
-            Reply::Ids(ids) => {
-                if back {
-                    self.wake([queue]);
-                }
-                Ok(ids)
-            }
-            other => Err(unexpected(other)),
+        let ids = self
+            .request(|reply| Op::DisposeDeadLetters {
+                queue,
+                ids,
+                disposal,
+                reply,
+            })
+            .await?;
+        if disposal == Disposal::Redrive {
+            self.wake([queue]);
         }
+        Ok(ids)
     }
-}
-
-fn unexpected(reply: Reply) -> Error {
-    unavailable(format!("the writer answered {reply:?} to another request"))
-}
-
-fn sql(e: rusqlite::Error) -> Error {
-    unavailable(e)
 }
 
 fn ms(t: Timestamp) -> i64 {
@@ -269,13 +316,9 @@ impl Queue for SqliteBackend {
             }
         }
         let queues: Vec<QueueKind> = batch.iter().map(|m| m.queue).collect();
-        match self.write_op(Op::Send(batch)).await? {
-            Reply::Done => {
-                self.wake(queues);
-                Ok(())
-            }
-            other => Err(unexpected(other)),
-        }
+        self.request(|reply| Op::Send(batch, reply)).await?;
+        self.wake(queues);
+        Ok(())
     }
 
     async fn receive(
@@ -292,17 +335,14 @@ impl Queue for SqliteBackend {
             let notified = self.inner.wake[queue_index(queue)].notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let reply = self
-                .write_op(Op::Receive {
+            let (deliveries, next_visible) = self
+                .request(|reply| Op::Receive {
                     queue,
                     max,
                     visibility,
+                    reply,
                 })
                 .await?;
-            let (deliveries, next_visible) = match reply {
-                Reply::Received(d, next) => (d, next),
-                other => return Err(unexpected(other)),
-            };
             let now = tokio::time::Instant::now();
             if !deliveries.is_empty() || now >= deadline {
                 return Ok(deliveries);
@@ -324,13 +364,15 @@ impl Queue for SqliteBackend {
         if receipts.is_empty() {
             return Ok(Vec::new());
         }
-        match self.write_op(Op::Ack { queue, receipts }).await? {
-            Reply::Failed(f) => {
-                self.wake([queue]);
-                Ok(f)
-            }
-            other => Err(unexpected(other)),
-        }
+        let failed = self
+            .request(|reply| Op::Ack {
+                queue,
+                receipts,
+                reply,
+            })
+            .await?;
+        self.wake([queue]);
+        Ok(failed)
     }
 
     async fn extend(
@@ -339,35 +381,29 @@ impl Queue for SqliteBackend {
         receipt: &Receipt,
         visibility: Duration,
     ) -> Result<(), Error> {
-        let op = Op::Extend {
+        self.request(|reply| Op::Extend {
             queue,
             receipt: receipt.clone(),
             visibility,
-        };
-        match self.write_op(op).await? {
-            Reply::Done => {
-                if visibility.is_zero() {
-                    self.wake([queue]);
-                }
-                Ok(())
-            }
-            other => Err(unexpected(other)),
+            reply,
+        })
+        .await?;
+        if visibility.is_zero() {
+            self.wake([queue]);
         }
+        Ok(())
     }
 
     async fn quarantine(&self, delivery: &Delivery, reason: &str) -> Result<(), Error> {
-        let op = Op::Quarantine {
+        self.request(|reply| Op::Quarantine {
             queue: delivery.queue,
             receipt: delivery.receipt.clone(),
             reason: reason.to_owned(),
-        };
-        match self.write_op(op).await? {
-            Reply::Done => {
-                self.wake([delivery.queue]);
-                Ok(())
-            }
-            other => Err(unexpected(other)),
-        }
+            reply,
+        })
+        .await?;
+        self.wake([delivery.queue]);
+        Ok(())
     }
 
     async fn dead_letters(&self, queue: QueueKind, limit: usize) -> Result<Vec<DeadLetter>, Error> {
@@ -406,11 +442,13 @@ impl Queue for SqliteBackend {
         queue: QueueKind,
         ids: Option<Vec<String>>,
     ) -> Result<Vec<String>, Error> {
-        self.settle(queue, ids, true).await
+        self.dispose_dead_letters(queue, ids, Disposal::Redrive)
+            .await
     }
 
     async fn discard(&self, queue: QueueKind, ids: Vec<String>) -> Result<Vec<String>, Error> {
-        self.settle(queue, Some(ids), false).await
+        self.dispose_dead_letters(queue, Some(ids), Disposal::Discard)
+            .await
     }
 
     async fn stats(&self, queue: QueueKind) -> Result<QueueStats, Error> {
@@ -452,31 +490,23 @@ impl Queue for SqliteBackend {
 }
 
 fn decode_record(key: &WorkflowKey, bytes: &[u8]) -> Result<WorkflowRecord, Error> {
-    workflows::decode(bytes).map_err(|source| Error::Corrupt {
-        what: format!("record of {key}"),
-        source,
-    })
+    workflows::decode(bytes).map_err(|source| Error::corrupt(format!("record of {key}"), source))
 }
 
 fn decode_entry(key: &str, bytes: &[u8]) -> Result<HistoryEntry, Error> {
-    workflows::decode(bytes).map_err(|source| Error::Corrupt {
-        what: format!("history entry of {key}"),
-        source,
-    })
+    workflows::decode(bytes)
+        .map_err(|source| Error::corrupt(format!("history entry of {key}"), source))
 }
 
 fn decode_tenant(bytes: &[u8]) -> Result<Tenant, Error> {
-    workflows::decode(bytes).map_err(|source| Error::Corrupt {
-        what: "tenant record".into(),
-        source,
-    })
+    workflows::decode(bytes).map_err(|source| Error::corrupt("tenant record", source))
 }
 
 fn parse_state(s: &str) -> Result<State, Error> {
     State::ALL
         .into_iter()
         .find(|st| st.as_str() == s)
-        .ok_or_else(|| Error::Invalid(format!("unknown state {s:?} in the workflows table")))
+        .ok_or_else(|| Error::invalid(format!("unknown state {s:?} in the workflows table")))
 }
 
 impl Store for SqliteBackend {
@@ -501,21 +531,20 @@ impl Store for SqliteBackend {
         }]);
         match results.await.pop() {
             Some(r) => r.map(|_| ()),
-            None => Err(WriteError::Store(unavailable(
+            None => Err(WriteError::Store(Error::unavailable(
+                BACKEND,
                 "the writer answered nothing",
             ))),
         }
     }
 
     async fn mark_corrupt(&self, key: &WorkflowKey, reason: &str) -> Result<(), Error> {
-        let op = Op::MarkCorrupt {
+        self.request(|reply| Op::MarkCorrupt {
             key: key.clone(),
             reason: reason.to_owned(),
-        };
-        match self.write_op(op).await? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
+            reply,
+        })
+        .await
     }
 
     async fn workflows(
@@ -565,7 +594,7 @@ impl Store for SqliteBackend {
                 out.push(WorkflowSummary {
                     key: key
                         .parse()
-                        .map_err(|e| Error::Invalid(format!("workflows table: {e}")))?,
+                        .map_err(|e| Error::invalid(format!("workflows table: {e}")))?,
                     state: parse_state(&state)?,
                     version: u64::try_from(version).unwrap_or(0),
                     updated_at: Timestamp::from_unix_millis(updated_at),
@@ -633,17 +662,15 @@ impl Store for SqliteBackend {
     }
 
     async fn put_tenant(&self, tenant: &Tenant, create_only: bool) -> Result<(), Error> {
-        let op = Op::PutTenant {
+        self.request(|reply| Op::PutTenant {
             id: tenant.id.clone(),
             infra_project: tenant.infra_project,
             app_project: tenant.app_project,
             record: workflows::encode(tenant),
             create_only,
-        };
-        match self.write_op(op).await? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
+            reply,
+        })
+        .await
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, Error> {
@@ -694,27 +721,23 @@ impl Store for SqliteBackend {
     }
 
     async fn allocate(&self, pool: &str, value: u64, owner: &str) -> Result<bool, Error> {
-        let op = Op::Allocate {
+        self.request(|reply| Op::Allocate {
             pool: pool.to_owned(),
             value,
             owner: owner.to_owned(),
-        };
-        match self.write_op(op).await? {
-            Reply::Allocated(held) => Ok(held),
-            other => Err(unexpected(other)),
-        }
+            reply,
+        })
+        .await
     }
 
     async fn release(&self, pool: &str, value: u64, owner: &str) -> Result<(), Error> {
-        let op = Op::Release {
+        self.request(|reply| Op::Release {
             pool: pool.to_owned(),
             value,
             owner: owner.to_owned(),
-        };
-        match self.write_op(op).await? {
-            Reply::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
+            reply,
+        })
+        .await
     }
 
     async fn allocation_of(&self, pool: &str, owner: &str) -> Result<Option<u64>, Error> {
@@ -740,18 +763,16 @@ impl Store for SqliteBackend {
         ttl: Duration,
         wake: &[u8],
     ) -> Result<(SlotGrant, Woken), Error> {
-        let op = Op::AcquireSlot {
+        self.request(|reply| Op::AcquireSlot {
             kind: kind.to_owned(),
             holder: holder.to_owned(),
             tenant: key.tenant.to_string(),
             cap,
             ttl,
             wake: wake.to_vec(),
-        };
-        match self.write_op(op).await? {
-            Reply::Slot(grant, woken) => Ok((grant, woken)),
-            other => Err(unexpected(other)),
-        }
+            reply,
+        })
+        .await
     }
 
     async fn release_slot(
@@ -761,16 +782,14 @@ impl Store for SqliteBackend {
         cap: u32,
         ttl: Duration,
     ) -> Result<Woken, Error> {
-        let op = Op::ReleaseSlot {
+        self.request(|reply| Op::ReleaseSlot {
             kind: kind.to_owned(),
             holder: holder.to_owned(),
             cap,
             ttl,
-        };
-        match self.write_op(op).await? {
-            Reply::Woken(woken) => Ok(woken),
-            other => Err(unexpected(other)),
-        }
+            reply,
+        })
+        .await
     }
 
     async fn slots(&self, kind: &str) -> Result<SlotsView, Error> {
@@ -795,7 +814,7 @@ impl Store for SqliteBackend {
                     out.push(SlotEntry {
                         holder,
                         tenant: TenantId::new(tenant)
-                            .map_err(|e| Error::Invalid(format!("slot tenant: {e}")))?,
+                            .map_err(|e| Error::invalid(format!("slot tenant: {e}")))?,
                         since: Timestamp::from_unix_millis(since),
                         expires_at: Timestamp::from_unix_millis(expires_at),
                     });
@@ -826,19 +845,12 @@ impl Journal for SqliteBackend {
             .iter()
             .flat_map(|c| c.send.iter().map(|m| m.queue))
             .collect();
-        let failed = |e: Error| {
-            let text = e.to_string();
-            (0..n)
-                .map(|_| Err(WriteError::Store(unavailable(&text))))
-                .collect()
-        };
-        match self.write_op(Op::Commit(commits)).await {
-            Ok(Reply::Committed(results)) => {
+        match self.request(|reply| Op::Commit(commits, reply)).await {
+            Ok(results) => {
                 self.wake(queues);
                 results
             }
-            Ok(other) => failed(unexpected(other)),
-            Err(e) => failed(e),
+            Err(e) => (0..n).map(|_| Err(WriteError::Store(e.clone()))).collect(),
         }
     }
 }

@@ -1,4 +1,9 @@
 //! The writer thread: every write of this process, batched into one transaction per round.
+//!
+//! A request ([`Op`]) carries its own reply channel, typed by what the request answers. The
+//! writer runs each request of a round in its own savepoint, holds its result until the round's
+//! transaction commits, and only then answers: with the result if the commit succeeded, with
+//! the commit's error if it did not.
 
 use std::sync::mpsc;
 use std::time::Duration;
@@ -9,38 +14,55 @@ use workflows::{TenantId, Timestamp, WorkflowKey};
 
 use super::{SqliteConfig, attributes_from_sql, attributes_to_sql, sql, unavailable};
 use crate::clock::SharedClock;
+use crate::ports::queue::Disposal;
 use crate::ports::{
     Commit, Delivery, Error, Outgoing, QueueKind, Receipt, RecordWrite, SlotGrant, Woken,
     WriteError,
 };
 
-/// A write request.
+/// Where a request's answer goes.
+pub(super) type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// What a receive answers: the deliveries, and when the queue's next message becomes visible
+/// if there were none.
+pub(super) type Received = (Vec<Delivery>, Option<Timestamp>);
+
+/// What a commit answers: one result per commit, with the step messages it claimed.
+pub(super) type Committed = Vec<Result<Vec<Delivery>, WriteError>>;
+
+/// A write request, with the channel of its answer.
 #[derive(Debug)]
 pub(super) enum Op {
-    Commit(Vec<Commit>),
-    Send(Vec<Outgoing>),
+    Commit(Vec<Commit>, Reply<Committed>),
+    Send(Vec<Outgoing>, Reply<()>),
     Receive {
         queue: QueueKind,
         max: usize,
         visibility: Duration,
+        reply: Reply<Received>,
     },
+    /// Answers the receipts that were not current.
     Ack {
         queue: QueueKind,
         receipts: Vec<Receipt>,
+        reply: Reply<Vec<Receipt>>,
     },
     Extend {
         queue: QueueKind,
         receipt: Receipt,
         visibility: Duration,
+        reply: Reply<()>,
     },
     Quarantine {
         queue: QueueKind,
         receipt: Receipt,
         reason: String,
+        reply: Reply<()>,
     },
     MarkCorrupt {
         key: WorkflowKey,
         reason: String,
+        reply: Reply<()>,
     },
     PutTenant {
         id: TenantId,
@@ -48,16 +70,20 @@ pub(super) enum Op {
         app_project: u64,
         record: Vec<u8>,
         create_only: bool,
+        reply: Reply<()>,
     },
+    /// Answers whether `owner` holds `value` now.
     Allocate {
         pool: String,
         value: u64,
         owner: String,
+        reply: Reply<bool>,
     },
     Release {
         pool: String,
         value: u64,
         owner: String,
+        reply: Reply<()>,
     },
     AcquireSlot {
         kind: String,
@@ -66,42 +92,64 @@ pub(super) enum Op {
         cap: u32,
         ttl: Duration,
         wake: Vec<u8>,
+        reply: Reply<(SlotGrant, Woken)>,
     },
     ReleaseSlot {
         kind: String,
         holder: String,
         cap: u32,
         ttl: Duration,
+        reply: Reply<Woken>,
     },
-    /// Redrive (`back`) or discard dead letters.
-    Settle {
+    /// Redrives or discards dead letters (all of the queue's, or those of `ids`); answers the
+    /// ids handled.
+    DisposeDeadLetters {
         queue: QueueKind,
         ids: Option<Vec<String>>,
-        back: bool,
+        disposal: Disposal,
+        reply: Reply<Vec<String>>,
     },
 }
 
-/// The answer to a write request, sent only after its transaction committed.
-#[derive(Debug)]
-pub(super) enum Reply {
-    Done,
-    Committed(Vec<Result<Vec<Delivery>, WriteError>>),
-    /// Deliveries, and when the next message of the queue becomes visible if none was.
-    Received(Vec<Delivery>, Option<Timestamp>),
-    /// Receipts that were not current.
-    Failed(Vec<Receipt>),
-    Allocated(bool),
-    Slot(SlotGrant, Woken),
-    Woken(Woken),
-    /// Ids of the dead letters handled.
-    Ids(Vec<String>),
+impl Op {
+    /// Answers the request with `error` without running it (its round could not start).
+    fn fail(self, error: &Error) {
+        match self {
+            Op::Commit(_, reply) => refuse(reply, error),
+            Op::Send(_, reply)
+            | Op::Extend { reply, .. }
+            | Op::Quarantine { reply, .. }
+            | Op::MarkCorrupt { reply, .. }
+            | Op::PutTenant { reply, .. }
+            | Op::Release { reply, .. } => refuse(reply, error),
+            Op::Receive { reply, .. } => refuse(reply, error),
+            Op::Ack { reply, .. } => refuse(reply, error),
+            Op::Allocate { reply, .. } => refuse(reply, error),
+            Op::AcquireSlot { reply, .. } => refuse(reply, error),
+            Op::ReleaseSlot { reply, .. } => refuse(reply, error),
+            Op::DisposeDeadLetters { reply, .. } => refuse(reply, error),
+        }
+    }
 }
 
-type Responder = oneshot::Sender<Result<Reply, Error>>;
+fn refuse<T>(reply: Reply<T>, error: &Error) {
+    // A requester that went away needs no answer.
+    let _ = reply.send(Err(error.clone()));
+}
+
+/// A request's answer, held until its round's transaction is committed: sent with the
+/// request's result if the commit succeeded, with the commit's error if it did not.
+type Answer = Box<dyn FnOnce(Result<(), &Error>) + Send>;
+
+fn answer<T: Send + 'static>(reply: Reply<T>, result: Result<T, Error>) -> Answer {
+    Box::new(move |committed| {
+        let _ = reply.send(committed.map_err(Error::clone).and(result));
+    })
+}
 
 /// Handle to the writer thread.
 pub(super) struct Writer {
-    tx: mpsc::Sender<(Op, Responder)>,
+    tx: mpsc::Sender<Op>,
 }
 
 impl Writer {
@@ -110,35 +158,36 @@ impl Writer {
         config: SqliteConfig,
         clock: SharedClock,
     ) -> Result<Self, Error> {
-        let (tx, rx) = mpsc::channel::<(Op, Responder)>();
+        let (tx, rx) = mpsc::channel::<Op>();
         let gate = activities::gate::write_gate(&config.path);
         std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || run(conn, rx, &config, &clock, &gate))
-            .map_err(unavailable)?;
+            .map_err(|e| unavailable("starting the writer thread", e))?;
         Ok(Self { tx })
     }
 
-    pub(super) fn submit(&self, op: Op, respond: Responder) -> Result<(), Error> {
+    /// Queues `op` for the next round; its answer comes on its reply channel.
+    pub(super) fn submit(&self, op: Op) -> Result<(), Error> {
         self.tx
-            .send((op, respond))
-            .map_err(|_| unavailable("the writer thread stopped"))
+            .send(op)
+            .map_err(|_| Error::unavailable(super::BACKEND, "the writer thread stopped"))
     }
 }
 
 fn run(
     conn: Connection,
-    rx: mpsc::Receiver<(Op, Responder)>,
+    rx: mpsc::Receiver<Op>,
     config: &SqliteConfig,
     clock: &SharedClock,
     gate: &std::sync::Mutex<()>,
 ) {
     let mut rounds: u64 = 0;
     while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < config.max_batch {
+        let mut ops = vec![first];
+        while ops.len() < config.max_batch {
             match rx.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(op) => ops.push(op),
                 Err(_) => break,
             }
         }
@@ -149,48 +198,38 @@ fn run(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = clock.now().as_unix_millis();
-        let results = round(&conn, &mut jobs, now, config, rounds);
+        round(&conn, ops, now, config, rounds);
         drop(turn);
-        match results {
-            Ok(replies) => {
-                for ((_, respond), reply) in jobs.into_iter().zip(replies) {
-                    let _ = respond.send(reply);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, requests = jobs.len(), "sqlite write round failed");
-                for (_, respond) in jobs {
-                    let _ = respond.send(Err(unavailable(&e)));
-                }
-            }
-        }
     }
 }
 
-/// One transaction: every job in its own savepoint, then one commit (one fsync).
-fn round(
-    conn: &Connection,
-    jobs: &mut [(Op, Responder)],
-    now: i64,
-    config: &SqliteConfig,
-    rounds: u64,
-) -> Result<Vec<Result<Reply, Error>>, Error> {
-    conn.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
-    let mut replies = Vec::with_capacity(jobs.len());
-    for (op, _) in jobs.iter_mut() {
-        let op = std::mem::replace(op, Op::Send(Vec::new()));
-        let reply = savepoint(conn, "op", |conn| execute(conn, op, now, config));
-        replies.push(reply);
+/// One transaction: every request in its own savepoint, then one commit (one fsync), then the
+/// answers.
+fn round(conn: &Connection, ops: Vec<Op>, now: i64, config: &SqliteConfig, rounds: u64) {
+    let requests = ops.len();
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE").map_err(sql) {
+        tracing::warn!(error = %crate::ports::chain(&e), requests, "sqlite write round not started");
+        for op in ops {
+            op.fail(&e);
+        }
+        return;
     }
+    let answers: Vec<Answer> = ops
+        .into_iter()
+        .map(|op| execute(conn, op, now, config))
+        .collect();
     if rounds.is_multiple_of(256) {
         // Forget expired deduplication ids now and then, not on every round.
         let _ = conn.execute("DELETE FROM dedup WHERE expires_at <= ?1", [now]);
     }
-    if let Err(e) = conn.execute_batch("COMMIT") {
+    let committed = conn.execute_batch("COMMIT").map_err(sql);
+    if let Err(e) = &committed {
+        tracing::warn!(error = %crate::ports::chain(e), requests, "sqlite write round failed");
         let _ = conn.execute_batch("ROLLBACK");
-        return Err(sql(e));
     }
-    Ok(replies)
+    for answer in answers {
+        answer(committed.as_ref().map(|_| ()));
+    }
 }
 
 /// Runs `f` inside a savepoint: released if it succeeds, rolled back if it fails.
@@ -217,114 +256,116 @@ where
     }
 }
 
-fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Result<Reply, Error> {
+/// Runs `f` in its own savepoint and holds its answer for `reply`.
+fn run_op<T: Send + 'static>(
+    conn: &Connection,
+    reply: Reply<T>,
+    f: impl FnOnce(&Connection) -> Result<T, Error>,
+) -> Answer {
+    answer(reply, savepoint(conn, "op", f))
+}
+
+fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Answer {
     match op {
-        Op::Commit(commits) => {
+        Op::Commit(commits, reply) => {
+            // Each commit in a savepoint of its own: a conflict undoes only itself.
             let results = commits
                 .into_iter()
                 .map(|c| savepoint(conn, "c", |conn| commit_one(conn, c, now, config)))
                 .collect();
-            Ok(Reply::Committed(results))
+            answer(reply, Ok(results))
         }
-        Op::Send(batch) => {
+        Op::Send(batch, reply) => run_op(conn, reply, |conn| {
             for m in batch {
                 insert_message(conn, &m, now, config, None)?;
             }
-            Ok(Reply::Done)
-        }
+            Ok(())
+        }),
         Op::Receive {
             queue,
             max,
             visibility,
-        } => receive(conn, queue, max, visibility, now, config),
-        Op::Ack { queue, receipts } => {
+            reply,
+        } => run_op(conn, reply, |conn| {
+            receive(conn, queue, max, visibility, now, config)
+        }),
+        Op::Ack {
+            queue,
+            receipts,
+            reply,
+        } => run_op(conn, reply, |conn| {
             let mut failed = Vec::new();
             for r in receipts {
                 if !ack(conn, queue, &r)? {
                     failed.push(r);
                 }
             }
-            Ok(Reply::Failed(failed))
-        }
+            Ok(failed)
+        }),
         Op::Extend {
             queue,
             receipt,
             visibility,
-        } => {
-            let (id, nonce) = parse_receipt(&receipt)
-                .ok_or_else(|| Error::Invalid(format!("malformed receipt {:?}", receipt.0)))?;
-            let changed = conn
-                .prepare_cached(
-                    "UPDATE messages SET visible_at = ?1 WHERE id = ?2 AND nonce = ?3 AND queue = ?4",
-                )
-                .map_err(sql)?
-                .execute(params![now + millis(visibility), id, nonce, queue.as_str()])
-                .map_err(sql)?;
-            if changed == 0 {
-                return Err(Error::Invalid(format!(
-                    "receipt {} of {queue} is no longer current",
-                    receipt.0
-                )));
-            }
-            Ok(Reply::Done)
-        }
+            reply,
+        } => run_op(conn, reply, |conn| {
+            extend(conn, queue, &receipt, now + millis(visibility))
+        }),
         Op::Quarantine {
             queue,
             receipt,
             reason,
-        } => {
+            reply,
+        } => run_op(conn, reply, |conn| {
             if let Some((id, nonce)) = parse_receipt(&receipt) {
                 dead_letter(conn, queue, id, Some(nonce), &reason, now)?;
             }
-            Ok(Reply::Done)
-        }
-        Op::MarkCorrupt { key, reason } => {
+            Ok(())
+        }),
+        Op::MarkCorrupt { key, reason, reply } => run_op(conn, reply, |conn| {
             conn.prepare_cached("UPDATE workflows SET corrupt = ?1 WHERE key = ?2")
                 .map_err(sql)?
                 .execute(params![reason, key.to_string()])
                 .map_err(sql)?;
-            Ok(Reply::Done)
-        }
+            Ok(())
+        }),
         Op::PutTenant {
             id,
             infra_project,
             app_project,
             record,
             create_only,
-        } => put_tenant(conn, &id, infra_project, app_project, &record, create_only),
-        Op::Allocate { pool, value, owner } => {
-            let v = to_i64(value)?;
-            let holder: Option<String> = conn
-                .prepare_cached("SELECT owner FROM allocations WHERE pool = ?1 AND value = ?2")
-                .map_err(sql)?
-                .query_row(params![pool, v], |r| r.get(0))
-                .optional()
-                .map_err(sql)?;
-            match holder {
-                Some(h) => Ok(Reply::Allocated(h == owner)),
-                None => {
-                    // The owner may hold another value of the pool already: one each.
-                    let inserted = conn
-                        .prepare_cached(
-                            "INSERT OR IGNORE INTO allocations (pool, value, owner) VALUES (?1, ?2, ?3)",
-                        )
-                        .map_err(sql)?
-                        .execute(params![pool, v, owner])
-                        .map_err(sql)?;
-                    Ok(Reply::Allocated(inserted == 1))
-                }
-            }
-        }
-        Op::Release { pool, value, owner } => {
+            reply,
+        } => run_op(conn, reply, |conn| {
+            put_tenant(conn, &id, infra_project, app_project, &record, create_only)
+        }),
+        Op::Allocate {
+            pool,
+            value,
+            owner,
+            reply,
+        } => run_op(conn, reply, |conn| allocate(conn, &pool, value, &owner)),
+        Op::Release {
+            pool,
+            value,
+            owner,
+            reply,
+        } => run_op(conn, reply, |conn| {
             conn.prepare_cached(
                 "DELETE FROM allocations WHERE pool = ?1 AND value = ?2 AND owner = ?3",
             )
             .map_err(sql)?
             .execute(params![pool, to_i64(value)?, owner])
             .map_err(sql)?;
-            Ok(Reply::Done)
-        }
-        Op::Settle { queue, ids, back } => settle(conn, queue, ids, back, now),
+            Ok(())
+        }),
+        Op::DisposeDeadLetters {
+            queue,
+            ids,
+            disposal,
+            reply,
+        } => run_op(conn, reply, |conn| {
+            dispose_dead_letters(conn, queue, ids, disposal, now)
+        }),
         Op::AcquireSlot {
             kind,
             holder,
@@ -332,19 +373,70 @@ fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Result
             cap,
             ttl,
             wake,
-        } => {
-            let (grant, woken) =
-                Slot::new(&kind, cap, now, ttl).acquire(conn, &holder, &tenant, &wake)?;
-            Ok(Reply::Slot(grant, woken))
-        }
+            reply,
+        } => run_op(conn, reply, |conn| {
+            Slot::new(&kind, cap, now, ttl).acquire(conn, &holder, &tenant, &wake)
+        }),
         Op::ReleaseSlot {
             kind,
             holder,
             cap,
             ttl,
-        } => Ok(Reply::Woken(
-            Slot::new(&kind, cap, now, ttl).release(conn, &holder)?,
-        )),
+            reply,
+        } => run_op(conn, reply, |conn| {
+            Slot::new(&kind, cap, now, ttl).release(conn, &holder)
+        }),
+    }
+}
+
+/// Makes the delivery `receipt` invisible until `visible_at`; an error if it is not current.
+fn extend(
+    conn: &Connection,
+    queue: QueueKind,
+    receipt: &Receipt,
+    visible_at: i64,
+) -> Result<(), Error> {
+    let (id, nonce) = parse_receipt(receipt)
+        .ok_or_else(|| Error::invalid(format!("malformed receipt {:?}", receipt.0)))?;
+    let changed = conn
+        .prepare_cached(
+            "UPDATE messages SET visible_at = ?1 WHERE id = ?2 AND nonce = ?3 AND queue = ?4",
+        )
+        .map_err(sql)?
+        .execute(params![visible_at, id, nonce, queue.as_str()])
+        .map_err(sql)?;
+    if changed == 0 {
+        return Err(Error::invalid(format!(
+            "receipt {} of {queue} is no longer current",
+            receipt.0
+        )));
+    }
+    Ok(())
+}
+
+/// Gives `owner` the `value` of `pool` unless another owner has it or `owner` holds another
+/// value of the pool; answers whether `owner` holds `value` now.
+fn allocate(conn: &Connection, pool: &str, value: u64, owner: &str) -> Result<bool, Error> {
+    let v = to_i64(value)?;
+    let holder: Option<String> = conn
+        .prepare_cached("SELECT owner FROM allocations WHERE pool = ?1 AND value = ?2")
+        .map_err(sql)?
+        .query_row(params![pool, v], |r| r.get(0))
+        .optional()
+        .map_err(sql)?;
+    match holder {
+        Some(h) => Ok(h == owner),
+        None => {
+            // The owner may hold another value of the pool already: one each.
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO allocations (pool, value, owner) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(sql)?
+                .execute(params![pool, v, owner])
+                .map_err(sql)?;
+            Ok(inserted == 1)
+        }
     }
 }
 
@@ -533,7 +625,7 @@ impl<'a> Slot<'a> {
 }
 
 fn to_i64(v: u64) -> Result<i64, Error> {
-    i64::try_from(v).map_err(|_| Error::Invalid(format!("{v} is out of range")))
+    i64::try_from(v).map_err(|_| Error::invalid(format!("{v} is out of range")))
 }
 
 fn millis(d: Duration) -> i64 {
@@ -705,7 +797,7 @@ fn receive(
     visibility: Duration,
     now: i64,
     config: &SqliteConfig,
-) -> Result<Reply, Error> {
+) -> Result<Received, Error> {
     let q = queue.as_str();
     let limit = i64::try_from(max).unwrap_or(i64::MAX);
     // Events are FIFO per group: only a group's oldest message may be delivered, and not
@@ -778,7 +870,7 @@ fn receive(
     } else {
         None
     };
-    Ok(Reply::Received(deliveries, next))
+    Ok((deliveries, next))
 }
 
 fn parse_receipt(receipt: &Receipt) -> Option<(i64, i64)> {
@@ -826,15 +918,15 @@ fn dead_letter(
     Ok(())
 }
 
-/// Moves dead letters back to their queue (`back`) or deletes them: all of `queue`'s, or the
-/// ones with `ids` (an id that is not a number is not found, like one that does not exist).
-fn settle(
+/// Moves dead letters back to their queue or deletes them (`disposal`): all of `queue`'s, or
+/// the ones with `ids` (an id that is not a number is not found, like one that does not exist).
+fn dispose_dead_letters(
     conn: &Connection,
     queue: QueueKind,
     ids: Option<Vec<String>>,
-    back: bool,
+    disposal: Disposal,
     now: i64,
-) -> Result<Reply, Error> {
+) -> Result<Vec<String>, Error> {
     let wanted: Vec<i64> = match ids {
         Some(ids) => ids.iter().filter_map(|i| i.parse().ok()).collect(),
         None => conn
@@ -847,7 +939,7 @@ fn settle(
     };
     let mut done = Vec::new();
     for id in wanted {
-        if back {
+        if disposal == Disposal::Redrive {
             // The deduplication window is not consulted: the message was accepted once, and
             // the record's own window drops an event that was applied.
             conn.prepare_cached(
@@ -868,7 +960,7 @@ fn settle(
             done.push(id.to_string());
         }
     }
-    Ok(Reply::Ids(done))
+    Ok(done)
 }
 
 fn put_tenant(
@@ -878,9 +970,9 @@ fn put_tenant(
     app_project: u64,
     record: &[u8],
     create_only: bool,
-) -> Result<Reply, Error> {
+) -> Result<(), Error> {
     if infra_project == app_project {
-        return Err(Error::Invalid(format!(
+        return Err(Error::invalid(format!(
             "tenant {id}: the infra and app repositories must be different GitLab projects (both are {infra_project})"
         )));
     }
@@ -917,5 +1009,5 @@ fn put_tenant(
     .map_err(sql)?
     .execute(params![id.as_str(), infra, app, record])
     .map_err(sql)?;
-    Ok(Reply::Done)
+    Ok(())
 }

@@ -87,7 +87,7 @@ impl Workflow {
                 if let Some(run) = self.active_run_mut() {
                     run.approved = true;
                 }
-                Transition(self.settle(context))
+                Transition(self.advance(context))
             }
             _ => Super,
         }

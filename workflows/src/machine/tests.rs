@@ -1,4 +1,4 @@
-//! One test per transition of the machine (DESIGN.md §3), through the record as the engine
+//! One test per transition of the machine (ARCHITECTURE.md, "Transitions"), through the record as the engine
 //! would use it.
 
 use std::time::Duration;

@@ -1,0 +1,138 @@
+//! The settings of the shared infrastructure the AWS reconcilers build on (`[infrastructure]`
+//! of the orchestrator's configuration). Plain data, so that configurations parse in builds
+//! without the `aws` feature too.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The shared infrastructure the reconcilers build on, from configuration
+/// (`[aws.infrastructure]` of the orchestrator); `orchestrator init --sandbox` creates one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Infrastructure {
+    /// The VPC everything lives in.
+    pub vpc_id: String,
+    /// Subnets of the Auto Scaling groups and builders (at least two zones for the load
+    /// balancer).
+    pub subnet_ids: Vec<String>,
+    /// The shared load balancer's HTTP(S) listener that gets one rule per environment.
+    pub listener_arn: String,
+    /// The load balancer's security group: the only source the instances admit.
+    pub alb_security_group_id: String,
+    /// The S3 bucket of source artifacts.
+    pub artifact_bucket: String,
+    /// The image builders start from (and that serves before the first infra push).
+    pub base_image_id: String,
+    /// The instance profile of builders and instances (reads the artifact bucket).
+    pub instance_profile: String,
+    /// The DB subnet group of the databases.
+    pub db_subnet_group: String,
+    /// KMS key for image volumes and databases; none: the services' default keys.
+    pub kms_key_id: Option<String>,
+    /// Where the repositories are: `{tenant}` and `{repo}` (`infra` or `app`) are replaced,
+    /// e.g. `https://gitlab.example.com/{tenant}/{repo}.git` or `file:///srv/git/{tenant}-{repo}.git`.
+    pub source_url: String,
+    /// Secrets Manager secret (name or ARN; `{tenant}` is replaced) holding a GitLab deploy
+    /// token for private repositories: `{"username": ..., "token": ...}`. None: public.
+    pub deploy_token_secret: Option<String>,
+    /// Instance type of the serving instances.
+    pub instance_type: String,
+    /// Instance type of the image builders.
+    pub builder_instance_type: String,
+    /// RDS instance class.
+    pub db_instance_class: String,
+    /// RDS storage in GiB.
+    pub db_allocated_storage_gib: i32,
+    /// Instances per Auto Scaling group.
+    pub group_size: i32,
+    /// The port the application listens on.
+    pub app_port: i32,
+    /// The target group's health check path.
+    pub health_check_path: String,
+    /// How long a builder may run the scripts before the build fails.
+    pub builder_timeout_secs: u64,
+    /// How long a new group may take to become healthy before it is rolled back.
+    pub rollout_timeout_secs: u64,
+    /// How long to wait before looking again at something under way.
+    pub recheck_secs: u64,
+}
+
+impl Default for Infrastructure {
+    fn default() -> Self {
+        Self {
+            vpc_id: String::new(),
+            subnet_ids: Vec::new(),
+            listener_arn: String::new(),
+            alb_security_group_id: String::new(),
+            artifact_bucket: String::new(),
+            base_image_id: String::new(),
+            instance_profile: String::new(),
+            db_subnet_group: String::new(),
+            kms_key_id: None,
+            source_url: String::new(),
+            deploy_token_secret: None,
+            instance_type: "t3.micro".to_owned(),
+            builder_instance_type: "t3.small".to_owned(),
+            db_instance_class: "db.t3.micro".to_owned(),
+            db_allocated_storage_gib: 20,
+            group_size: 1,
+            app_port: 80,
+            health_check_path: "/".to_owned(),
+            builder_timeout_secs: 3600,
+            rollout_timeout_secs: 1200,
+            recheck_secs: 15,
+        }
+    }
+}
+
+impl Infrastructure {
+    /// The required settings that are empty, each with what it is.
+    pub fn missing(&self) -> Vec<&'static str> {
+        let mut missing = Vec::new();
+        let mut need = |empty: bool, what: &'static str| {
+            if empty {
+                missing.push(what);
+            }
+        };
+        need(self.vpc_id.is_empty(), "vpc_id (the VPC of everything)");
+        need(
+            self.subnet_ids.is_empty(),
+            "subnet_ids (subnets of the groups and builders)",
+        );
+        need(
+            self.listener_arn.is_empty(),
+            "listener_arn (the load balancer listener that gets the rules)",
+        );
+        need(
+            self.alb_security_group_id.is_empty(),
+            "alb_security_group_id (the load balancer's security group)",
+        );
+        need(
+            self.artifact_bucket.is_empty(),
+            "artifact_bucket (S3 bucket of source artifacts)",
+        );
+        need(
+            self.base_image_id.is_empty(),
+            "base_image_id (the AMI builders start from)",
+        );
+        need(
+            self.instance_profile.is_empty(),
+            "instance_profile (of builders and instances)",
+        );
+        need(
+            self.db_subnet_group.is_empty(),
+            "db_subnet_group (DB subnet group of the databases)",
+        );
+        need(
+            self.source_url.is_empty(),
+            "source_url (where the repositories are, with {tenant} and {repo})",
+        );
+        missing
+    }
+
+    /// How long to wait before looking again at something under way (at least a second).
+    pub fn recheck(&self) -> Duration {
+        Duration::from_secs(self.recheck_secs.max(1))
+    }
+}

@@ -1,0 +1,572 @@
+//! The GitLab ingress over real HTTP, with GitLab's headers and real payloads
+//! (`tests/data/gitlab/`, see its SOURCES.md), rewritten to registered tenants' project ids.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::conformance::tenant;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use orchestrator::clock::{SharedClock, SystemClock};
+use orchestrator::ingress::{Ingress, IngressConfig, serve};
+use orchestrator::ports::{
+    DeadLetter, Delivery, Error, Outgoing, Queue, QueueKind, QueueStats, Receipt, Store,
+};
+use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
+use orchestrator::tenants::token_sha256;
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use workflows::{Body, Envelope, Event, RepoKind};
+
+const ACME_TOKEN: &str = "acme-secret-token";
+const GLOBEX_TOKEN: &str = "globex-secret-token";
+const ACME_INFRA: u64 = 15;
+const ACME_APP: u64 = 16;
+const GLOBEX_INFRA: u64 = 4861503;
+const GLOBEX_APP: u64 = 4861504;
+
+fn payload(name: &str) -> Value {
+    let path = format!(
+        "{}/tests/data/gitlab/{name}.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json")
+}
+
+fn with_project(mut p: Value, project: u64) -> Value {
+    p["project_id"] = json!(project);
+    p
+}
+
+struct Server {
+    _dir: tempfile::TempDir,
+    backend: SqliteBackend,
+    url: String,
+    client: reqwest::Client,
+    stop: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn registry(backend: &SqliteBackend) {
+    let mut acme = tenant("acme", ACME_INFRA, ACME_APP);
+    acme.webhook.token_sha256 = token_sha256(ACME_TOKEN);
+    backend.put_tenant(&acme, true).await.expect("acme");
+    let mut globex = tenant("globex", GLOBEX_INFRA, GLOBEX_APP);
+    globex.webhook.token_sha256 = token_sha256(GLOBEX_TOKEN);
+    backend.put_tenant(&globex, true).await.expect("globex");
+}
+
+async fn start_with<Q: Queue>(
+    backend: SqliteBackend,
+    queue: Arc<Q>,
+    config: IngressConfig,
+    dir: tempfile::TempDir,
+) -> Server {
+    let clock: SharedClock = Arc::new(SystemClock);
+    let ingress = Arc::new(Ingress::new(
+        Arc::new(backend.clone()),
+        queue,
+        clock,
+        config,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!(
+        "http://{}/hooks/gitlab",
+        listener.local_addr().expect("addr")
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(serve(listener, ingress.router(), stop.clone()));
+    Server {
+        _dir: dir,
+        backend,
+        url,
+        client: reqwest::Client::new(),
+        stop,
+    }
+}
+
+async fn start(config: IngressConfig) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend =
+        SqliteBackend::open(SqliteConfig::new(dir.path().join("i.sqlite"))).expect("open");
+    registry(&backend).await;
+    let queue = Arc::new(backend.clone());
+    start_with(backend, queue, config, dir).await
+}
+
+impl Server {
+    async fn post(&self, headers: &[(&str, &str)], body: Vec<u8>) -> (StatusCode, Value) {
+        let mut req = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .header("user-agent", "GitLab/17.5.0")
+            .header("x-gitlab-instance", "https://gitlab.example.com");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req
+            .body(body)
+            .send()
+            .await
+            .expect("the request is answered");
+        let status = StatusCode::from_u16(resp.status().as_u16()).expect("status");
+        let bytes = resp.bytes().await.expect("body");
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, json)
+    }
+
+    async fn push(&self, token: &str, body: &Value, extra: &[(&str, &str)]) -> (StatusCode, Value) {
+        let mut headers = vec![("x-gitlab-event", "Push Hook"), ("x-gitlab-token", token)];
+        headers.extend_from_slice(extra);
+        self.post(&headers, serde_json::to_vec(body).expect("json"))
+            .await
+    }
+
+    /// Everything on the events queue, decoded (a FIFO group gives one message at a time).
+    async fn queued(&self) -> Vec<Envelope> {
+        let mut all = Vec::new();
+        loop {
+            let got = self
+                .backend
+                .receive(
+                    QueueKind::Events,
+                    100,
+                    Duration::from_secs(60),
+                    Duration::ZERO,
+                )
+                .await
+                .expect("receive");
+            if got.is_empty() {
+                return all;
+            }
+            let _ = self
+                .backend
+                .ack(
+                    QueueKind::Events,
+                    got.iter().map(|d| d.receipt.clone()).collect(),
+                )
+                .await;
+            all.extend(got.iter().map(|d| {
+                workflows::decode::<Envelope>(&d.body).expect("a queued envelope decodes")
+            }));
+        }
+    }
+}
+
+fn push_of(e: &Envelope) -> &workflows::Push {
+    match &e.body {
+        Body::Event(Event::Push(p)) => p,
+        other => panic!("expected a push, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_mapped_branch_is_queued_as_a_small_typed_event() {
+    let s = start(IngressConfig::default()).await;
+    let body = with_project(payload("gitlab-docs_push"), ACME_INFRA);
+    let (status, answer) = s
+        .push(
+            ACME_TOKEN,
+            &body,
+            &[
+                ("idempotency-key", "4c4f5d2e-5d1b-4b7c-8d0a-3f2b9d1e0a11"),
+                (
+                    "x-gitlab-event-uuid",
+                    "b9a1f0d2-0c1e-4c7a-9f3e-2b8d7c6a5e40",
+                ),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(answer["status"], "accepted");
+    assert_eq!(answer["event_id"], "4c4f5d2e-5d1b-4b7c-8d0a-3f2b9d1e0a11");
+    assert_eq!(
+        answer["workflow"], "acme#production",
+        "master maps to production"
+    );
+    let queued = s.queued().await;
+    assert_eq!(queued.len(), 1);
+    let e = &queued[0];
+    assert_eq!(e.key.to_string(), "acme#production");
+    let p = push_of(e);
+    assert_eq!(p.repo, RepoKind::Infra);
+    assert_eq!(p.sha.as_str(), "da1560886d4f094c3e6c9ef40349f7d38b5d27d7");
+    assert_eq!(p.git_ref, "refs/heads/master");
+    assert_eq!(p.author, "jsmith");
+    assert!(!p.message.is_empty() && !p.message.contains('\n'));
+    // Small: no raw payload travels.
+    let size = workflows::encode(e).len();
+    assert!(size < 1024, "{size} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_idempotency_key_twice_is_one_event() {
+    let s = start(IngressConfig::default()).await;
+    let body = with_project(payload("gitlab-docs_push"), ACME_APP);
+    for delivery in ["w-1", "w-2"] {
+        let (status, _) = s
+            .push(
+                ACME_TOKEN,
+                &body,
+                &[
+                    ("idempotency-key", "same-key"),
+                    ("x-gitlab-webhook-uuid", delivery),
+                ],
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+    }
+    let queued = s.queued().await;
+    assert_eq!(queued.len(), 1);
+    assert_eq!(push_of(&queued[0]).repo, RepoKind::App);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_headers_the_event_uuid_then_a_digest_deduplicates() {
+    let s = start(IngressConfig::default()).await;
+    let body = with_project(payload("drone-go-scm_push"), GLOBEX_APP);
+    let uuid = [("x-gitlab-event-uuid", "e-1")];
+    let (a, first) = s.push(GLOBEX_TOKEN, &body, &uuid).await;
+    let (b, second) = s.push(GLOBEX_TOKEN, &body, &uuid).await;
+    assert_eq!((a, b), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    assert_eq!(first["event_id"], "e-1");
+    assert_eq!(first["event_id"], second["event_id"]);
+    let (c, third) = s.push(GLOBEX_TOKEN, &body, &[]).await;
+    let (d, fourth) = s.push(GLOBEX_TOKEN, &body, &[]).await;
+    assert_eq!((c, d), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    let digest = third["event_id"].as_str().expect("id");
+    assert!(digest.starts_with("push:"), "{digest}");
+    assert_eq!(third["event_id"], fourth["event_id"]);
+    assert_eq!(s.queued().await.len(), 2, "one per event id");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_not_a_mapped_branch_push_is_acknowledged_and_not_queued() {
+    let s = start(IngressConfig::default()).await;
+    let cases = [
+        ("drone-go-scm_branch_create", "Push Hook", "not mapped"),
+        ("drone-go-scm_branch_delete", "Push Hook", "branch deletion"),
+        ("gitlab-docs_tag_push", "Tag Push Hook", "tag pushes"),
+        ("gitlab-docs_push", "Merge Request Hook", "not handled"),
+    ];
+    for (name, kind, reason) in cases {
+        let body = with_project(payload(name), GLOBEX_INFRA);
+        let (status, answer) = s
+            .post(
+                &[("x-gitlab-event", kind), ("x-gitlab-token", GLOBEX_TOKEN)],
+                serde_json::to_vec(&body).expect("json"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{name}: {answer}");
+        assert_eq!(answer["status"], "ignored", "{name}");
+        let text = answer["reason"].as_str().expect("reason");
+        assert!(text.contains(reason), "{name}: {text}");
+    }
+    assert!(s.queued().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_per_tenant() {
+    let s = start(IngressConfig::default()).await;
+    let acme = with_project(payload("gitlab-docs_push"), ACME_INFRA);
+    let (status, answer) = s.push("wrong", &acme, &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+    let (status, _) = s
+        .post(
+            &[("x-gitlab-event", "Push Hook")],
+            serde_json::to_vec(&acme).expect("json"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "missing token");
+    // Tenant A's token with tenant B's project.
+    let globex = with_project(payload("drone-go-scm_push"), GLOBEX_INFRA);
+    let (status, answer) = s.push(ACME_TOKEN, &globex, &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
+    assert!(
+        !answer.to_string().contains(ACME_TOKEN),
+        "the token is not echoed"
+    );
+    assert!(s.queued().await.is_empty(), "nothing queued");
+    // An unknown project.
+    let (status, answer) = s.push(ACME_TOKEN, &with_project(acme, 999), &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_get_400_naming_what_is_wrong() {
+    let s = start(IngressConfig::default()).await;
+    let headers = [
+        ("x-gitlab-event", "Push Hook"),
+        ("x-gitlab-token", ACME_TOKEN),
+    ];
+    let (status, answer) = s
+        .post(&headers, b"{\"object_kind\": \"push\",".to_vec())
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        answer["error"]
+            .as_str()
+            .expect("error")
+            .contains("malformed JSON")
+    );
+    let mut no_after = with_project(payload("gitlab-docs_push"), ACME_INFRA);
+    no_after.as_object_mut().expect("object").remove("after");
+    let (status, answer) = s.push(ACME_TOKEN, &no_after, &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        answer["error"].as_str().expect("error").contains("`after`"),
+        "{answer}"
+    );
+    let mut bad_sha = with_project(payload("gitlab-docs_push"), ACME_INFRA);
+    bad_sha["after"] = json!("not-a-sha");
+    let (status, answer) = s.push(ACME_TOKEN, &bad_sha, &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        answer["error"].as_str().expect("error").contains("git sha"),
+        "{answer}"
+    );
+    let mut wrong_type = with_project(payload("gitlab-docs_push"), ACME_INFRA);
+    wrong_type["commits"] = json!("many");
+    let (status, answer) = s.push(ACME_TOKEN, &wrong_type, &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        answer["error"].as_str().expect("error").contains("commits"),
+        "{answer}"
+    );
+    let (status, _) = s
+        .push(ACME_TOKEN, &json!({"object_kind": "push"}), &[])
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "no project id");
+    assert!(s.queued().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_limit_gets_413() {
+    let s = start(IngressConfig {
+        max_body_bytes: 16 * 1024,
+        ..IngressConfig::default()
+    })
+    .await;
+    let mut big = with_project(payload("gitlab-docs_push"), ACME_INFRA);
+    big["padding"] = json!("x".repeat(32 * 1024));
+    let (status, _) = s.push(ACME_TOKEN, &big, &[]).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(s.queued().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redacted_emails_truncated_commit_lists_and_protected_refs_are_handled() {
+    let s = start(IngressConfig::default()).await;
+    let mut p = with_project(payload("gitlab-docs_push"), ACME_APP);
+    // 45 commits pushed: GitLab lists the newest 20, oldest first, with redacted emails.
+    let commits: Vec<Value> = (26..=45)
+        .map(|i| {
+            json!({
+                "id": format!("{i:040x}"),
+                "message": format!("change {i}\n\nbody"),
+                "title": format!("change {i}"),
+                "timestamp": "2026-11-27T10:00:00+00:00",
+                "url": "https://gitlab.example.com/c",
+                "author": {"name": "Jane", "email": "[REDACTED]"},
+                "added": [], "modified": [], "removed": []
+            })
+        })
+        .collect();
+    p["commits"] = json!(commits);
+    p["total_commits_count"] = json!(45);
+    p["after"] = json!(format!("{:040x}", 45));
+    p["user_email"] = json!("[REDACTED]");
+    p["ref_protected"] = json!(false);
+    let (status, answer) = s.push(ACME_TOKEN, &p, &[]).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let queued = s.queued().await;
+    let push = push_of(&queued[0]);
+    assert_eq!(push.message, "change 45", "the head commit's title");
+    assert_eq!(push.sha.as_str(), format!("{:040x}", 45));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_webhooks_need_a_valid_recent_signature() {
+    let s = start(IngressConfig::default()).await;
+    let secret = format!("whsec_{}", "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+    let mut acme = s
+        .backend
+        .tenant(&workflows::TenantId::new("acme").expect("id"))
+        .await
+        .expect("get")
+        .expect("acme");
+    acme.webhook.signing_secret = Some(secret.clone());
+    s.backend.put_tenant(&acme, false).await.expect("update");
+    // The tenant cache of a running ingress trusts what it read for a few seconds; this
+    // ingress has not read acme yet.
+    let body =
+        serde_json::to_vec(&with_project(payload("gitlab-docs_push"), ACME_INFRA)).expect("json");
+    let hook = standardwebhooks::Webhook::new(&secret).expect("secret");
+    let now = jiff::Timestamp::now().as_second();
+    let sign = |ts: i64| hook.sign("msg_1", ts, &body).expect("sign");
+    let good = sign(now);
+    let ts = now.to_string();
+    let base = [
+        ("x-gitlab-event", "Push Hook"),
+        ("x-gitlab-token", ACME_TOKEN),
+    ];
+    let with = |id: &'static str, ts: String, sig: String| {
+        let mut h: Vec<(&str, String)> = base.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+        h.push(("webhook-id", id.to_owned()));
+        h.push(("webhook-timestamp", ts));
+        h.push(("webhook-signature", sig));
+        h
+    };
+    let post = |h: Vec<(&'static str, String)>| {
+        let body = body.clone();
+        let s = &s;
+        async move {
+            let refs: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            s.post(&refs, body).await
+        }
+    };
+    let (status, answer) = post(base.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "unsigned: {answer}");
+    let (status, _) = post(with("msg_1", ts.clone(), "v1,AAAA".to_owned())).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "wrong signature");
+    let old = (now - 600).to_string();
+    let (status, answer) = post(with("msg_1", old, sign(now - 600))).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "ten minutes old: {answer}"
+    );
+    let (status, answer) = post(with("msg_1", ts, good)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(s.queued().await.len(), 1);
+}
+
+/// A queue that refuses every send, standing for an unavailable queue.
+struct Down;
+
+impl Queue for Down {
+    async fn send(&self, _: Vec<Outgoing>) -> Result<(), Error> {
+        Err(Error::unavailable("test", "down"))
+    }
+    async fn receive(
+        &self,
+        _: QueueKind,
+        _: usize,
+        _: Duration,
+        _: Duration,
+    ) -> Result<Vec<Delivery>, Error> {
+        Ok(Vec::new())
+    }
+    async fn ack(&self, _: QueueKind, _: Vec<Receipt>) -> Result<Vec<Receipt>, Error> {
+        Ok(Vec::new())
+    }
+    async fn extend(&self, _: QueueKind, _: &Receipt, _: Duration) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn quarantine(&self, _: &Delivery, _: &str) -> Result<(), Error> {
+        Ok(())
+    }
+    async fn dead_letters(&self, _: QueueKind, _: usize) -> Result<Vec<DeadLetter>, Error> {
+        Ok(Vec::new())
+    }
+    async fn redrive(&self, _: QueueKind, _: Option<Vec<String>>) -> Result<Vec<String>, Error> {
+        Ok(Vec::new())
+    }
+    async fn discard(&self, _: QueueKind, _: Vec<String>) -> Result<Vec<String>, Error> {
+        Ok(Vec::new())
+    }
+    async fn stats(&self, _: QueueKind) -> Result<QueueStats, Error> {
+        Ok(QueueStats::default())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_queue_gets_503_and_accepts_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend =
+        SqliteBackend::open(SqliteConfig::new(dir.path().join("d.sqlite"))).expect("open");
+    registry(&backend).await;
+    let s = start_with(backend, Arc::new(Down), IngressConfig::default(), dir).await;
+    let body = with_project(payload("gitlab-docs_push"), ACME_INFRA);
+    let (status, answer) = s.push(ACME_TOKEN, &body, &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .expect("error")
+            .contains("nothing was accepted")
+    );
+}
+
+fn arbitrary_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        ".{0,40}".prop_map(Value::from),
+        Just(json!(ACME_INFRA)),
+        Just(json!("refs/heads/master")),
+        Just(json!("0000000000000000000000000000000000000000")),
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+            prop::collection::btree_map(
+                prop_oneof![
+                    Just("project_id".to_owned()),
+                    Just("ref".to_owned()),
+                    Just("after".to_owned()),
+                    Just("commits".to_owned()),
+                    Just("object_kind".to_owned()),
+                    Just("project".to_owned()),
+                    "[a-z_]{1,12}",
+                ],
+                inner,
+                0..8
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn arbitrary_bytes_and_json_never_panic_the_ingress(
+        bytes in prop::collection::vec(any::<u8>(), 0..300),
+        doc in arbitrary_json(),
+        kind in prop_oneof![Just("Push Hook"), Just("Tag Push Hook"), Just("Note Hook")],
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        rt.block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let backend = SqliteBackend::open(SqliteConfig::new(dir.path().join("p.sqlite"))).expect("open");
+            registry(&backend).await;
+            let clock: SharedClock = Arc::new(SystemClock);
+            let ingress = Ingress::new(Arc::new(backend.clone()), Arc::new(backend), clock, IngressConfig::default());
+            let mut headers = HeaderMap::new();
+            headers.insert("x-gitlab-event", HeaderValue::from_static(kind));
+            headers.insert("x-gitlab-token", HeaderValue::from_static(ACME_TOKEN));
+            for body in [bytes.clone(), serde_json::to_vec(&doc).expect("json")] {
+                let (status, answer) = ingress.answer(&headers, &body).await;
+                prop_assert!(
+                    [202, 400, 401, 404].contains(&status.as_u16()),
+                    "{} {}", status, answer
+                );
+            }
+            Ok(())
+        })?;
+    }
+}

@@ -1,0 +1,198 @@
+//! The port conformance suite on the embedded SQLite backend, plus what only SQLite shows:
+//! two backends (as two processes would) sharing one file.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::conformance::{Harness, run_all, run_slots, step_message};
+use orchestrator::clock::ManualClock;
+use orchestrator::ports::{Journal, Queue, QueueKind};
+use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
+use orchestrator::stack::{Batched, Sequential, Stack};
+use workflows::Timestamp;
+
+struct Sqlite {
+    _dir: tempfile::TempDir,
+    clock: ManualClock,
+    backend: SqliteBackend,
+}
+
+impl Sqlite {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::new(Timestamp::from_unix_millis(1_800_000_000_000));
+        let config = SqliteConfig::new(dir.path().join("orchestrator.sqlite"));
+        let backend =
+            SqliteBackend::open_with_clock(config, Arc::new(clock.clone())).expect("open");
+        Self {
+            _dir: dir,
+            clock,
+            backend,
+        }
+    }
+}
+
+impl Harness for Sqlite {
+    type Backend = SqliteBackend;
+
+    fn backend(&self) -> &SqliteBackend {
+        &self.backend
+    }
+
+    async fn advance(&self, d: Duration) {
+        self.clock.advance(d);
+    }
+
+    fn max_receives(&self) -> u32 {
+        SqliteConfig::new("x").max_receives
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_backend_conforms() {
+    run_all(async || Sqlite::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_backend_leases_slots() {
+    run_slots(async || Sqlite::new()).await;
+}
+
+/// The embedded ports with a journal that is not atomic: the one SQS and DynamoDB use.
+struct NonAtomic<J> {
+    sqlite: Sqlite,
+    stack: Stack<SqliteBackend, SqliteBackend, J>,
+}
+
+impl<J: Journal> Harness for NonAtomic<J> {
+    type Backend = Stack<SqliteBackend, SqliteBackend, J>;
+
+    fn backend(&self) -> &Self::Backend {
+        &self.stack
+    }
+
+    async fn advance(&self, d: Duration) {
+        self.sqlite.advance(d).await;
+    }
+
+    fn max_receives(&self) -> u32 {
+        self.sqlite.max_receives()
+    }
+}
+
+fn non_atomic<J>(journal: impl FnOnce(Arc<SqliteBackend>) -> J) -> NonAtomic<J> {
+    let sqlite = Sqlite::new();
+    let backend = Arc::new(sqlite.backend.clone());
+    NonAtomic {
+        stack: Stack {
+            journal: Arc::new(journal(backend.clone())),
+            store: backend.clone(),
+            queue: backend,
+        },
+        sqlite,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_and_batched_journals_conform() {
+    run_all(async || non_atomic(|b| Sequential::new(b.clone(), b))).await;
+    run_all(async || non_atomic(|b| Batched::new(b.clone(), b, 64))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_backends_on_one_file_never_deliver_a_message_twice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("shared.sqlite");
+    let a = SqliteBackend::open(SqliteConfig::new(&path)).expect("open a");
+    let b = SqliteBackend::open(SqliteConfig::new(&path)).expect("open b");
+    let n = 400;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        a.send(chunk.iter().map(|i| step_message(&i.to_string())).collect())
+            .await
+            .expect("send");
+    }
+    let drain = |backend: SqliteBackend| async move {
+        let mut got = Vec::new();
+        loop {
+            let batch = backend
+                .receive(QueueKind::Steps, 7, Duration::from_secs(60), Duration::ZERO)
+                .await
+                .expect("receive");
+            if batch.is_empty() {
+                break got;
+            }
+            backend
+                .ack(
+                    QueueKind::Steps,
+                    batch.iter().map(|d| d.receipt.clone()).collect(),
+                )
+                .await
+                .expect("ack");
+            got.extend(batch.into_iter().map(|d| d.id));
+        }
+    };
+    let (from_a, from_b) = tokio::join!(
+        tokio::spawn(drain(a.clone())),
+        tokio::spawn(drain(b.clone()))
+    );
+    let (from_a, from_b) = (from_a.expect("a"), from_b.expect("b"));
+    let mut all: Vec<String> = from_a.iter().chain(&from_b).cloned().collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(from_a.len() + from_b.len(), n, "every message once");
+    assert_eq!(all.len(), n, "no message twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_wakes_when_a_message_arrives() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend =
+        SqliteBackend::open(SqliteConfig::new(dir.path().join("q.sqlite"))).expect("open");
+    let receiver = backend.clone();
+    let waiting = tokio::spawn(async move {
+        receiver
+            .receive(
+                QueueKind::Steps,
+                10,
+                Duration::from_secs(30),
+                Duration::from_secs(20),
+            )
+            .await
+            .expect("receive")
+    });
+    tokio::task::yield_now().await;
+    backend
+        .send(vec![step_message("hello")])
+        .await
+        .expect("send");
+    let got = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("woken well before the 20 s wait ends")
+        .expect("task");
+    assert_eq!(got.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_survives_reopening_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("durable.sqlite");
+    {
+        let backend = SqliteBackend::open(SqliteConfig::new(&path)).expect("open");
+        backend
+            .send(vec![step_message("kept")])
+            .await
+            .expect("send");
+    }
+    let backend = SqliteBackend::open(SqliteConfig::new(&path)).expect("reopen");
+    let got = backend
+        .receive(
+            QueueKind::Steps,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        )
+        .await
+        .expect("receive");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body, b"kept");
+}

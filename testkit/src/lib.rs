@@ -1,0 +1,8 @@
+//! What the integration tests of several crates share: a `moto_server` of each test's own
+//! ([`moto`]), an engine in the test's process ([`live`]), small fixtures ([`fixtures`]), and
+//! the binaries of the workspace ([`binaries`]). Only tests depend on it.
+
+pub mod binaries;
+pub mod fixtures;
+pub mod live;
+pub mod moto;

@@ -1,0 +1,159 @@
+//! A `moto_server` of the test's own, on a free 127.0.0.1 port, killed when dropped: each
+//! test (or conformance check) gets fresh AWS state. `.ci/run` installs moto when missing.
+//! [`Moto::stack`] creates the orchestrator's queues and tables on it and connects to them.
+//!
+//! moto's DynamoDB is not safe under concurrent writes: `TransactWriteItems` deep-copies the
+//! tables it touches, applies its items one by one and, when a condition fails, puts the
+//! copies back, undoing any write another request made in between (seen in the crash test: a
+//! history entry v6 whose record stayed at v5, after which the workflow could never be written
+//! again). DynamoDB itself serializes transactions. So the server runs with moto's DynamoDB
+//! write operations behind one re-entrant lock ([`SERVER`], `tools/moto_server.py`: a
+//! transaction calls the others); everything else is moto as installed.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use orchestrator::aws::{AwsStack, Names, RequestCounter};
+
+/// `moto_server`, with DynamoDB's write operations serialized (see the module docs); the same
+/// script users run for `loadgen --backend aws`.
+const SERVER: &str = include_str!("../../tools/moto_server.py");
+
+/// A running moto server.
+pub struct Moto {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Moto {
+    /// Starts `moto_server` and waits until it answers (on the blocking pool).
+    pub async fn start() -> Self {
+        tokio::task::spawn_blocking(Self::start_blocking)
+            .await
+            .expect("moto starts")
+    }
+
+    /// Starts `moto_server` and waits until it answers, blocking the thread.
+    pub fn start_blocking() -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let child = Command::new("python3")
+                .args(["-c", SERVER, "-H", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                // MOTO_LOG=<file> keeps the server's log (tracebacks of its 500s).
+                .stderr(
+                    std::env::var_os("MOTO_LOG")
+                        .and_then(|p| {
+                            std::fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(p)
+                                .ok()
+                        })
+                        .map_or_else(Stdio::null, Stdio::from),
+                )
+                .spawn()
+                .expect("python3 with moto starts (pip install 'moto[server]')");
+            let moto = Moto {
+                child,
+                endpoint: format!("http://127.0.0.1:{port}"),
+            };
+            if moto.ready() {
+                return moto;
+            }
+        }
+        panic!("moto_server did not start");
+    }
+
+    fn ready(&self) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if std::net::TcpStream::connect(self.endpoint.trim_start_matches("http://")).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// SDK configuration pointing at this server, with dummy credentials.
+    pub fn sdk_config(&self) -> SdkConfig {
+        aws_config::SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .credentials_provider(aws_sdk_sqs::config::SharedCredentialsProvider::new(
+                aws_sdk_sqs::config::Credentials::new("test", "test", None, None, "moto"),
+            ))
+            .build()
+    }
+}
+
+impl Moto {
+    /// Stops running image builders (instances tagged `infra-sha`) every 200 ms, as their
+    /// provisioning scripts do when they are done: moto never runs user data. Abort the task
+    /// to stop.
+    pub fn power_off_builders(&self) -> tokio::task::JoinHandle<()> {
+        let ec2 = aws_sdk_ec2::Client::new(&self.sdk_config());
+        tokio::spawn(async move {
+            loop {
+                let running = aws_sdk_ec2::types::Filter::builder()
+                    .name("instance-state-name")
+                    .values("running")
+                    .build();
+                if let Ok(out) = ec2.describe_instances().filters(running).send().await {
+                    let builders: Vec<String> = out
+                        .reservations()
+                        .iter()
+                        .flat_map(|r| r.instances())
+                        .filter(|i| i.tags().iter().any(|t| t.key() == Some("infra-sha")))
+                        .filter_map(|i| i.instance_id().map(str::to_owned))
+                        .collect();
+                    if !builders.is_empty() {
+                        let _ = ec2
+                            .stop_instances()
+                            .set_instance_ids(Some(builders))
+                            .send()
+                            .await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    }
+}
+
+impl Moto {
+    /// Creates the orchestrator's queues and tables named from `prefix` (dead-lettering after
+    /// `max_receives`) and connects to them, every request counted on the returned counter.
+    pub async fn stack(&self, prefix: &str, max_receives: u32) -> (AwsStack, RequestCounter) {
+        let sdk = self.sdk_config();
+        let names = Names::new(prefix);
+        orchestrator::aws::init::create_all(&sdk, &names, max_receives)
+            .await
+            .expect("init");
+        let counter = RequestCounter::new();
+        let stack = orchestrator::aws::connect(&sdk, &names, &counter, 64)
+            .await
+            .expect("connect");
+        (stack, counter)
+    }
+}

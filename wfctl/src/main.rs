@@ -1,0 +1,707 @@
+//! `wfctl`, the operators' tool: registers tenants, reads the workflows, records and history
+//! the workers write, sends signals, and handles dead letters. See `wfctl --help`.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use orchestrator::clock::{Clock, SystemClock};
+use orchestrator::config::Backend;
+use orchestrator::ports::{Queue, QueueKind, Store};
+use wfctl::dlq::{self, Selection};
+use wfctl::output::{Format, Printer, color_enabled};
+use wfctl::signal::SignalRequest;
+use wfctl::tenant::{AddRequest, parse_branch, parse_grace};
+use wfctl::workflow::{HistoryRequest, ListRequest};
+use wfctl::{BackendArgs, EXIT_FAILED, EXIT_OK, Error, open_backend, parse_state};
+#[cfg(feature = "aws")]
+use wfctl::{connect_aws_queue, connect_aws_store};
+use workflows::{Domain, Environment, Signal, State, StepKind, TenantId};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  the operation failed (not found, already exists, corrupt record)
+  2  usage or configuration error
+  3  the backend cannot be reached (database file missing or unreadable; AWS tables
+     unreachable, missing or not readable)
+
+Environment:
+  ORCHESTRATOR_CONFIG            configuration file (as --config)
+  ORCHESTRATOR__SECTION__KEY     overrides a setting, e.g. ORCHESTRATOR__EMBEDDED__PATH
+  ORCHESTRATOR__BACKEND=aws      use the DynamoDB tables instead of the SQLite file
+  AWS_REGION, AWS_PROFILE, ...   the standard AWS settings, for the AWS backend
+  NO_COLOR                       set (non-empty) to never colour the output
+
+Permissions on AWS: `tenant list|show`, `list`, `show` and `history` read only:
+dynamodb:DescribeTable, GetItem, BatchGetItem, Query and Scan on the <prefix>-* tables.
+`tenant add|rotate-token|signing-secret` also write the tenants table: dynamodb:PutItem,
+DeleteItem and ConditionCheckItem (in a transaction) on <prefix>-tenants.
+`approve|retry|cancel|redeploy|decommission` read the tables and send to the events queue:
+sqs:GetQueueUrl, GetQueueAttributes and SendMessage on the <prefix>-* queues.
+`dlq list|show` read the tables and peek at the dead-letter queues (SQS has no peek: they
+receive and at once release): sqs:GetQueueUrl, GetQueueAttributes, ReceiveMessage and
+ChangeMessageVisibility on the <prefix>-* queues. `dlq redrive|discard` also need
+sqs:SendMessage (on the main queues) and DeleteMessage (on the dead-letter queues).
+
+Data goes to stdout, messages and errors to stderr. Colour is used only when stdout is a
+terminal. `-o json` prints JSON with stable snake_case field names: instants are RFC 3339
+strings in UTC, commits full shas, run ids strings like \"r7\", a field that does not apply is
+null. Each command's --help lists its fields.";
+
+/// The operators' tool of the tenant-host orchestrator.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wfctl",
+    version,
+    about = "The operators' tool of the tenant-host orchestrator: tenants, workflows, history, \
+             signals, dead letters",
+    long_about = "The operators' tool of the tenant-host orchestrator. It registers tenants, \
+                  reads the workflow records and history that the workers write, sends operators' \
+                  signals through the events queue, and lists, redrives or discards dead \
+                  letters, on the same backend as the workers: the embedded SQLite file, or \
+                  SQS and DynamoDB with `backend = \"aws\"`.",
+    after_help = EXIT_CODES,
+    propagate_version = true
+)]
+struct Cli {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Output format: aligned tables for people, or JSON for scripts.
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_enum,
+        default_value_t = Format::Table,
+        help_heading = "Global options"
+    )]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Register tenants, show them, and rotate or set their webhook secrets.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// List workflows (one per tenant and environment) with their state.
+    #[command(after_long_help = LIST_JSON)]
+    List(ListArgs),
+    /// Show a tenant's workflows: state, run and steps, resources, what is deployed, pending
+    /// pushes.
+    #[command(after_long_help = SHOW_JSON)]
+    Show(ShowArgs),
+    /// Show the history of one workflow: one line per applied event, oldest first.
+    #[command(after_long_help = HISTORY_JSON)]
+    History(HistoryArgs),
+    /// Let a run that awaits approval before production roll out.
+    #[command(after_long_help = SIGNAL_HELP)]
+    Approve(SignalArgs),
+    /// Resume a failed run at its failed step, with a fresh retry budget.
+    #[command(after_long_help = SIGNAL_HELP)]
+    Retry(SignalArgs),
+    /// Stop the active run; what it created stays, the deployed release keeps serving.
+    #[command(after_long_help = SIGNAL_HELP)]
+    Cancel(SignalArgs),
+    /// Roll out the deployed release again (a new Auto Scaling group from the same image).
+    #[command(after_long_help = SIGNAL_HELP)]
+    Redeploy(SignalArgs),
+    /// Release everything the environment holds: group, routing, database. Final.
+    #[command(after_long_help = SIGNAL_HELP)]
+    Decommission(SignalArgs),
+    /// Dead letters: list them, show one, put them back once the cause is fixed, or discard
+    /// them.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Show the account-wide slots of capped step kinds (`[limits]`): which runs hold them,
+    /// and which wait, in the order they will be served.
+    #[command(after_long_help = SLOTS_JSON)]
+    Slots(SlotsArgs),
+}
+
+#[derive(Debug, Args)]
+struct SlotsArgs {
+    /// Only these step kinds (image, database, ...); every kind by default.
+    #[arg(value_name = "KIND")]
+    kinds: Vec<StepKind>,
+}
+
+const SLOTS_JSON: &str = "\
+A run takes a slot before it invokes a step of a capped kind and gives it back when the step is
+done, or, once its run stops driving it (failed, paused, superseded, cancelled), after what the
+step held (an image build's builder) is gone. A lease nobody renews lapses at slot_ttl. Waiters
+are served in rounds per tenant (each tenant's first waiting run before anyone's second), then
+first come first served; `wfctl show` notes a step that waits.
+
+JSON output (-o json): an array of
+  kind        the step kind
+  status      held or waiting
+  position    place in line, 1 served next (waiting only)
+  workflow    \"tenant#env\"
+  run         the run that holds or waits
+  tenant
+  since       when it was granted the slot or joined the line
+  expires_at  when the lease or place lapses unless renewed";
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List the dead letters: queue, id, workflow, what they carry, why they were
+    /// dead-lettered, and their status.
+    #[command(after_long_help = DLQ_LIST_HELP)]
+    List(DlqListArgs),
+    /// Show one dead letter in full: its fields, status, and the message it carries.
+    #[command(after_long_help = DLQ_SHOW_HELP)]
+    Show(DlqShowArgs),
+    /// Put dead letters back on their queue once the cause is fixed. Events the workflow has
+    /// already applied are discarded instead: putting them back would apply them twice.
+    #[command(after_long_help = DLQ_SELECT_HELP)]
+    Redrive(DlqSelectArgs),
+    /// Delete dead letters for good (a message that can never be handled).
+    #[command(after_long_help = DLQ_SELECT_HELP)]
+    Discard(DlqSelectArgs),
+}
+
+#[derive(Debug, Args)]
+struct DlqListArgs {
+    /// Only this queue's dead letters: events or steps.
+    #[arg(long, value_name = "QUEUE")]
+    queue: Option<QueueKind>,
+    /// At most N dead letters per queue, oldest first.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    limit: u64,
+}
+
+#[derive(Debug, Args)]
+struct DlqShowArgs {
+    /// The dead letter's id, as `wfctl dlq list` shows it.
+    id: String,
+    /// Look only in this queue's dead letters: events or steps.
+    #[arg(long, value_name = "QUEUE")]
+    queue: Option<QueueKind>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("which").required(true).args(["all", "ids"])))]
+struct DlqSelectArgs {
+    /// The dead letters' ids, as `wfctl dlq list` shows them. Nothing is done unless every
+    /// one is found.
+    #[arg(value_name = "ID")]
+    ids: Vec<String>,
+    /// Every dead letter there is when the command starts (of --queue, or of both queues).
+    #[arg(long, conflicts_with = "ids")]
+    all: bool,
+    /// Only this queue's dead letters: events or steps.
+    #[arg(long, value_name = "QUEUE")]
+    queue: Option<QueueKind>,
+}
+
+/// The statuses of dead letters, for the help of the `dlq` commands.
+macro_rules! dlq_status {
+    () => {
+        "\
+Status of a dead letter, as the store tells it:
+  pending      an event (push, provision, signal, rearm) the workflow has not applied:
+               redrive applies it
+  applied      an event the workflow has applied (its history says at which version):
+               redrive discards it, since putting it back would apply it twice
+  awaited      a step message or retry timer the active run still waits for: redrive resumes
+               the step
+  stale        a step message or timer of a run or attempt that has moved on: the engine
+               drops it
+  no_workflow  for a workflow that does not exist (yet: redrive once the tenant is there)
+  undecodable  the body is not a queue envelope this version understands: the workers
+               quarantine it again unless they have been upgraded to understand it
+  unknown      the workflow's record does not decode
+"
+    };
+}
+
+const DLQ_LIST_HELP: &str = concat!(
+    dlq_status!(),
+    "
+JSON output (-o json): an array of
+  queue          events or steps
+  id             the id in the dead-letter queue
+  workflow       \"tenant#env\", or null
+  message        push, provision, signal, timer, rearm, step or undecodable
+  event_id       the event's id, or null
+  summary        the message in words
+  reason         why it was dead-lettered
+  receive_count  how many times it had been received
+  sent_at, dead_at
+  status         as above
+  status_detail  the status in words"
+);
+
+const DLQ_SHOW_HELP: &str = concat!(
+    dlq_status!(),
+    "
+JSON output (-o json): the object of `wfctl dlq list -o json`, and
+  envelope       the message as decoded (absent when it does not decode)
+  raw            the first 4096 bytes of a body that does not decode, as text (absent
+                 otherwise)"
+);
+
+const DLQ_SELECT_HELP: &str = concat!(
+    dlq_status!(),
+    "
+Redrive puts every selected dead letter back on the queue it came from (an event into its
+workflow's FIFO group, past the queue's deduplication window), except applied events, which it
+discards. Discard deletes the selected dead letters. Each dead letter is listed with what was
+done to it; the exit code is 1 when a selected one was gone before it could be moved.
+
+JSON output (-o json): an array of
+  queue, id, workflow
+  action         redriven or discarded
+  status         as above, when it was moved
+  detail         the status in words"
+);
+
+const SIGNAL_HELP: &str = "\
+The signal travels through the events queue; the workers apply it (they are the only writers of
+workflow records). It is first checked against the stored record: a signal the workflow would
+refuse now (approve when nothing awaits approval, retry when nothing failed, ...) is not sent,
+the reason is printed and the exit code is 1. With --wait the command waits until a worker has
+applied it and prints the transition (exit code 1 if it was refused meanwhile or no worker
+applied it within --timeout).
+
+JSON (-o json): {workflow, signal, event_id, status: sent|accepted|ignored, from, to, reason}.";
+
+#[derive(Debug, Args)]
+struct SignalArgs {
+    /// The tenant.
+    tenant: TenantId,
+    /// The workflow's environment: dev, staging or production.
+    #[arg(long)]
+    env: Environment,
+    /// Wait until a worker has applied the signal, and print its effect.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits, e.g. 30s or 5m.
+    #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
+    timeout: Duration,
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?} ({e}): write it like 30s, 5m or 1h"))
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Register a tenant and print its webhook secret token, once.
+    ///
+    /// The token is generated from the operating system's CSPRNG and printed on stdout (alone
+    /// on its line in table mode, so `wfctl tenant add ... > secret.txt` keeps it); only its
+    /// SHA-256 is stored, so it cannot be shown again. Set it as the secret token of the
+    /// webhooks of both GitLab projects.
+    #[command(after_long_help = TENANT_ADD_JSON)]
+    Add(TenantAddArgs),
+    /// List the registered tenants.
+    #[command(after_long_help = TENANT_JSON)]
+    List,
+    /// Show one tenant (never its token hash or secrets).
+    #[command(after_long_help = TENANT_JSON)]
+    Show {
+        /// The tenant's id.
+        id: TenantId,
+    },
+    /// Replace a tenant's webhook secret token and print the new one, once; the old one stays
+    /// accepted for a grace period.
+    ///
+    /// The new token is generated from the operating system's CSPRNG and printed on stdout
+    /// (alone on its line in table mode); only its SHA-256 is stored. The old token is still
+    /// accepted until the end of the grace period (--grace, default 24h), so the GitLab
+    /// webhooks can be updated meanwhile; a token from an earlier rotation that was still in
+    /// its grace period is no longer accepted. `--grace 0` ends the old token at once.
+    #[command(after_long_help = TENANT_ROTATE_JSON)]
+    RotateToken(RotateTokenArgs),
+    /// Set (--generate) or remove (--remove) a tenant's Standard Webhooks signing secret.
+    ///
+    /// With a signing secret, the ingress requires every webhook of the tenant to carry a valid
+    /// Standard Webhooks signature (webhook-id, webhook-timestamp within 5 minutes,
+    /// webhook-signature v1 HMAC-SHA256) in addition to the secret token. --generate creates a
+    /// new secret, `whsec_` and the standard base64 of 32 bytes from the operating system's
+    /// CSPRNG, replacing any current one at once, and prints it on stdout, once (alone on its
+    /// line in table mode). --remove removes it, so webhooks need no longer be signed.
+    #[command(after_long_help = TENANT_SIGNING_JSON)]
+    SigningSecret(SigningSecretArgs),
+}
+
+#[derive(Debug, Args)]
+struct RotateTokenArgs {
+    /// The tenant's id.
+    id: TenantId,
+    /// How long the old token stays accepted: a duration like 30m, 2h or 7d; 0 ends it at once.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_grace)]
+    grace: Duration,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("action").required(true).args(["generate", "remove"])))]
+struct SigningSecretArgs {
+    /// The tenant's id.
+    id: TenantId,
+    /// Generate a new signing secret, replacing any current one, and print it once.
+    #[arg(long)]
+    generate: bool,
+    /// Remove the signing secret: the tenant's webhooks need no longer be signed.
+    #[arg(long)]
+    remove: bool,
+}
+
+#[derive(Debug, Args)]
+struct TenantAddArgs {
+    /// The tenant's id: 3 to 20 characters of lowercase letters, digits and '-', starting with
+    /// a letter.
+    id: TenantId,
+    /// The tenant's domain; environments are served at <env>.<domain>.
+    #[arg(long, value_name = "DOMAIN")]
+    domain: Domain,
+    /// GitLab project id of the infrastructure repository.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    infra_project: u64,
+    /// GitLab project id of the application repository (not the infra one).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    app_project: u64,
+    /// Map a branch to an environment (dev, staging, production); repeat for more branches.
+    /// Without any: dev=dev, staging=staging, main=production, master=production.
+    #[arg(long = "branch", value_name = "BRANCH=ENV", value_parser = parse_branch)]
+    branches: Vec<(String, Environment)>,
+    /// Production runs wait for `approve` before rolling out.
+    #[arg(long)]
+    production_approval: bool,
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    /// Only workflows in this state: unprovisioned, preparing, awaiting_approval, rolling_out,
+    /// live, failed, decommissioning or decommissioned.
+    #[arg(long, value_name = "STATE", value_parser = parse_state)]
+    status: Option<State>,
+    /// Only workflows of this environment (dev, staging, production).
+    #[arg(long, value_name = "ENV")]
+    env: Option<Environment>,
+    /// Only workflows of this tenant.
+    #[arg(long, value_name = "ID")]
+    tenant: Option<TenantId>,
+    /// Only workflows that are not at rest (not unprovisioned, live or decommissioned) and
+    /// have made no progress for longer than this, e.g. 30m: running steps that stopped
+    /// moving, and runs waiting for an approval or a retry.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
+    stuck: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+struct ShowArgs {
+    /// The tenant.
+    tenant: TenantId,
+    /// Only this environment (dev, staging, production); without it, every environment that
+    /// has a workflow.
+    #[arg(long, value_name = "ENV")]
+    env: Option<Environment>,
+}
+
+#[derive(Debug, Args)]
+struct HistoryArgs {
+    /// The tenant.
+    tenant: TenantId,
+    /// The environment (dev, staging, production).
+    #[arg(long, value_name = "ENV")]
+    env: Environment,
+    /// At most N entries: the newest N, or with --after the first N after that version.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
+    /// Only entries after this record version (for paging: pass the last version seen).
+    #[arg(long, value_name = "VERSION")]
+    after: Option<u64>,
+    /// Keep printing new entries as workers write them, until interrupted. With -o json,
+    /// one JSON object per line (JSON Lines) instead of an array.
+    #[arg(long, short)]
+    follow: bool,
+}
+
+const TENANT_JSON: &str = "\
+JSON output (-o json): a tenant object (list: an array of them) with
+  id, domain, infra_project, app_project,
+  branches                    object of branch name -> environment
+  production_approval         bool
+  signing_secret_set          bool (the secret itself is never shown)
+  previous_token_valid_until  instant until which the token before a rotation is accepted, or null
+  created_at, updated_at";
+
+const TENANT_ADD_JSON: &str = "\
+JSON output (-o json): {\"tenant\": <tenant object>, \"webhook_secret\": \"whk_...\"}, where the
+tenant object has the fields of `wfctl tenant show -o json`:
+  id, domain, infra_project, app_project, branches, production_approval, signing_secret_set,
+  previous_token_valid_until, created_at, updated_at";
+
+const TENANT_ROTATE_JSON: &str = "\
+JSON output (-o json): {\"tenant\": <tenant object>, \"webhook_secret\": \"whk_...\",
+\"previous_valid_until\": <instant until which the old token is accepted, or null>}, where the
+tenant object has the fields of `wfctl tenant show -o json`:
+  id, domain, infra_project, app_project, branches, production_approval, signing_secret_set,
+  previous_token_valid_until, created_at, updated_at";
+
+const TENANT_SIGNING_JSON: &str = "\
+JSON output (-o json): {\"tenant\": <tenant object>, \"signing_secret\": \"whsec_...\"} with
+--generate, or with \"signing_secret\": null with --remove; the tenant object has the fields of
+`wfctl tenant show -o json`:
+  id, domain, infra_project, app_project, branches, production_approval, signing_secret_set,
+  previous_token_valid_until, created_at, updated_at";
+
+const LIST_JSON: &str = "\
+JSON output (-o json): an array of
+  key         \"tenant#env\"
+  tenant, env
+  state       unprovisioned, preparing, awaiting_approval, rolling_out, live, failed,
+              decommissioning or decommissioned
+  version     the record's version
+  updated_at
+  corrupt     why the engine stopped the workflow because its record does not decode, or null";
+
+const SHOW_JSON: &str = "\
+JSON output (-o json): an array with one object per environment:
+  key, tenant, env, state, version, created_at, updated_at
+  corrupt     the decoding error when the record cannot be read (then the fields below are
+              null or empty, and wfctl exits with 1), else null
+  desired     {infra, app}: the newest commits accepted (null: never pushed)
+  run         null, or {id, kind, release: {infra, app}, trigger, started_at, finished_at,
+              ended (succeeded, cancelled, abandoned or null while active), needs_approval,
+              approved, steps: [{step, status, attempt, first_attempt_at, finished_at,
+              next_attempt_at, last_error, note}]}
+  resources   {instance_security_group, database_security_group, infra_artifact,
+              app_artifact, image_id, image_infra_sha, database_instance_id, database_endpoint,
+              database_secret_arn, host, target_group_arn, rule_arn, rule_priority,
+              auto_scaling_group, serving_image_id}
+  deployed    null, or {release: {infra, app}, run, at}
+  pending     [{repo, sha, ref, author, message, event_id, received_at}]";
+
+const HISTORY_JSON: &str = "\
+JSON output (-o json): an array, oldest first, of
+  version     the record version the entry produced
+  at          when it was applied
+  event       push, provision, signal, step, timer or rearm
+  event_id
+  summary     the event in words, as in the table
+  verdict     accepted, ignored, refused, stale or duplicate
+  reason      why, when not accepted; else null
+  from, to    the states before and after
+  run         the run current after the event (\"r7\"), or null
+  detail      the event in full, as persisted";
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut err = stderr.lock();
+    let now = SystemClock.now();
+    let result = {
+        let mut printer = Printer::new(cli.output, color_enabled(), now, &mut out, &mut err);
+        let result = runtime.block_on(run(&cli, &mut printer));
+        result.and_then(|()| printer.flush().map_err(Error::from))
+    };
+    // Anything still buffered goes out before the error message.
+    let result = result.and_then(|()| out.flush().map_err(Error::from));
+    match result {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(e) if e.is_broken_pipe() => ExitCode::from(EXIT_OK),
+        Err(e) => {
+            let _ = out.flush();
+            // The whole chain: a store error's cause is what the backend said.
+            let _ = writeln!(err, "error: {}", orchestrator::ports::chain(&e));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Opens the configured backend's store and runs the command on it.
+async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
+    let config = cli.backend.config()?;
+    if let Command::Dlq(command) = &cli.command {
+        return match config.backend {
+            Backend::Embedded => {
+                let backend = open_backend(&config, false)?;
+                run_dlq(command, &backend, &backend, p).await
+            }
+            #[cfg(not(feature = "aws"))]
+            Backend::Aws => Err(aws_not_built()),
+            #[cfg(feature = "aws")]
+            Backend::Aws => {
+                let store = connect_aws_store(&config).await?;
+                let queue = connect_aws_queue(&config).await?;
+                run_dlq(command, &store, &queue, p).await
+            }
+        };
+    }
+    if let Some((args, signal)) = signal_of(&cli.command) {
+        let req = SignalRequest {
+            tenant: args.tenant.clone(),
+            env: args.env,
+            signal,
+            actor: actor(),
+            wait: args.wait.then_some(args.timeout),
+        };
+        let now = SystemClock.now();
+        return match config.backend {
+            Backend::Embedded => {
+                let backend = open_backend(&config, false)?;
+                wfctl::signal::send(&backend, &backend, &req, now, p).await
+            }
+            #[cfg(not(feature = "aws"))]
+            Backend::Aws => Err(aws_not_built()),
+            #[cfg(feature = "aws")]
+            Backend::Aws => {
+                let store = connect_aws_store(&config).await?;
+                let queue = connect_aws_queue(&config).await?;
+                wfctl::signal::send(&store, &queue, &req, now, p).await
+            }
+        };
+    }
+    match config.backend {
+        Backend::Embedded => {
+            // Only registering a tenant may create the database file: a reading command must
+            // not leave an empty file behind a mistyped path.
+            let create = matches!(cli.command, Command::Tenant(TenantCommand::Add(_)));
+            let store = open_backend(&config, create)?;
+            run_on(cli, &store, p).await
+        }
+        #[cfg(not(feature = "aws"))]
+        Backend::Aws => Err(aws_not_built()),
+        #[cfg(feature = "aws")]
+        Backend::Aws => {
+            let store = connect_aws_store(&config).await?;
+            run_on(cli, &store, p).await
+        }
+    }
+}
+
+async fn run_dlq<S: Store, Q: Queue>(
+    command: &DlqCommand,
+    store: &S,
+    queue: &Q,
+    p: &mut Printer<'_>,
+) -> Result<(), Error> {
+    let selection = |a: &DlqSelectArgs| {
+        if a.all {
+            Selection::All
+        } else {
+            Selection::Ids(a.ids.clone())
+        }
+    };
+    match command {
+        DlqCommand::List(a) => {
+            let limit = usize::try_from(a.limit).unwrap_or(usize::MAX);
+            dlq::list(store, queue, &dlq::queues(a.queue), limit, p).await
+        }
+        DlqCommand::Show(a) => dlq::show(store, queue, &dlq::queues(a.queue), &a.id, p).await,
+        DlqCommand::Redrive(a) => {
+            dlq::redrive(store, queue, &dlq::queues(a.queue), &selection(a), p).await
+        }
+        DlqCommand::Discard(a) => {
+            dlq::discard(store, queue, &dlq::queues(a.queue), &selection(a), p).await
+        }
+    }
+}
+
+fn signal_of(command: &Command) -> Option<(&SignalArgs, Signal)> {
+    match command {
+        Command::Approve(a) => Some((a, Signal::Approve)),
+        Command::Retry(a) => Some((a, Signal::Retry)),
+        Command::Cancel(a) => Some((a, Signal::Cancel)),
+        Command::Redeploy(a) => Some((a, Signal::Redeploy)),
+        Command::Decommission(a) => Some((a, Signal::Decommission)),
+        _ => None,
+    }
+}
+
+/// `backend = "aws"` in a build without the `aws` feature.
+#[cfg(not(feature = "aws"))]
+fn aws_not_built() -> Error {
+    Error::Invalid(
+        "backend = \"aws\" needs a wfctl built with the `aws` feature (cargo build -p wfctl \
+         --features aws)"
+            .to_owned(),
+    )
+}
+
+/// Who sends a signal, for the history: `$USER@wfctl`, or `wfctl`.
+fn actor() -> String {
+    match std::env::var("USER") {
+        Ok(user) if !user.is_empty() => format!("{user}@wfctl"),
+        _ => "wfctl".to_owned(),
+    }
+}
+
+async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(), Error> {
+    match &cli.command {
+        Command::Tenant(TenantCommand::Add(a)) => {
+            let req = AddRequest {
+                id: a.id.clone(),
+                domain: a.domain.clone(),
+                infra_project: a.infra_project,
+                app_project: a.app_project,
+                branches: a.branches.clone(),
+                production_approval: a.production_approval,
+            };
+            wfctl::tenant::add(store, &req, p).await
+        }
+        Command::Tenant(TenantCommand::List) => wfctl::tenant::list(store, p).await,
+        Command::Tenant(TenantCommand::Show { id }) => wfctl::tenant::show(store, id, p).await,
+        Command::Tenant(TenantCommand::RotateToken(a)) => {
+            wfctl::tenant::rotate_token(store, &a.id, a.grace, p).await
+        }
+        Command::Tenant(TenantCommand::SigningSecret(a)) => {
+            if a.generate {
+                wfctl::tenant::generate_signing_secret(store, &a.id, p).await
+            } else {
+                wfctl::tenant::remove_signing_secret(store, &a.id, p).await
+            }
+        }
+        Command::List(a) => {
+            let req = ListRequest {
+                state: a.status,
+                env: a.env,
+                tenant: a.tenant.clone(),
+                stuck: a.stuck.map(|d| (d, SystemClock.now())),
+            };
+            wfctl::workflow::list(store, &req, p).await
+        }
+        Command::Show(a) => wfctl::workflow::show(store, &a.tenant, a.env, p).await,
+        Command::Slots(a) => wfctl::slots::slots(store, &a.kinds, p).await,
+        Command::History(a) => {
+            let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+            let req = HistoryRequest {
+                tenant: a.tenant.clone(),
+                env: a.env,
+                limit: a.limit.map(to_usize),
+                after: a.after,
+                follow: a.follow,
+            };
+            wfctl::workflow::history(store, &req, p).await
+        }
+        // `run` sends signals and runs `dlq` before it gets here: they need the queues too.
+        Command::Approve(_)
+        | Command::Retry(_)
+        | Command::Cancel(_)
+        | Command::Redeploy(_)
+        | Command::Decommission(_)
+        | Command::Dlq(_) => Err(Error::Invalid(
+            "this command needs the queues as well as the store".to_owned(),
+        )),
+    }
+}

@@ -1,0 +1,187 @@
+//! `wfctl approve|retry|cancel|redeploy|decommission`: an operator's signal travels as an event
+//! through the events queue, so the engine stays the only writer of records.
+//!
+//! Before sending, the signal is applied to a copy of the stored record (the machine is a pure
+//! function): a signal the workflow would refuse now is not sent, and the command says why and
+//! exits with `1`. With `--wait` the command then watches the history until the engine has
+//! applied the signal and reports its verdict (the workflow may have moved on meanwhile, so
+//! the engine's verdict is the one that counts).
+
+use std::time::Duration;
+
+use serde::Serialize;
+use workflows::{Event, EventId, Input, Signal, State, TenantId, Timestamp, Verdict, WorkflowKey};
+
+use crate::Error;
+use crate::output::Printer;
+use crate::tenant::unknown_tenant;
+use crate::workflow::missing_workflow;
+use orchestrator::engine::enqueue;
+use orchestrator::ports::{Queue, Store};
+
+/// What to signal, and whether to wait for the engine's verdict.
+#[derive(Debug, Clone)]
+pub struct SignalRequest {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// The workflow's environment.
+    pub env: workflows::Environment,
+    /// The signal.
+    pub signal: Signal,
+    /// Who sends it (recorded in the history).
+    pub actor: String,
+    /// Wait up to this long for the engine to apply it.
+    pub wait: Option<Duration>,
+}
+
+/// The JSON answer of a signal command.
+#[derive(Debug, Clone, Serialize)]
+struct SignalView {
+    workflow: String,
+    signal: String,
+    event_id: String,
+    /// `sent` (not waited for), `accepted`, `ignored`.
+    status: &'static str,
+    /// The state before and after, once applied.
+    from: Option<State>,
+    to: Option<State>,
+    /// Why it changed nothing (`ignored`).
+    reason: Option<String>,
+}
+
+/// How often `--wait` looks at the history.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Checks `req` against the stored record, sends it, and with `--wait` reports the verdict.
+pub async fn send<S: Store, Q: Queue>(
+    store: &S,
+    queue: &Q,
+    req: &SignalRequest,
+    now: Timestamp,
+    p: &mut Printer<'_>,
+) -> Result<(), Error> {
+    let key = WorkflowKey::new(req.tenant.clone(), req.env);
+    let Some(tenant) = store.tenant(&req.tenant).await? else {
+        return Err(unknown_tenant(store, &req.tenant).await);
+    };
+    let Some(record) = store.workflow(&key).await? else {
+        return Err(missing_workflow(store, &req.tenant, req.env).await);
+    };
+    let signal = req.signal;
+    let event_id = new_event_id(signal, &key, now)?;
+    let event = Event::Signal {
+        event_id: event_id.clone(),
+        signal,
+        actor: req.actor.clone(),
+    };
+    let mut probe = record.clone();
+    let input = Input {
+        now,
+        settings: tenant.settings(),
+    };
+    let mut view = SignalView {
+        workflow: key.to_string(),
+        signal: signal.to_string(),
+        event_id: event_id.to_string(),
+        status: "sent",
+        from: None,
+        to: None,
+        reason: None,
+    };
+    match probe.apply(&event, input).verdict {
+        Verdict::Refused(reason) => {
+            return Err(Error::Refused(format!(
+                "{signal} refused for {key} ({}): {reason}; nothing was sent",
+                record.state()
+            )));
+        }
+        Verdict::Ignored(reason) => {
+            view.status = "ignored";
+            view.reason = Some(reason.clone());
+            return finish(
+                p,
+                &view,
+                &format!("{signal} would change nothing for {key}: {reason}; nothing was sent"),
+            );
+        }
+        _ => {}
+    }
+    enqueue(queue, &key, event, now).await?;
+    let Some(wait) = req.wait else {
+        return finish(
+            p,
+            &view,
+            &format!(
+                "{signal} sent to {key} (event {event_id}); `wfctl show {} --env {}` shows its effect",
+                req.tenant, req.env
+            ),
+        );
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    let entry = loop {
+        if let Some(entry) = store.history_of_event(&key, &event_id).await? {
+            break entry;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::TimedOut(format!(
+                "{signal} was sent to {key} (event {event_id}) but no worker applied it within {}: are workers running?",
+                humantime::format_duration(wait)
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    view.from = Some(entry.from);
+    view.to = Some(entry.to);
+    match entry.verdict {
+        Verdict::Accepted => {
+            view.status = "accepted";
+            finish(
+                p,
+                &view,
+                &format!("{signal}: {key} {} -> {}", entry.from, entry.to),
+            )
+        }
+        Verdict::Ignored(reason) => {
+            view.status = "ignored";
+            view.reason = Some(reason.clone());
+            finish(
+                p,
+                &view,
+                &format!("{signal} changed nothing for {key}: {reason}"),
+            )
+        }
+        // The workflow moved on between the check and the engine's turn.
+        Verdict::Refused(reason) => Err(Error::Refused(format!(
+            "{signal} refused for {key} ({}): {reason}",
+            entry.from
+        ))),
+        Verdict::Stale(reason) => Err(Error::Refused(format!(
+            "{signal} dropped for {key}: {reason}"
+        ))),
+        Verdict::Duplicate => Err(Error::Refused(format!(
+            "{signal} for {key} was applied before"
+        ))),
+    }
+}
+
+fn finish(p: &mut Printer<'_>, view: &SignalView, text: &str) -> Result<(), Error> {
+    if p.is_json() {
+        p.json(view)?;
+    } else {
+        p.line(text)?;
+    }
+    Ok(())
+}
+
+/// A fresh id: the signal, the workflow, the time and a random part, so that two operators
+/// sending the same signal at the same millisecond are still two events.
+fn new_event_id(signal: Signal, key: &WorkflowKey, now: Timestamp) -> Result<EventId, Error> {
+    let mut nonce = [0u8; 4];
+    getrandom::fill(&mut nonce).map_err(Error::Random)?;
+    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    EventId::new(format!(
+        "signal:{signal}:{key}:{}:{nonce}",
+        now.as_unix_millis()
+    ))
+    .map_err(|e| Error::Invalid(e.to_string()))
+}

@@ -1,0 +1,501 @@
+//! `wfctl tenant add|list|show|rotate-token|signing-secret`: registering tenants, looking at
+//! them, and changing their webhook secrets.
+//!
+//! A new tenant, or a rotation, gets a webhook secret token from the operating system's CSPRNG;
+//! only its SHA-256 is stored. A new Standard Webhooks signing secret comes from the same
+//! source and is stored as is (an HMAC key must be kept). Every new secret is written to stdout
+//! before anything is stored, so no secret is ever in force that nobody received; if storing
+//! then fails, the printed secret is void (the error says so) and nothing changed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use workflows::{Domain, Environment, Persisted, Tenant, TenantId, WebhookAuth};
+
+use crate::output::{Cell, Printer, Style, Table, absolute};
+use crate::views::{NewTenantView, RotatedTokenView, SigningSecretView, TenantView};
+use crate::{Error, list_some};
+use orchestrator::ports::Store;
+use orchestrator::tenants;
+
+/// What `tenant add` registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddRequest {
+    /// The new tenant's id.
+    pub id: TenantId,
+    /// Its domain.
+    pub domain: Domain,
+    /// GitLab project id of its infrastructure repository.
+    pub infra_project: u64,
+    /// GitLab project id of its application repository.
+    pub app_project: u64,
+    /// Branch to environment; empty for [`Tenant::default_branches`].
+    pub branches: Vec<(String, Environment)>,
+    /// Production runs wait for `approve`.
+    pub production_approval: bool,
+}
+
+/// Parses `BRANCH=ENV` (for `--branch`).
+pub fn parse_branch(s: &str) -> Result<(String, Environment), String> {
+    let (branch, env) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not BRANCH=ENV (for example main=production)"))?;
+    check_branch(branch)?;
+    let env = env.parse::<Environment>().map_err(|e| e.to_string())?;
+    Ok((branch.to_owned(), env))
+}
+
+/// A branch name as GitLab sends it after `refs/heads/`: not empty, no blanks or control
+/// characters, none of git's forbidden characters, and not a full ref.
+fn check_branch(branch: &str) -> Result<(), String> {
+    let rule = "a branch name without refs/heads/, blanks, control characters or any of ~^:?*[\\";
+    let bad = branch.is_empty()
+        || branch.len() > 255
+        || branch.starts_with("refs/")
+        || branch.starts_with('-')
+        || branch.ends_with('/')
+        || branch.ends_with(".lock")
+        || branch.contains("..")
+        || branch.contains("//")
+        || branch
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "~^:?*[\\".contains(c));
+    if bad {
+        Err(format!("invalid branch {branch:?}: {rule}"))
+    } else {
+        Ok(())
+    }
+}
+
+impl AddRequest {
+    /// The branch map: the given one (a branch given twice must name the same environment), or
+    /// the default.
+    fn branch_map(&self) -> Result<BTreeMap<String, Environment>, Error> {
+        if self.branches.is_empty() {
+            return Ok(Tenant::default_branches());
+        }
+        let mut map = BTreeMap::new();
+        for (branch, env) in &self.branches {
+            check_branch(branch).map_err(Error::Invalid)?;
+            if let Some(other) = map.insert(branch.clone(), *env)
+                && other != *env
+            {
+                return Err(Error::Invalid(format!(
+                    "branch {branch:?} is mapped to both {other} and {env}"
+                )));
+            }
+        }
+        Ok(map)
+    }
+}
+
+/// Registers a tenant, prints its secret once, and stores only the secret's hash.
+pub async fn add<S: Store>(store: &S, req: &AddRequest, p: &mut Printer<'_>) -> Result<(), Error> {
+    if req.infra_project == req.app_project {
+        return Err(Error::Invalid(format!(
+            "the infra and app projects must be two different GitLab projects (both are {})",
+            req.infra_project
+        )));
+    }
+    if req.infra_project == 0 || req.app_project == 0 {
+        return Err(Error::Invalid("GitLab project ids start at 1".into()));
+    }
+    let branches = req.branch_map()?;
+    if store.tenant(&req.id).await?.is_some() {
+        return Err(Error::AlreadyExists(format!(
+            "tenant {} already exists (its secret cannot be shown again)",
+            req.id
+        )));
+    }
+    for project in [req.infra_project, req.app_project] {
+        if let Some(owner) = store.tenant_by_project(project).await? {
+            return Err(Error::AlreadyExists(format!(
+                "GitLab project {project} already belongs to tenant {}",
+                owner.id
+            )));
+        }
+    }
+
+    let secret = tenants::try_generate_token().map_err(Error::Random)?;
+    let now = p.now;
+    let tenant = Tenant {
+        schema_version: Tenant::SCHEMA_VERSION,
+        id: req.id.clone(),
+        domain: req.domain.clone(),
+        infra_project: req.infra_project,
+        app_project: req.app_project,
+        branches,
+        production_approval: req.production_approval,
+        webhook: WebhookAuth {
+            token_sha256: tenants::token_sha256(&secret),
+            previous_token_sha256: None,
+            previous_valid_until: None,
+            signing_secret: None,
+        },
+        created_at: now,
+        updated_at: now,
+    };
+
+    // Deliver the secret before storing the tenant: a tenant must never exist with a secret
+    // nobody has.
+    let view = NewTenantView {
+        tenant: TenantView::new(&tenant, now),
+        webhook_secret: secret.clone(),
+    };
+    deliver(p, &view, &secret, "the tenant was not registered")?;
+
+    if let Err(e) = store.put_tenant(&tenant, true).await {
+        p.note("The tenant was not registered: the secret printed is void.")?;
+        return Err(e.into());
+    }
+    if !p.is_json() {
+        p.note(&format!(
+            "Registered tenant {}. Its webhook secret token was written to stdout: set it as \
+             the secret token of the webhooks of GitLab projects {} and {}. It will not be shown \
+             again: only its hash is stored.",
+            tenant.id, tenant.infra_project, tenant.app_project
+        ))?;
+    }
+    Ok(())
+}
+
+/// Writes a new secret, before anything is stored: `view` in JSON mode, else the secret alone
+/// on its line (so `> secret.txt` keeps it); then flushes. A failure is
+/// [`Error::SecretNotDelivered`] with `undone`, what therefore did not happen.
+fn deliver<T: Serialize>(
+    p: &mut Printer<'_>,
+    view: &T,
+    secret: &str,
+    undone: &'static str,
+) -> Result<(), Error> {
+    let written = if p.is_json() {
+        p.json(view)
+    } else {
+        p.line(secret)
+    };
+    written
+        .and_then(|()| p.flush())
+        .map_err(|e| Error::SecretNotDelivered(e, undone))
+}
+
+/// Parses the grace period of `rotate-token --grace`: a duration like `30m`, `2h` or `7d`, or
+/// `0`.
+pub fn parse_grace(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| {
+        format!("invalid duration {s:?} ({e}): write it like 30m, 2h or 7d, or 0 for no grace")
+    })
+}
+
+/// Gives tenant `id` a new webhook secret token, prints it once and stores only its hash. The
+/// token it replaces stays accepted for `grace` (with zero, not at all); an older previous
+/// token still in its grace period is no longer accepted (the note says so).
+pub async fn rotate_token<S: Store>(
+    store: &S,
+    id: &TenantId,
+    grace: Duration,
+    p: &mut Printer<'_>,
+) -> Result<(), Error> {
+    let Some(mut tenant) = store.tenant(id).await? else {
+        return Err(unknown_tenant(store, id).await);
+    };
+    let now = p.now;
+    let dropped = TenantView::new(&tenant, now).previous_token_valid_until;
+    let secret = tenants::try_generate_token().map_err(Error::Random)?;
+    tenants::rotate_token(&mut tenant, &secret, now, grace);
+    let previous_valid_until = tenant.webhook.previous_valid_until;
+
+    let view = RotatedTokenView {
+        tenant: TenantView::new(&tenant, now),
+        webhook_secret: secret.clone(),
+        previous_valid_until,
+    };
+    deliver(p, &view, &secret, "the token was not rotated")?;
+    if let Err(e) = store.put_tenant(&tenant, false).await {
+        p.note(
+            "The token was not rotated: the secret printed is void and the current token stays \
+             valid.",
+        )?;
+        return Err(e.into());
+    }
+    if !p.is_json() {
+        let old = match previous_valid_until {
+            Some(until) => format!(
+                "The previous token is accepted until {} UTC ({}).",
+                absolute(until),
+                p.ago(until)
+            ),
+            None => "The previous token is no longer accepted.".to_owned(),
+        };
+        p.note(&format!(
+            "Rotated the webhook secret token of tenant {}. The new token was written to stdout: \
+             set it as the secret token of the webhooks of GitLab projects {} and {}. It will \
+             not be shown again: only its hash is stored. {old}",
+            tenant.id, tenant.infra_project, tenant.app_project
+        ))?;
+        if let Some(until) = dropped {
+            p.note(&format!(
+                "The token before the last rotation, which was to be accepted until {} UTC, no \
+                 longer is.",
+                absolute(until)
+            ))?;
+        }
+    }
+    Ok(())
+}
+
+/// Gives tenant `id` a new Standard Webhooks signing secret (replacing any current one) and
+/// prints it once. From then on the ingress requires its webhooks to be signed with it.
+pub async fn generate_signing_secret<S: Store>(
+    store: &S,
+    id: &TenantId,
+    p: &mut Printer<'_>,
+) -> Result<(), Error> {
+    let Some(mut tenant) = store.tenant(id).await? else {
+        return Err(unknown_tenant(store, id).await);
+    };
+    let now = p.now;
+    let replaced = tenant.webhook.signing_secret.is_some();
+    let secret = tenants::try_generate_signing_secret().map_err(Error::Random)?;
+    tenant.webhook.signing_secret = Some(secret.clone());
+    tenant.updated_at = now;
+
+    let view = SigningSecretView {
+        tenant: TenantView::new(&tenant, now),
+        signing_secret: Some(secret.clone()),
+    };
+    deliver(p, &view, &secret, "the signing secret was not changed")?;
+    if let Err(e) = store.put_tenant(&tenant, false).await {
+        p.note(
+            "The signing secret was not changed: the secret printed is void and any current one \
+             stays in force.",
+        )?;
+        return Err(e.into());
+    }
+    if !p.is_json() {
+        let before = if replaced {
+            " The previous signing secret is no longer accepted."
+        } else {
+            ""
+        };
+        p.note(&format!(
+            "Set a new Standard Webhooks signing secret for tenant {}; it was written to stdout. \
+             From now on its webhooks must carry a valid signature (webhook-id, \
+             webhook-timestamp, webhook-signature) as well as the secret token.{before} It will \
+             not be shown again.",
+            tenant.id
+        ))?;
+    }
+    Ok(())
+}
+
+/// Removes tenant `id`'s signing secret: its webhooks need no longer be signed. Removing a
+/// secret that is not set changes nothing and is no error.
+pub async fn remove_signing_secret<S: Store>(
+    store: &S,
+    id: &TenantId,
+    p: &mut Printer<'_>,
+) -> Result<(), Error> {
+    let Some(mut tenant) = store.tenant(id).await? else {
+        return Err(unknown_tenant(store, id).await);
+    };
+    let now = p.now;
+    let had = tenant.webhook.signing_secret.take().is_some();
+    if had {
+        tenant.updated_at = now;
+        store.put_tenant(&tenant, false).await?;
+    }
+    if p.is_json() {
+        p.json(&SigningSecretView {
+            tenant: TenantView::new(&tenant, now),
+            signing_secret: None,
+        })?;
+    } else if had {
+        p.note(&format!(
+            "Removed the signing secret of tenant {}: its webhooks need no longer be signed \
+             (the secret token is still required).",
+            tenant.id
+        ))?;
+    } else {
+        p.note(&format!(
+            "Tenant {} has no signing secret; nothing changed.",
+            tenant.id
+        ))?;
+    }
+    Ok(())
+}
+
+/// The branch map in words: `dev→dev main,master→production staging→staging`.
+fn branches_summary(branches: &BTreeMap<String, Environment>) -> String {
+    let mut by_env: BTreeMap<Environment, Vec<&str>> = BTreeMap::new();
+    for (branch, env) in branches {
+        by_env.entry(*env).or_default().push(branch);
+    }
+    by_env
+        .iter()
+        .map(|(env, bs)| format!("{}={env}", bs.join(",")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// Lists every tenant.
+pub async fn list<S: Store>(store: &S, p: &mut Printer<'_>) -> Result<(), Error> {
+    let tenants = store.tenants().await?;
+    if p.is_json() {
+        let views: Vec<TenantView> = tenants.iter().map(|t| TenantView::new(t, p.now)).collect();
+        p.json(&views)?;
+        return Ok(());
+    }
+    if tenants.is_empty() {
+        p.note("no tenants are registered (wfctl tenant add registers one)")?;
+        return Ok(());
+    }
+    let mut table = Table::new([
+        "ID",
+        "DOMAIN",
+        "INFRA PROJECT",
+        "APP PROJECT",
+        "BRANCHES",
+        "APPROVAL",
+        "CREATED",
+    ]);
+    for t in &tenants {
+        table.row([
+            Cell::from(t.id.as_str()),
+            Cell::from(t.domain.as_str()),
+            Cell::from(t.infra_project.to_string()),
+            Cell::from(t.app_project.to_string()),
+            Cell::from(branches_summary(&t.branches)),
+            Cell::from(if t.production_approval {
+                "production"
+            } else {
+                "-"
+            }),
+            Cell::from(p.ago(t.created_at)),
+        ]);
+    }
+    p.table(&table)?;
+    Ok(())
+}
+
+/// The error for a tenant that does not exist, listing those that do.
+pub async fn unknown_tenant<S: Store>(store: &S, id: &TenantId) -> Error {
+    match store.tenants().await {
+        Ok(all) if all.is_empty() => Error::NotFound(format!(
+            "no tenant {:?}; no tenants are registered",
+            id.as_str()
+        )),
+        Ok(all) => Error::NotFound(format!(
+            "no tenant {:?}; tenants: {}",
+            id.as_str(),
+            list_some(all.iter().map(|t| &t.id), 20)
+        )),
+        Err(_) => Error::NotFound(format!("no tenant {:?}", id.as_str())),
+    }
+}
+
+/// Shows one tenant (never its token hash or signing secret).
+pub async fn show<S: Store>(store: &S, id: &TenantId, p: &mut Printer<'_>) -> Result<(), Error> {
+    let Some(t) = store.tenant(id).await? else {
+        return Err(unknown_tenant(store, id).await);
+    };
+    let view = TenantView::new(&t, p.now);
+    if p.is_json() {
+        p.json(&view)?;
+        return Ok(());
+    }
+    let mut block = Table::headless();
+    block.row(["tenant", t.id.as_str()]);
+    block.row(["domain", t.domain.as_str()]);
+    block.row(["infra project", &t.infra_project.to_string()]);
+    block.row(["app project", &t.app_project.to_string()]);
+    block.row([
+        "production approval",
+        if t.production_approval {
+            "required"
+        } else {
+            "not required"
+        },
+    ]);
+    block.row(["webhook token", "set (only its hash is stored)"]);
+    if let Some(until) = view.previous_token_valid_until {
+        block.row([
+            "previous token".to_owned(),
+            format!("accepted until {} UTC ({})", absolute(until), p.ago(until)),
+        ]);
+    }
+    block.row(["signing secret", yes_no(view.signing_secret_set)]);
+    block.row([
+        "created".to_owned(),
+        format!("{} UTC ({})", absolute(t.created_at), p.ago(t.created_at)),
+    ]);
+    block.row([
+        "updated".to_owned(),
+        format!("{} UTC ({})", absolute(t.updated_at), p.ago(t.updated_at)),
+    ]);
+    p.table(&block)?;
+    p.line("")?;
+    let mut branches = Table::new(["BRANCH", "ENVIRONMENT"]).indent(2);
+    for (branch, env) in &t.branches {
+        branches.row([
+            Cell::from(branch.as_str()),
+            Cell::styled(env.as_str(), Style::Plain),
+        ]);
+    }
+    p.line("branches")?;
+    p.table(&branches)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn branches_parse_as_branch_equals_env() {
+        assert_eq!(
+            parse_branch("main=production"),
+            Ok(("main".to_owned(), Environment::Production))
+        );
+        assert_eq!(
+            parse_branch("release/2.x=staging"),
+            Ok(("release/2.x".to_owned(), Environment::Staging))
+        );
+        for bad in ["main", "=dev", "refs/heads/main=dev", "a b=dev", "x..y=dev"] {
+            assert!(parse_branch(bad).is_err(), "{bad}");
+        }
+        let e = parse_branch("main=prod").expect_err("bad env");
+        assert!(e.contains("dev, staging, production"), "{e}");
+    }
+
+    #[test]
+    fn branch_maps_default_and_reject_contradictions() {
+        let mut req = AddRequest {
+            id: TenantId::new("acme").expect("valid"),
+            domain: Domain::new("acme.example").expect("valid"),
+            infra_project: 1,
+            app_project: 2,
+            branches: Vec::new(),
+            production_approval: false,
+        };
+        assert_eq!(
+            req.branch_map().expect("default"),
+            Tenant::default_branches()
+        );
+        req.branches = vec![
+            ("main".into(), Environment::Production),
+            ("main".into(), Environment::Dev),
+        ];
+        assert!(req.branch_map().is_err());
+        req.branches = vec![
+            ("main".into(), Environment::Production),
+            ("trunk".into(), Environment::Production),
+        ];
+        let map = req.branch_map().expect("two branches to one env");
+        assert_eq!(branches_summary(&map), "main,trunk=production");
+    }
+}
