@@ -869,3 +869,47 @@ pub(crate) fn attributes_from_sql(text: Option<String>) -> BTreeMap<String, Stri
     text.and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fails(conn: &Connection, statement: &str) -> Error {
+        sql(conn
+            .execute_batch(statement)
+            .expect_err("the statement fails"))
+    }
+
+    #[test]
+    fn what_would_fail_again_is_invalid_and_keeps_sqlites_error() {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch("CREATE TABLE t (x INTEGER PRIMARY KEY); INSERT INTO t VALUES (1);")
+            .expect("setup");
+        for (statement, says) in [
+            ("INSERT INTO t VALUES (1)", "UNIQUE constraint failed"),
+            ("SELECT * FROM missing", "no such table"),
+            ("SELECT nope FROM t", "no such column"),
+        ] {
+            let e = fails(&conn, statement);
+            assert!(matches!(e, Error::Invalid { .. }), "{statement}: {e:?}");
+            assert!(!e.is_retryable());
+            assert!(crate::ports::chain(&e).contains(says), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_database_locked_by_another_connection_is_unavailable() {
+        let uri = "file:locked?mode=memory&cache=shared";
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI;
+        let first = Connection::open_with_flags(uri, flags).expect("open");
+        let second = Connection::open_with_flags(uri, flags).expect("open");
+        first
+            .execute_batch("CREATE TABLE t (x); BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+            .expect("the first holds the write lock");
+        let e = fails(&second, "INSERT INTO t VALUES (2)");
+        assert!(matches!(e, Error::Unavailable { .. }), "{e:?}");
+        assert!(e.is_retryable());
+    }
+}

@@ -39,6 +39,10 @@ const INTERNAL: Fault = Fault {
     status: 500,
     code: "InternalServerError",
 };
+const UNKNOWN_500: Fault = Fault {
+    status: 500,
+    code: "SomethingNew",
+};
 const DENIED: Fault = Fault {
     status: 400,
     code: "AccessDeniedException",
@@ -261,6 +265,18 @@ async fn errors_that_outlast_the_retries_are_retryable_port_errors() {
         aws.seen("ReceiveMessage"),
         3,
         "the SDK's standard three attempts"
+    );
+
+    // A server error with a code nobody listed is the service's failure all the same.
+    aws.script("GetItem", &[UNKNOWN_500; 10]);
+    let e = store
+        .workflow(&crate::conformance::key("acme", Environment::Dev))
+        .await
+        .expect_err("every attempt fails");
+    assert!(e.is_retryable(), "{e:?}");
+    assert!(
+        orchestrator::ports::chain(&e).contains("SomethingNew"),
+        "{e:?}"
     );
 
     aws.script("TransactWriteItems", &[THROTTLED; 10]);
