@@ -2,7 +2,6 @@
 //! with the `aws` feature, the AWS reconcilers (on `[infrastructure]`, with listener
 //! priorities held in the store).
 
-use std::marker::PhantomData;
 use std::sync::Arc;
 
 #[cfg(feature = "aws")]
@@ -40,21 +39,20 @@ pub enum Error {
 
 /// The simulated cloud or the AWS reconcilers.
 #[derive(Debug)]
-pub struct Cloud<S: Store>(Kind<S>);
+pub struct Cloud(Kind);
 
 #[derive(Debug)]
-enum Kind<S: Store> {
-    /// The store only matters to the AWS reconcilers (listener priorities).
-    Simulated(SimulatedCloud, PhantomData<fn() -> S>),
+enum Kind {
+    Simulated(SimulatedCloud),
     #[cfg(feature = "aws")]
-    Aws(Box<AwsCloud<StoreAllocations<S>>>),
+    Aws(Box<AwsCloud>),
 }
 
-impl<S: Store> Cloud<S> {
+impl Cloud {
     /// The activities `config` asks for: the simulated cloud in the embedded file (its time
     /// scale from `[simulated]`, else `default_scale`, overridden by `time_scale`), or the AWS
     /// reconcilers, whose settings and infrastructure are checked before anything runs.
-    pub async fn open(
+    pub async fn open<S: Store>(
         config: &Config,
         store: Arc<S>,
         clock: SharedClock,
@@ -66,8 +64,9 @@ impl<S: Store> Cloud<S> {
                 let sim = sim_config(config, default_scale, time_scale)?;
                 let cloud = SimulatedCloud::open_with_clock(&config.embedded.path, sim, clock)
                     .map_err(Error::Simulated)?;
+                // The store only matters to the AWS reconcilers (listener priorities).
                 let _ = store;
-                Ok(Cloud(Kind::Simulated(cloud, PhantomData)))
+                Ok(Cloud(Kind::Simulated(cloud)))
             }
             #[cfg(feature = "aws")]
             ActivitiesKind::Aws => Ok(Cloud(Kind::Aws(Box::new(aws(config, store, clock).await?)))),
@@ -79,7 +78,7 @@ impl<S: Store> Cloud<S> {
     /// The simulated cloud's time scale; 1 for the AWS reconcilers.
     pub fn time_scale(&self) -> f64 {
         match &self.0 {
-            Kind::Simulated(c, _) => c.config().time_scale,
+            Kind::Simulated(c) => c.config().time_scale,
             #[cfg(feature = "aws")]
             Kind::Aws(_) => 1.0,
         }
@@ -104,10 +103,10 @@ fn sim_config(config: &Config, default_scale: f64, flag: Option<f64>) -> Result<
     Ok(sim)
 }
 
-impl<S: Store> Activities for Cloud<S> {
+impl Activities for Cloud {
     async fn invoke(&self, invocation: Invocation<'_>) -> Outcome {
         match &self.0 {
-            Kind::Simulated(c, _) => c.invoke(invocation).await,
+            Kind::Simulated(c) => c.invoke(invocation).await,
             #[cfg(feature = "aws")]
             Kind::Aws(c) => c.invoke(invocation).await,
         }
@@ -115,7 +114,7 @@ impl<S: Store> Activities for Cloud<S> {
 
     async fn abandon(&self, invocation: Invocation<'_>) -> Result<(), String> {
         match &self.0 {
-            Kind::Simulated(c, _) => c.abandon(invocation).await,
+            Kind::Simulated(c) => c.abandon(invocation).await,
             #[cfg(feature = "aws")]
             Kind::Aws(c) => c.abandon(invocation).await,
         }
@@ -123,7 +122,7 @@ impl<S: Store> Activities for Cloud<S> {
 
     fn retry_policy(&self, step: StepKind) -> RetryPolicy {
         match &self.0 {
-            Kind::Simulated(c, _) => c.retry_policy(step),
+            Kind::Simulated(c) => c.retry_policy(step),
             #[cfg(feature = "aws")]
             Kind::Aws(c) => c.retry_policy(step),
         }
@@ -137,7 +136,7 @@ pub async fn aws<S: Store>(
     config: &Config,
     store: Arc<S>,
     clock: SharedClock,
-) -> Result<AwsCloud<StoreAllocations<S>>, Error> {
+) -> Result<AwsCloud, Error> {
     let sdk = crate::aws::load_sdk_config().await;
     let cloud = AwsCloud::new(
         activities::aws::Clients::new(&sdk),

@@ -10,7 +10,7 @@ use aws_sdk_rds::types::{DbInstance, Tag};
 use workflows::{DatabaseOutput, StepOutput};
 
 use super::error::{classify, code};
-use super::{Allocations, AwsCloud, Error, Names, tags};
+use super::{AwsCloud, Error, Names, tags};
 use crate::{Invocation, Outcome};
 
 /// Statuses that end by themselves.
@@ -32,8 +32,8 @@ const SETTLING: &[&str] = &[
     "moving-to-vpc",
 ];
 
-pub(super) async fn reconcile<A: Allocations>(
-    cloud: &AwsCloud<A>,
+pub(super) async fn reconcile(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
 ) -> Result<Outcome, Error> {
@@ -79,10 +79,7 @@ pub(super) async fn reconcile<A: Allocations>(
 }
 
 /// The instance `id`, if it exists.
-pub(super) async fn find<A: Allocations>(
-    cloud: &AwsCloud<A>,
-    id: &str,
-) -> Result<Option<DbInstance>, Error> {
+pub(super) async fn find(cloud: &AwsCloud, id: &str) -> Result<Option<DbInstance>, Error> {
     match cloud
         .clients
         .rds
@@ -97,8 +94,8 @@ pub(super) async fn find<A: Allocations>(
     }
 }
 
-async fn create<A: Allocations>(
-    cloud: &AwsCloud<A>,
+async fn create(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
     id: &str,

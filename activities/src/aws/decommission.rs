@@ -9,11 +9,11 @@ use workflows::StepOutput;
 
 use super::error::{classify, code};
 use super::names::{TAG_ENV, TAG_TENANT};
-use super::{Allocations, AwsCloud, Error, Names, database, network, rollout, routing};
+use super::{AwsCloud, Error, Names, database, network, rollout, routing};
 use crate::{Invocation, Outcome};
 
-pub(super) async fn reconcile<A: Allocations>(
-    cloud: &AwsCloud<A>,
+pub(super) async fn reconcile(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
 ) -> Result<Outcome, Error> {
@@ -133,10 +133,7 @@ fn env_filters(names: &Names) -> [Filter; 2] {
 }
 
 /// Deletes the environment's launch templates (one per run, tagged with tenant and env).
-async fn delete_launch_templates<A: Allocations>(
-    cloud: &AwsCloud<A>,
-    names: &Names,
-) -> Result<(), Error> {
+async fn delete_launch_templates(cloud: &AwsCloud, names: &Names) -> Result<(), Error> {
     let [tenant, env] = env_filters(names);
     let out = cloud
         .clients
@@ -157,10 +154,7 @@ async fn delete_launch_templates<A: Allocations>(
 
 /// Terminates the environment's instances that are still there (builders; group instances
 /// go with their groups). Returns what is still going.
-async fn terminate_instances<A: Allocations>(
-    cloud: &AwsCloud<A>,
-    names: &Names,
-) -> Result<Vec<String>, Error> {
+async fn terminate_instances(cloud: &AwsCloud, names: &Names) -> Result<Vec<String>, Error> {
     let [tenant, env] = env_filters(names);
     let out = cloud
         .clients
@@ -205,10 +199,7 @@ async fn terminate_instances<A: Allocations>(
     Ok(ids.into_iter().map(|id| format!("instance {id}")).collect())
 }
 
-async fn deregister_images<A: Allocations>(
-    cloud: &AwsCloud<A>,
-    names: &Names,
-) -> Result<(), Error> {
+async fn deregister_images(cloud: &AwsCloud, names: &Names) -> Result<(), Error> {
     let [tenant, env] = env_filters(names);
     let out = cloud
         .clients

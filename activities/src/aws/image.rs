@@ -28,11 +28,11 @@ use workflows::{GitSha, ImageOutput, RepoKind, StepKind, StepOutput};
 
 use super::error::{classify, code};
 use super::network::ec2_tags;
-use super::{Allocations, AwsCloud, Error, Names};
+use super::{AwsCloud, Error, Names};
 use crate::{Invocation, Outcome};
 
-pub(super) async fn reconcile<A: Allocations>(
-    cloud: &AwsCloud<A>,
+pub(super) async fn reconcile(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
 ) -> Result<Outcome, Error> {
@@ -116,8 +116,8 @@ pub(super) async fn reconcile<A: Allocations>(
 
 /// Gives up the build of the run's commit: its builder is terminated (an image already
 /// requested from it stays, and the next build of the commit adopts it).
-pub(super) async fn abandon<A: Allocations>(
-    cloud: &AwsCloud<A>,
+pub(super) async fn abandon(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
 ) -> Result<(), Error> {
@@ -131,10 +131,7 @@ pub(super) async fn abandon<A: Allocations>(
 }
 
 /// The image named `name` owned by this account.
-async fn find_image<A: Allocations>(
-    cloud: &AwsCloud<A>,
-    name: &str,
-) -> Result<Option<Image>, Error> {
+async fn find_image(cloud: &AwsCloud, name: &str) -> Result<Option<Image>, Error> {
     let out = cloud
         .clients
         .ec2
@@ -148,10 +145,7 @@ async fn find_image<A: Allocations>(
 }
 
 /// The builder instance tagged `name` that is not terminated or being terminated.
-async fn find_builder<A: Allocations>(
-    cloud: &AwsCloud<A>,
-    name: &str,
-) -> Result<Option<Instance>, Error> {
+async fn find_builder(cloud: &AwsCloud, name: &str) -> Result<Option<Instance>, Error> {
     let out = cloud
         .clients
         .ec2
@@ -177,7 +171,7 @@ async fn find_builder<A: Allocations>(
         .cloned())
 }
 
-async fn terminate<A: Allocations>(cloud: &AwsCloud<A>, builder: &Instance) -> Result<(), Error> {
+async fn terminate(cloud: &AwsCloud, builder: &Instance) -> Result<(), Error> {
     let Some(id) = builder.instance_id() else {
         return Ok(());
     };
@@ -214,8 +208,8 @@ pub(super) fn builder_user_data(bucket: &str, key: &str) -> String {
     )
 }
 
-async fn launch_builder<A: Allocations>(
-    cloud: &AwsCloud<A>,
+async fn launch_builder(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
     sha: &GitSha,
@@ -311,7 +305,7 @@ fn launch_token(names: &Names, invocation: Invocation<'_>, sha: &GitSha) -> Stri
 }
 
 /// The root device name of `image` (where an encrypted volume must be mapped).
-async fn root_device<A: Allocations>(cloud: &AwsCloud<A>, image: &str) -> Result<String, Error> {
+async fn root_device(cloud: &AwsCloud, image: &str) -> Result<String, Error> {
     let out = cloud
         .clients
         .ec2
@@ -327,8 +321,8 @@ async fn root_device<A: Allocations>(cloud: &AwsCloud<A>, image: &str) -> Result
         .ok_or_else(|| Error::Terminal(format!("base image {image} not found")))
 }
 
-async fn create_image<A: Allocations>(
-    cloud: &AwsCloud<A>,
+async fn create_image(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
     builder: &str,

@@ -20,6 +20,7 @@
 //! | decommission | groups, launch template, rule (priority freed), target group, builders and images, the database (with a final snapshot), then the security groups |
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,10 +74,63 @@ pub trait Allocations: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<u64>, Error>> + Send;
 }
 
+/// A boxed future: what [`Allocations`] calls return behind a trait object.
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// [`Allocations`] as a trait object. The reconcilers hold their allocations through it, so
+/// they are compiled once here rather than once per implementation in every binary that uses
+/// them; allocations are a few calls per routing step.
+trait DynAllocations: Send + Sync {
+    fn allocate<'a>(
+        &'a self,
+        pool: &'a str,
+        value: u64,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<bool, Error>>;
+    fn release<'a>(
+        &'a self,
+        pool: &'a str,
+        value: u64,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), Error>>;
+    fn allocation_of<'a>(
+        &'a self,
+        pool: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>, Error>>;
+}
+
+impl<A: Allocations> DynAllocations for A {
+    fn allocate<'a>(
+        &'a self,
+        pool: &'a str,
+        value: u64,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<bool, Error>> {
+        Box::pin(Allocations::allocate(self, pool, value, owner))
+    }
+    fn release<'a>(
+        &'a self,
+        pool: &'a str,
+        value: u64,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(Allocations::release(self, pool, value, owner))
+    }
+    fn allocation_of<'a>(
+        &'a self,
+        pool: &'a str,
+        owner: &'a str,
+    ) -> BoxFuture<'a, Result<Option<u64>, Error>> {
+        Box::pin(Allocations::allocation_of(self, pool, owner))
+    }
+}
+
 /// Allocations in memory, for tests and a single process; the orchestrator uses its store.
-#[derive(Debug, Default)]
+/// Clones share the allocations.
+#[derive(Debug, Clone, Default)]
 pub struct MemoryAllocations {
-    held: std::sync::Mutex<std::collections::BTreeMap<(String, u64), String>>,
+    held: Arc<std::sync::Mutex<std::collections::BTreeMap<(String, u64), String>>>,
 }
 
 impl MemoryAllocations {
@@ -163,14 +217,14 @@ impl Clients {
 }
 
 /// The reconcilers on AWS.
-pub struct AwsCloud<A: Allocations> {
+pub struct AwsCloud {
     clients: Clients,
     infra: Infrastructure,
-    allocations: A,
+    allocations: Box<dyn DynAllocations>,
     clock: Arc<dyn Clock>,
 }
 
-impl<A: Allocations> std::fmt::Debug for AwsCloud<A> {
+impl std::fmt::Debug for AwsCloud {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AwsCloud")
             .field("infra", &self.infra)
@@ -178,13 +232,13 @@ impl<A: Allocations> std::fmt::Debug for AwsCloud<A> {
     }
 }
 
-impl<A: Allocations> AwsCloud<A> {
+impl AwsCloud {
     /// Reconcilers on `clients`, building on `infra`; refuses an `infra` with missing
     /// settings, naming each.
     pub fn new(
         clients: Clients,
         infra: Infrastructure,
-        allocations: A,
+        allocations: impl Allocations,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, Error> {
         let missing = infra.missing();
@@ -197,7 +251,7 @@ impl<A: Allocations> AwsCloud<A> {
         Ok(Self {
             clients,
             infra,
-            allocations,
+            allocations: Box::new(allocations),
             clock,
         })
     }
@@ -395,7 +449,7 @@ impl<A: Allocations> AwsCloud<A> {
     }
 }
 
-impl<A: Allocations> Activities for AwsCloud<A> {
+impl Activities for AwsCloud {
     #[instrument(level = "debug", skip_all, fields(tenant.id = %invocation.key.tenant, workflow.env = %invocation.key.env, step = %invocation.task.step, run = %invocation.task.run))]
     async fn invoke(&self, invocation: Invocation<'_>) -> Outcome {
         let names = Names::new(invocation.key);

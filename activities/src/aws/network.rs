@@ -9,13 +9,13 @@ use aws_sdk_ec2::types::{
 use workflows::{NetworkOutput, RunId, StepOutput};
 
 use super::error::{classify, code};
-use super::{Allocations, AwsCloud, Error, Names, tags};
+use super::{AwsCloud, Error, Names, tags};
 use crate::{Invocation, Outcome};
 
 const MYSQL_PORT: i32 = 3306;
 
-pub(super) async fn reconcile<A: Allocations>(
-    cloud: &AwsCloud<A>,
+pub(super) async fn reconcile(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
 ) -> Result<Outcome, Error> {
@@ -58,8 +58,8 @@ fn group_id(g: &SecurityGroup) -> Result<String, Error> {
 }
 
 /// The security group `name` of the VPC, if it exists.
-pub(super) async fn find_group<A: Allocations>(
-    cloud: &AwsCloud<A>,
+pub(super) async fn find_group(
+    cloud: &AwsCloud,
     name: &str,
 ) -> Result<Option<SecurityGroup>, Error> {
     let out = cloud
@@ -94,8 +94,8 @@ pub(super) fn ec2_tags(names: &Names, run: RunId, name: &str) -> Vec<Tag> {
     all
 }
 
-async fn ensure_group<A: Allocations>(
-    cloud: &AwsCloud<A>,
+async fn ensure_group(
+    cloud: &AwsCloud,
     names: &Names,
     name: &str,
     description: &str,
@@ -133,8 +133,8 @@ async fn ensure_group<A: Allocations>(
     })
 }
 
-async fn ensure_ingress<A: Allocations>(
-    cloud: &AwsCloud<A>,
+async fn ensure_ingress(
+    cloud: &AwsCloud,
     group: &SecurityGroup,
     port: i32,
     source_group: &str,

@@ -23,11 +23,11 @@ use workflows::{DeploymentOutput, RepoKind, RunId, StepKind, StepOutput};
 use super::error::{classify, code};
 use super::names::{TAG_ENV, TAG_MANAGED_BY, TAG_NAME, TAG_RUN, TAG_TENANT};
 use super::network::ec2_tags;
-use super::{Allocations, AwsCloud, Error, MANAGED_BY, Names, tags};
+use super::{AwsCloud, Error, MANAGED_BY, Names, tags};
 use crate::{Invocation, Outcome};
 
-pub(super) async fn reconcile<A: Allocations>(
-    cloud: &AwsCloud<A>,
+pub(super) async fn reconcile(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
 ) -> Result<Outcome, Error> {
@@ -127,8 +127,8 @@ fn group_run(group: &AutoScalingGroup) -> Option<RunId> {
 
 /// The environment's groups (tagged with its tenant and env by the orchestrator) that are not
 /// being deleted.
-pub(super) async fn managed_groups<A: Allocations>(
-    cloud: &AwsCloud<A>,
+pub(super) async fn managed_groups(
+    cloud: &AwsCloud,
     names: &Names,
 ) -> Result<Vec<AutoScalingGroup>, Error> {
     let mut all = Vec::new();
@@ -199,8 +199,8 @@ pub(super) fn app_user_data(bucket: &str, key: Option<&str>) -> String {
 
 /// The launch template of this run (`<t>-<e>-<run>`, one version), creating it if needed; a
 /// template per run keeps a release's settings immutable and goes with its group.
-async fn ensure_template<A: Allocations>(
-    cloud: &AwsCloud<A>,
+async fn ensure_template(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
     image_id: &str,
@@ -254,10 +254,7 @@ async fn ensure_template<A: Allocations>(
 }
 
 /// Deletes launch template `name`; one already gone is fine.
-pub(super) async fn delete_template<A: Allocations>(
-    cloud: &AwsCloud<A>,
-    name: &str,
-) -> Result<(), Error> {
+pub(super) async fn delete_template(cloud: &AwsCloud, name: &str) -> Result<(), Error> {
     match cloud
         .clients
         .ec2
@@ -272,8 +269,8 @@ pub(super) async fn delete_template<A: Allocations>(
     }
 }
 
-fn template_data<A: Allocations>(
-    cloud: &AwsCloud<A>,
+fn template_data(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
     image_id: &str,
@@ -310,8 +307,8 @@ fn template_data<A: Allocations>(
         .build())
 }
 
-async fn create_group<A: Allocations>(
-    cloud: &AwsCloud<A>,
+async fn create_group(
+    cloud: &AwsCloud,
     names: &Names,
     run: RunId,
     name: &str,
@@ -372,8 +369,8 @@ async fn create_group<A: Allocations>(
 }
 
 /// How many of `group`'s instances are healthy targets of `target_group`.
-async fn healthy_targets<A: Allocations>(
-    cloud: &AwsCloud<A>,
+async fn healthy_targets(
+    cloud: &AwsCloud,
     group: &AutoScalingGroup,
     target_group: &str,
 ) -> Result<usize, Error> {
@@ -413,8 +410,8 @@ async fn healthy_targets<A: Allocations>(
 }
 
 /// Takes an earlier group out of the target group and deletes it.
-async fn retire<A: Allocations>(
-    cloud: &AwsCloud<A>,
+async fn retire(
+    cloud: &AwsCloud,
     group: &AutoScalingGroup,
     target_group: &str,
 ) -> Result<(), Error> {
@@ -454,10 +451,7 @@ fn is_gone(code: Option<&str>) -> bool {
 }
 
 /// Deletes group `name` and its instances; a group already gone or going is fine.
-pub(super) async fn delete_group<A: Allocations>(
-    cloud: &AwsCloud<A>,
-    name: &str,
-) -> Result<(), Error> {
+pub(super) async fn delete_group(cloud: &AwsCloud, name: &str) -> Result<(), Error> {
     match cloud
         .clients
         .autoscaling

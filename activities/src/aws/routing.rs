@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use workflows::{RoutingOutput, StepOutput};
 
 use super::error::{classify, code};
-use super::{Allocations, AwsCloud, Error, Names, tags};
+use super::{AwsCloud, Error, Names, tags};
 use crate::{Invocation, Outcome};
 
 /// Listener rule priorities range from 1 to 50,000.
@@ -23,8 +23,8 @@ const MAX_PRIORITY: u64 = 50_000;
 /// How many values are tried from the derived one before giving up for this attempt.
 const PROBES: u64 = 64;
 
-pub(super) async fn reconcile<A: Allocations>(
-    cloud: &AwsCloud<A>,
+pub(super) async fn reconcile(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
 ) -> Result<Outcome, Error> {
@@ -138,10 +138,7 @@ fn forwards_to(rule: &Rule, target_group: &str) -> bool {
 }
 
 /// The rule of the listener whose host header is `host`.
-pub(super) async fn find_rule<A: Allocations>(
-    cloud: &AwsCloud<A>,
-    host: &str,
-) -> Result<Option<Rule>, Error> {
+pub(super) async fn find_rule(cloud: &AwsCloud, host: &str) -> Result<Option<Rule>, Error> {
     let listener = &cloud.infra.listener_arn;
     let mut marker: Option<String> = None;
     loop {
@@ -173,8 +170,8 @@ pub(super) async fn find_rule<A: Allocations>(
 }
 
 /// The target group's ARN, creating it if it does not exist.
-pub(super) async fn find_target_group<A: Allocations>(
-    cloud: &AwsCloud<A>,
+pub(super) async fn find_target_group(
+    cloud: &AwsCloud,
     name: &str,
 ) -> Result<Option<String>, Error> {
     let found = cloud
@@ -199,8 +196,8 @@ pub(super) async fn find_target_group<A: Allocations>(
     }
 }
 
-async fn ensure_target_group<A: Allocations>(
-    cloud: &AwsCloud<A>,
+async fn ensure_target_group(
+    cloud: &AwsCloud,
     names: &Names,
     run: workflows::RunId,
 ) -> Result<String, Error> {
@@ -247,7 +244,7 @@ async fn ensure_target_group<A: Allocations>(
 }
 
 /// The priority `owner` holds, taking a free one if it holds none.
-async fn acquire<A: Allocations>(cloud: &AwsCloud<A>, owner: &str) -> Result<u32, Error> {
+async fn acquire(cloud: &AwsCloud, owner: &str) -> Result<u32, Error> {
     let pool = cloud.priority_pool();
     if let Some(v) = cloud.allocations.allocation_of(&pool, owner).await? {
         return u32::try_from(v).map_err(|_| Error::Terminal(format!("priority {v} out of range")));

@@ -21,11 +21,11 @@ use tokio::process::Command;
 use workflows::{GitSha, RepoKind, SourceOutput, StepOutput};
 
 use super::error::{classify, code};
-use super::{Allocations, AwsCloud, Error, Names, tags};
+use super::{AwsCloud, Error, Names, tags};
 use crate::{Invocation, Outcome};
 
-pub(super) async fn reconcile<A: Allocations>(
-    cloud: &AwsCloud<A>,
+pub(super) async fn reconcile(
+    cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
     repo: RepoKind,
@@ -120,10 +120,7 @@ struct DeployToken {
 }
 
 /// The `Authorization` header of the tenant's deploy token, if one is configured.
-async fn deploy_token_header<A: Allocations>(
-    cloud: &AwsCloud<A>,
-    names: &Names,
-) -> Result<Option<String>, Error> {
+async fn deploy_token_header(cloud: &AwsCloud, names: &Names) -> Result<Option<String>, Error> {
     let Some(secret) = &cloud.infra.deploy_token_secret else {
         return Ok(None);
     };

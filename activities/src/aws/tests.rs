@@ -75,7 +75,12 @@ struct Mocks {
     rds: Option<aws_sdk_rds::Client>,
 }
 
-fn cloud(m: Mocks, clock: &ManualClock) -> AwsCloud<MemoryAllocations> {
+fn cloud(m: Mocks, clock: &ManualClock) -> AwsCloud {
+    cloud_with(m, clock, MemoryAllocations::default())
+}
+
+/// [`cloud`] holding `allocations` (a clone shares them with the caller).
+fn cloud_with(m: Mocks, clock: &ManualClock, allocations: MemoryAllocations) -> AwsCloud {
     let clients = Clients {
         ec2: m.ec2.unwrap_or_else(|| idle(aws_sdk_ec2::Client::new)),
         autoscaling: m
@@ -89,13 +94,7 @@ fn cloud(m: Mocks, clock: &ManualClock) -> AwsCloud<MemoryAllocations> {
         secrets: idle(aws_sdk_secretsmanager::Client::new),
         iam: idle(aws_sdk_iam::Client::new),
     };
-    AwsCloud::new(
-        clients,
-        infra(),
-        MemoryAllocations::default(),
-        Arc::new(clock.clone()),
-    )
-    .expect("complete")
+    AwsCloud::new(clients, infra(), allocations, Arc::new(clock.clone())).expect("complete")
 }
 
 fn key() -> WorkflowKey {
@@ -145,7 +144,7 @@ fn task(step: StepKind, run: u32) -> StepTask {
     }
 }
 
-async fn invoke(c: &AwsCloud<MemoryAllocations>, task: &StepTask) -> Outcome {
+async fn invoke(c: &AwsCloud, task: &StepTask) -> Outcome {
     c.invoke(Invocation {
         key: &key(),
         domain: &domain(),
@@ -481,12 +480,14 @@ async fn a_priority_held_by_a_foreign_rule_is_given_up_for_another() {
         RuleMode::MatchAny,
         [&groups, &rules, &create]
     );
-    let c = cloud(
+    let allocations = MemoryAllocations::default();
+    let c = cloud_with(
         Mocks {
             elb: Some(elb),
             ..Mocks::default()
         },
         &clock,
+        allocations.clone(),
     );
     let t = task(StepKind::Routing, 2);
     let pool = c.priority_pool();
@@ -496,14 +497,14 @@ async fn a_priority_held_by_a_foreign_rule_is_given_up_for_another() {
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        c.allocations
+        allocations
             .allocation_of(&pool, &owner)
             .await
             .expect("read"),
         None
     );
     let first = {
-        let held = c.allocations.held();
+        let held = allocations.held();
         let (taken, by) = held.iter().next().expect("one marked");
         assert!(by.starts_with("foreign-rule:"), "{by}");
         taken.1
@@ -516,8 +517,7 @@ async fn a_priority_held_by_a_foreign_rule_is_given_up_for_another() {
         }
         other => panic!("{other:?}"),
     }
-    let held = c
-        .allocations
+    let held = allocations
         .allocation_of(&pool, &owner)
         .await
         .expect("read");

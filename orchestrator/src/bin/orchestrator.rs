@@ -490,7 +490,7 @@ async fn open_cloud<S: Store, Q: Queue, J: Journal>(
     parts: &Parts<S, Q, J>,
     default_scale: f64,
     time_scale: Option<f64>,
-) -> Result<Cloud<S>> {
+) -> Result<Cloud> {
     Ok(Cloud::open(
         &parts.config,
         parts.store.clone(),
@@ -503,8 +503,8 @@ async fn open_cloud<S: Store, Q: Queue, J: Journal>(
 
 fn engine<S: Store, Q: Queue, J: Journal>(
     parts: &Parts<S, Q, J>,
-    cloud: Cloud<S>,
-) -> Arc<Engine<S, Q, J, Cloud<S>>> {
+    cloud: Cloud,
+) -> Arc<Engine<S, Q, J, Cloud>> {
     Arc::new(
         Engine::new(
             parts.store.clone(),

@@ -27,7 +27,7 @@ use workflows::{
     StepTask, Tenant, TenantId, Timestamp, WorkflowKey, WorkflowRecord,
 };
 
-type Cloud = AwsCloud<StoreAllocations<SqliteBackend>>;
+type Cloud = AwsCloud;
 
 fn git(dir: &Path, args: &[&str]) -> String {
     let out = std::process::Command::new("git")
