@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::conformance::{Harness, run_all, run_slots};
+use crate::conformance::{Harness, conformance_tests, slot_tests};
 use orchestrator::aws::dynamo::DynamoStore;
 use orchestrator::aws::sqs::SqsQueue;
 use orchestrator::aws::{AwsStack, Names, RequestCounter};
@@ -59,13 +59,17 @@ impl Harness for Aws {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqs_and_dynamodb_conform() {
-    run_all(async || {
+impl Aws {
+    async fn new() -> Self {
         let (moto, stack, _) = aws().await;
         Aws { _moto: moto, stack }
-    })
-    .await;
+    }
+}
+
+/// The suite on SQS and DynamoDB (moto), with the `Batched` journal workers run.
+mod conforms {
+    use super::*;
+    conformance_tests!(Aws::new().await);
 }
 
 /// DynamoDB's slots on a clock of the test's (moto's own time cannot be moved).
@@ -91,9 +95,8 @@ impl Harness for Slots {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dynamodb_leases_slots() {
-    run_slots(async || {
+impl Slots {
+    async fn new() -> Self {
         let (moto, stack, _) = aws().await;
         let clock = ManualClock::new(Timestamp::from_unix_millis(1_800_000_000_000));
         let store = Arc::new((*stack.store).clone().with_clock(Arc::new(clock.clone())));
@@ -107,8 +110,13 @@ async fn dynamodb_leases_slots() {
             clock,
             stack,
         }
-    })
-    .await;
+    }
+}
+
+/// DynamoDB's slot leases and line.
+mod leases_slots {
+    use super::*;
+    slot_tests!(Slots::new().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,7 @@
 //! The conformance suite of the `Queue`, `Store` and `Journal` ports, written once against
 //! the traits. Each backend's test module provides a [`Harness`] (a fresh backend and a way
-//! to let time pass) and runs every check with [`run_all`].
+//! to let time pass) and expands [`conformance_tests`] (and [`slot_tests`]): one test per
+//! check, each on a fresh harness, so that they run side by side and fail one by one.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -47,27 +48,54 @@ pub(crate) trait Harness {
     }
 }
 
-/// Runs every check, each on a fresh harness from `make`.
-pub(crate) async fn run_all<H: Harness>(make: impl AsyncFn() -> H) {
-    send_receive_ack(&make().await).await;
-    unacknowledged_messages_come_back(&make().await).await;
-    visibility_can_be_extended_and_released(&make().await).await;
-    delayed_messages_wait(&make().await).await;
-    events_are_fifo_per_group(&make().await).await;
-    duplicate_dedup_ids_are_dropped_within_the_window(&make().await).await;
-    too_many_receives_dead_letter(&make().await).await;
-    quarantine_dead_letters_with_the_reason(&make().await).await;
-    dead_letters_are_redriven_or_discarded(&make().await).await;
-    oversized_messages_are_refused(&make().await).await;
-    writes_are_conditional_on_the_version(&make().await).await;
-    workflows_are_listed_by_state_env_and_tenant(&make().await).await;
-    corrupt_records_are_reported_not_panicked(&make().await).await;
-    tenants_are_found_by_id_and_project(&make().await).await;
-    allocations_are_exclusive(&make().await).await;
-    a_commit_is_all_or_nothing(&make().await).await;
-    commits_of_a_batch_succeed_or_fail_alone(&make().await).await;
-    claimed_messages_are_delivered_once(&make().await).await;
+/// One test per check of the suite, each on a fresh harness that `$make` (an expression, which
+/// may `.await`) builds: expand it in a module of its own per backend.
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance::conformance_tests!(@each $make;
+            send_receive_ack,
+            unacknowledged_messages_come_back,
+            visibility_can_be_extended_and_released,
+            delayed_messages_wait,
+            events_are_fifo_per_group,
+            duplicate_dedup_ids_are_dropped_within_the_window,
+            too_many_receives_dead_letter,
+            quarantine_dead_letters_with_the_reason,
+            dead_letters_are_redriven_or_discarded,
+            oversized_messages_are_refused,
+            writes_are_conditional_on_the_version,
+            workflows_are_listed_by_state_env_and_tenant,
+            corrupt_records_are_reported_not_panicked,
+            tenants_are_found_by_id_and_project,
+            allocations_are_exclusive,
+            a_commit_is_all_or_nothing,
+            commits_of_a_batch_succeed_or_fail_alone,
+            claimed_messages_are_delivered_once,
+        );
+    };
+    (@each $make:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let harness = $make;
+                $crate::conformance::$check(&harness).await;
+            }
+        )*
+    };
 }
+pub(crate) use conformance_tests;
+
+/// The slot checks as tests, for backends that lease slots (see `Store::acquire_slot`); as
+/// [`conformance_tests`].
+macro_rules! slot_tests {
+    ($make:expr) => {
+        $crate::conformance::conformance_tests!(@each $make;
+            slots_are_capped_and_served_in_rounds,
+            slot_leases_lapse_unless_renewed,
+        );
+    };
+}
+pub(crate) use slot_tests;
 
 pub(crate) fn step_message(body: &str) -> Outgoing {
     Outgoing {
@@ -749,12 +777,6 @@ pub(crate) async fn claimed_messages_are_delivered_once<H: Harness>(h: &H) {
     assert!(failed.is_empty(), "a claimed receipt acknowledges");
     h.advance(Duration::from_secs(6)).await;
     assert_eq!(bodies(&receive_all(h, QueueKind::Steps).await), ["later"]);
-}
-
-/// The slot checks, for backends that lease slots (see `Store::acquire_slot`).
-pub(crate) async fn run_slots<H: Harness>(make: impl AsyncFn() -> H) {
-    slots_are_capped_and_served_in_rounds(&make().await).await;
-    slot_leases_lapse_unless_renewed(&make().await).await;
 }
 
 const TTL: Duration = Duration::from_secs(60);

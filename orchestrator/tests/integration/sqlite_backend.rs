@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::conformance::{Harness, run_all, run_slots, step_message};
+use crate::conformance::{Harness, conformance_tests, slot_tests, step_message};
 use orchestrator::clock::ManualClock;
 use orchestrator::ports::{Journal, Queue, QueueKind};
 use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
@@ -48,14 +48,11 @@ impl Harness for Sqlite {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sqlite_backend_conforms() {
-    run_all(async || Sqlite::new()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sqlite_backend_leases_slots() {
-    run_slots(async || Sqlite::new()).await;
+/// The suite on SQLite with its own (atomic) journal.
+mod conforms {
+    use super::*;
+    conformance_tests!(Sqlite::new());
+    slot_tests!(Sqlite::new());
 }
 
 /// The embedded ports with a journal that is not atomic: the one SQS and DynamoDB use.
@@ -93,10 +90,16 @@ fn non_atomic<J>(journal: impl FnOnce(Arc<SqliteBackend>) -> J) -> NonAtomic<J> 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sequential_and_batched_journals_conform() {
-    run_all(async || non_atomic(|b| Sequential::new(b.clone(), b))).await;
-    run_all(async || non_atomic(|b| Batched::new(b.clone(), b, 64))).await;
+/// The suite with the `Sequential` journal over the SQLite ports.
+mod sequential_conforms {
+    use super::*;
+    conformance_tests!(non_atomic(|b| Sequential::new(b.clone(), b)));
+}
+
+/// The suite with the `Batched` journal over the SQLite ports.
+mod batched_conforms {
+    use super::*;
+    conformance_tests!(non_atomic(|b| Batched::new(b.clone(), b, 64)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

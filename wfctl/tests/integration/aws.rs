@@ -152,7 +152,9 @@ async fn wfctl_reads_and_registers_on_dynamodb() {
         let out = aws.wfctl(&["show", "acme", "--env", "dev", "-o", "json"]);
         if out.status.success() {
             let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-            if v[0]["state"] == "live" {
+            // Live with both pushes: the infra push alone goes live first, then the app
+            // push starts a run of its own.
+            if v[0]["state"] == "live" && v[0]["deployed"]["release"]["app"] == "2".repeat(40) {
                 break v[0].clone();
             }
         }

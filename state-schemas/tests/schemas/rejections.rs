@@ -1,9 +1,7 @@
 //! Documents that must not decode do not, with the error naming the version or the field, and
 //! the committed schemas reject them too.
 
-mod common;
-
-use common::{current_version, fixture, read_json, round_trip, schema_errors, validator};
+use crate::common::{current_version, fixture, read_json, round_trip, schema_errors, validator};
 use serde_json::{Value, json};
 use state_schemas::{HISTORY_ENTRY, QUEUE_ENVELOPE, TENANT_RECORD, WORKFLOW_RECORD};
 use workflows::codec::Error;
@@ -235,7 +233,7 @@ fn a_wrongly_typed_field_is_invalid_at_its_path() {
 
 #[test]
 fn bytes_that_are_not_json_are_invalid() {
-    for stem in common::STEMS {
+    for stem in crate::common::STEMS {
         let error = round_trip(stem, b"{\"schema_version\": 1,").expect_err("truncated");
         // serde_path_to_error says "?" where the position is unknown (here: past the last key).
         assert!(

@@ -3,12 +3,10 @@
 //!
 //! These tests only read `schemas/` and `fixtures/`; they never write them.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::{
+use crate::common::{
     STEMS, crate_dir, current_version, fixture_versions, fixtures, read, read_json, round_trip,
     schema_errors, schema_path, validator,
 };

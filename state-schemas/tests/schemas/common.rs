@@ -1,6 +1,5 @@
 //! Helpers shared by the integration tests: where the committed files are, how to read them,
 //! and which Rust type each shape's stem stands for.
-#![allow(dead_code, reason = "each test file uses a subset of the helpers")]
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,6 @@
+//! The tests of the schemas and fixtures, one test binary: the committed schemas and fixtures
+//! agree with the code (`golden`), and documents that must not decode do not (`rejections`).
+
+mod common;
+mod golden;
+mod rejections;
