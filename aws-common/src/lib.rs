@@ -1,4 +1,5 @@
-//! What every AWS adapter of the orchestrator shares: one classifier of the AWS SDK's errors.
+//! What every AWS adapter of the orchestrator shares: one classifier of the AWS SDK's errors
+//! ([`classify`]), and the HTTPS client every SDK client uses ([`http_client`]).
 //!
 //! The SDK retries throttling, 5xx and transport errors itself (standard retry mode) before an
 //! error reaches us; [`classify`] then says what is left: a [`Class`] that knows whether
@@ -12,10 +13,32 @@
 //! pass, any other answer is the request's fault.
 
 use aws_runtime::retries::classifiers::{THROTTLING_ERRORS, TRANSIENT_ERRORS};
+use aws_smithy_http_client::proxy::ProxyConfig;
+use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+use aws_smithy_http_client::{Builder, ConnectorBuilder};
+use aws_smithy_runtime_api::client::http::SharedHttpClient;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::display::DisplayErrorContext;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+/// The HTTPS client of every AWS SDK client: the SDK's own (hyper, rustls, the proxy from the
+/// standard `HTTPS_PROXY`/`NO_PROXY` variables, the client's timeouts and sleep), with rustls
+/// on the `ring` provider instead of `aws-lc`, whose C build was a minute of every clean build.
+/// Give it to the configuration loader (`aws_config::ConfigLoader::http_client`), or to an
+/// `SdkConfig` built by hand; the SDK crates are built without a default client.
+pub fn http_client() -> SharedHttpClient {
+    Builder::new().build_with_connector_fn(|settings, components| {
+        let mut connector =
+            ConnectorBuilder::default().tls_provider(tls::Provider::Rustls(CryptoMode::Ring));
+        connector.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            connector.set_sleep_impl(components.sleep_impl());
+        }
+        connector.set_proxy_config(Some(ProxyConfig::from_env()));
+        connector.build()
+    })
+}
 
 /// Codes of a resource that is not in a state to allow the request yet, or that was just
 /// created and is not visible everywhere yet (EC2 is eventually consistent: an id it just

@@ -97,6 +97,7 @@ impl Moto {
     /// SDK configuration pointing at this server, with dummy credentials.
     pub fn sdk_config(&self) -> SdkConfig {
         aws_config::SdkConfig::builder()
+            .http_client(aws_common::http_client())
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
             .endpoint_url(&self.endpoint)

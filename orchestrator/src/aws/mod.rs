@@ -82,10 +82,13 @@ pub async fn connect(
     })
 }
 
-/// Loads the AWS configuration the standard way (environment, profiles, credential chain),
-/// with the request counter on every client built from it.
+/// Loads the AWS configuration the standard way (environment, profiles, credential chain), on
+/// the HTTPS client of [`aws_common::http_client`].
 pub async fn load_sdk_config() -> aws_config::SdkConfig {
-    aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await
+    aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(aws_common::http_client())
+        .load()
+        .await
 }
 
 impl Intercept for RequestCounter {
