@@ -24,8 +24,11 @@ pub struct Infrastructure {
     pub artifact_bucket: String,
     /// The image builders start from (and that serves before the first infra push).
     pub base_image_id: String,
-    /// The instance profile of builders and instances (reads the artifact bucket).
-    pub instance_profile: String,
+    /// No longer used: each environment has an IAM role and instance profile of its own
+    /// (`activities::aws::identity`). Still read, so that a configuration that sets it is
+    /// refused with that explanation rather than as an unknown field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_profile: Option<String>,
     /// The DB subnet group of the databases.
     pub db_subnet_group: String,
     /// KMS key for image volumes and databases; none: the services' default keys.
@@ -67,7 +70,7 @@ impl Default for Infrastructure {
             alb_security_group_id: String::new(),
             artifact_bucket: String::new(),
             base_image_id: String::new(),
-            instance_profile: String::new(),
+            instance_profile: None,
             db_subnet_group: String::new(),
             kms_key_id: None,
             source_url: String::new(),
@@ -115,10 +118,6 @@ impl Infrastructure {
         need(
             self.base_image_id.is_empty(),
             "base_image_id (the AMI builders start from)",
-        );
-        need(
-            self.instance_profile.is_empty(),
-            "instance_profile (of builders and instances)",
         );
         need(
             self.db_subnet_group.is_empty(),

@@ -56,7 +56,6 @@
 //! alb_security_group_id = "sg-..."
 //! artifact_bucket = "..."
 //! base_image_id = "ami-..."
-//! instance_profile = "..."
 //! db_subnet_group = "..."
 //! source_url = "https://gitlab.example.com/{tenant}/{repo}.git"
 //! # kms_key_id, deploy_token_secret, instance_type, builder_instance_type, db_instance_class,

@@ -114,6 +114,15 @@ pub fn sanitize(text: &str) -> String {
     out
 }
 
+/// `text` with each line [`sanitize`]d: its line breaks stay, every other control character
+/// is escaped.
+fn sanitize_lines(text: &str) -> String {
+    text.split('\n')
+        .map(sanitize)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// One cell of a table: sanitized text and its style.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cell {
@@ -344,14 +353,15 @@ impl<'a> Printer<'a> {
         self.out.write_all(table.render(self.color).as_bytes())
     }
 
-    /// Writes `text` and a newline as data.
+    /// Writes `text` and a newline as data; control characters other than its line breaks are
+    /// escaped (see [`sanitize`]).
     pub fn line(&mut self, text: &str) -> std::io::Result<()> {
-        writeln!(self.out, "{text}")
+        writeln!(self.out, "{}", sanitize_lines(text))
     }
 
-    /// Writes `text` and a newline as a message (stderr).
+    /// Writes `text` and a newline as a message (stderr), escaped as [`Printer::line`] does.
     pub fn note(&mut self, text: &str) -> std::io::Result<()> {
-        writeln!(self.err, "{text}")
+        writeln!(self.err, "{}", sanitize_lines(text))
     }
 
     /// `text` in `style` if colour is on.
@@ -418,6 +428,10 @@ mod tests {
         assert_eq!(sanitize("plain"), "plain");
         assert_eq!(sanitize("a\nb\u{1b}[31m"), "a\\nb\\u{1b}[31m");
         assert_eq!(Cell::from("x\ty").text(), "x\\ty");
+        assert_eq!(
+            sanitize_lines("one\ntwo \u{1b}]0;title\u{7}\r"),
+            "one\ntwo \\u{1b}]0;title\\u{7}\\r"
+        );
     }
 
     #[test]

@@ -116,6 +116,12 @@ pub async fn add<S: Store>(store: &S, req: &AddRequest, p: &mut Printer<'_>) -> 
             )));
         }
     }
+    if let Some(owner) = store.tenant_by_domain(&req.domain).await? {
+        return Err(Error::AlreadyExists(format!(
+            "domain {} already belongs to tenant {}",
+            req.domain, owner.id
+        )));
+    }
 
     let secret = tenants::try_generate_token().map_err(Error::Random)?;
     let now = p.now;

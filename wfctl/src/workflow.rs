@@ -9,7 +9,7 @@ use workflows::{
     StepStatus, TenantId, WorkflowKey, WorkflowRecord,
 };
 
-use crate::output::{Cell, Printer, Style, Table, absolute, state_style, step_style};
+use crate::output::{Cell, Printer, Style, Table, absolute, sanitize, state_style, step_style};
 use crate::tenant::unknown_tenant;
 use crate::views::{
     HistoryView, SummaryView, WorkflowView, describe_event, describe_release, verdict_parts,
@@ -562,8 +562,8 @@ fn follow_entry(p: &mut Printer<'_>, e: &HistoryEntry) -> Result<(), Error> {
             e.run.map_or_else(|| "-".to_owned(), |r| r.to_string()),
             format!("{} -> {}", e.from, e.to),
             e.event.kind(),
-            verdict,
-            describe_event(&e.event)
+            sanitize(&verdict),
+            sanitize(&describe_event(&e.event))
         ))?;
     }
     Ok(())

@@ -13,7 +13,7 @@ use crate::machine::Settings;
 use crate::time::Timestamp;
 
 /// How a tenant's webhooks authenticate. The secret token itself is never stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookAuth {
     /// Lowercase hex SHA-256 of the current `X-Gitlab-Token` secret.
@@ -28,6 +28,21 @@ pub struct WebhookAuth {
     /// HMAC key must be kept to verify signatures, so unlike the token it is stored as is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing_secret: Option<String>,
+}
+
+// The signing secret never appears in `Debug` output (logs, panic messages).
+impl std::fmt::Debug for WebhookAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookAuth")
+            .field("token_sha256", &self.token_sha256)
+            .field("previous_token_sha256", &self.previous_token_sha256)
+            .field("previous_valid_until", &self.previous_valid_until)
+            .field(
+                "signing_secret",
+                &self.signing_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// A registered tenant.
@@ -136,6 +151,25 @@ impl Tenant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_signing_secret_never_appears_in_debug_output() {
+        let mut tenant = Tenant::new(
+            TenantId::new("acme").expect("valid"),
+            Domain::new("acme.example").expect("valid"),
+            1,
+            2,
+            "00".repeat(32),
+            Timestamp::EPOCH,
+        );
+        tenant.webhook.signing_secret = Some("whsec_c2VjcmV0LWtleS1vZi1hY21l".into());
+        let shown = format!("{tenant:?} {tenant:#?}");
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
+        assert!(
+            shown.contains("<redacted>") && shown.contains("acme.example"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn refs_map_through_the_branch_map() {

@@ -10,7 +10,7 @@ use aws_sdk_rds::types::{DbInstance, Tag};
 use workflows::{DatabaseOutput, StepOutput};
 
 use super::error::{classify, code};
-use super::{AwsCloud, Error, Names, tags};
+use super::{AwsCloud, Error, Names, ownership, tags};
 use crate::{Invocation, Outcome};
 
 /// Statuses that end by themselves.
@@ -42,6 +42,7 @@ pub(super) async fn reconcile(
         create(cloud, names, invocation, &id).await?;
         return Ok(cloud.progress(format!("database {id} creating")));
     };
+    ownership::check(names, &format!("database {id}"), pairs(&db))?;
     let status = db.db_instance_status().unwrap_or("unknown");
     match status {
         "available" => {
@@ -76,6 +77,21 @@ pub(super) async fn reconcile(
             "database {id} is {other}: it needs an operator"
         ))),
     }
+}
+
+/// The instance's tags as (key, value) pairs.
+fn pairs(db: &DbInstance) -> impl Iterator<Item = (Option<&str>, Option<&str>)> + Clone {
+    db.tag_list().iter().map(|t| (t.key(), t.value()))
+}
+
+/// Whether `db` is tagged as `names`' environment's.
+pub(super) fn is_ours(names: &Names, db: &DbInstance) -> bool {
+    let ours = ownership::is_ours(names, pairs(db));
+    if !ours {
+        tracing::warn!(database = ?db.db_instance_identifier(), key = %names.key(),
+            "database of this name is not the environment's; left as it is");
+    }
+    ours
 }
 
 /// The instance `id`, if it exists.

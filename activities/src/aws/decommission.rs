@@ -1,15 +1,17 @@
 //! `decommission`: releases everything the environment holds, in an order the services
 //! accept: groups (and so instances), launch template, listener rule (and its priority),
 //! target group, builders and images, the database (with a final snapshot), then the
-//! security groups once nothing uses them. Each invocation deletes what it can and waits for
+//! security groups once nothing uses them, and the instance role and profile. Each invocation deletes what it can and waits for
 //! what is still going; the step is done when nothing is left.
 
 use aws_sdk_ec2::types::Filter;
 use workflows::StepOutput;
 
 use super::error::{classify, code};
-use super::names::{TAG_ENV, TAG_TENANT};
-use super::{AwsCloud, Error, Names, database, network, rollout, routing};
+use super::names::{TAG_ENV, TAG_MANAGED_BY, TAG_TENANT};
+use super::{
+    AwsCloud, Error, MANAGED_BY, Names, database, identity, network, ownership, rollout, routing,
+};
 use crate::{Invocation, Outcome};
 
 pub(super) async fn reconcile(
@@ -29,8 +31,11 @@ pub(super) async fn reconcile(
     delete_launch_templates(cloud, names).await?;
 
     let host = format!("{}.{}", names.key().env, invocation.domain);
-    if let Some(rule) = routing::find_rule(cloud, &host).await? {
-        let arn = rule.rule_arn().unwrap_or_default();
+    // A rule or a target group of the same host or name that is not ours stays as it is.
+    if let Some(rule) = routing::find_rule(cloud, &host).await?
+        && let Some(arn) = rule.rule_arn()
+        && owned(cloud, names, &format!("listener rule {arn}"), arn).await?
+    {
         match cloud.clients.elb.delete_rule().rule_arn(arn).send().await {
             Ok(_) => tracing::info!(host = %host, "listener rule deleted"),
             Err(e) if code(&e) == Some("RuleNotFound") => {}
@@ -42,7 +47,9 @@ pub(super) async fn reconcile(
     if let Some(priority) = cloud.allocations.allocation_of(&pool, &owner).await? {
         cloud.allocations.release(&pool, priority, &owner).await?;
     }
-    if let Some(arn) = routing::find_target_group(cloud, &names.target_group()).await? {
+    if let Some(arn) = routing::find_target_group(cloud, &names.target_group()).await?
+        && owned(cloud, names, &format!("target group {arn}"), &arn).await?
+    {
         match cloud
             .clients
             .elb
@@ -64,7 +71,9 @@ pub(super) async fn reconcile(
     deregister_images(cloud, names).await?;
 
     let db = names.database();
-    if let Some(instance) = database::find(cloud, &db).await? {
+    if let Some(instance) = database::find(cloud, &db).await?
+        && database::is_ours(names, &instance)
+    {
         if instance.db_instance_status() != Some("deleting") {
             let snapshot = format!("{}-{}", names.final_snapshot(), invocation.task.run);
             match cloud
@@ -98,6 +107,10 @@ pub(super) async fn reconcile(
         let Some(group) = network::find_group(cloud, &name).await? else {
             continue;
         };
+        if !ownership::is_ours(names, network::ec2_pairs(group.tags())) {
+            tracing::warn!(group = %name, "security group of this name is not the environment's; left as it is");
+            continue;
+        }
         let id = group.group_id().unwrap_or_default();
         match cloud
             .clients
@@ -116,11 +129,26 @@ pub(super) async fn reconcile(
             Err(e) => return Err(classify("ec2:DeleteSecurityGroup", &name, &e)),
         }
     }
+    identity::delete(cloud, names).await?;
     Ok(Outcome::Done(StepOutput::Decommissioned))
 }
 
-fn env_filters(names: &Names) -> [Filter; 2] {
+/// Whether the load balancer resource `arn` (`what`) is the environment's; logs it if not.
+async fn owned(cloud: &AwsCloud, names: &Names, what: &str, arn: &str) -> Result<bool, Error> {
+    let ours = routing::is_ours(cloud, names, arn).await?;
+    if !ours {
+        tracing::warn!(resource = %what, key = %names.key(), "not the environment's; left as it is");
+    }
+    Ok(ours)
+}
+
+/// Filters on the tags the orchestrator puts on everything of `names`' environment.
+fn env_filters(names: &Names) -> [Filter; 3] {
     [
+        Filter::builder()
+            .name(format!("tag:{TAG_MANAGED_BY}"))
+            .values(MANAGED_BY)
+            .build(),
         Filter::builder()
             .name(format!("tag:{TAG_TENANT}"))
             .values(names.key().tenant.as_str())
@@ -134,11 +162,12 @@ fn env_filters(names: &Names) -> [Filter; 2] {
 
 /// Deletes the environment's launch templates (one per run, tagged with tenant and env).
 async fn delete_launch_templates(cloud: &AwsCloud, names: &Names) -> Result<(), Error> {
-    let [tenant, env] = env_filters(names);
+    let [managed, tenant, env] = env_filters(names);
     let out = cloud
         .clients
         .ec2
         .describe_launch_templates()
+        .filters(managed)
         .filters(tenant)
         .filters(env)
         .send()
@@ -155,11 +184,12 @@ async fn delete_launch_templates(cloud: &AwsCloud, names: &Names) -> Result<(), 
 /// Terminates the environment's instances that are still there (builders; group instances
 /// go with their groups). Returns what is still going.
 async fn terminate_instances(cloud: &AwsCloud, names: &Names) -> Result<Vec<String>, Error> {
-    let [tenant, env] = env_filters(names);
+    let [managed, tenant, env] = env_filters(names);
     let out = cloud
         .clients
         .ec2
         .describe_instances()
+        .filters(managed)
         .filters(tenant)
         .filters(env)
         .filters(
@@ -200,12 +230,13 @@ async fn terminate_instances(cloud: &AwsCloud, names: &Names) -> Result<Vec<Stri
 }
 
 async fn deregister_images(cloud: &AwsCloud, names: &Names) -> Result<(), Error> {
-    let [tenant, env] = env_filters(names);
+    let [managed, tenant, env] = env_filters(names);
     let out = cloud
         .clients
         .ec2
         .describe_images()
         .owners("self")
+        .filters(managed)
         .filters(tenant)
         .filters(env)
         .send()

@@ -20,15 +20,18 @@
 //! with that key.
 
 use aws_sdk_ec2::types::{
-    BlockDeviceMapping, EbsBlockDevice, Filter, IamInstanceProfileSpecification, Image, ImageState,
-    Instance, InstanceStateName, ResourceType, ShutdownBehavior, TagSpecification,
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
+    Image, ImageState, Instance, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceStateName, ResourceType, ShutdownBehavior, TagSpecification,
 };
+use aws_smithy_types::error::metadata::ProvideErrorMetadata as _;
 use base64::Engine as _;
 use workflows::{GitSha, ImageOutput, RepoKind, StepKind, StepOutput};
 
 use super::error::{classify, code};
-use super::network::ec2_tags;
-use super::{AwsCloud, Error, Names};
+use super::names::{TAG_ENV, TAG_MANAGED_BY, TAG_NAME, TAG_TENANT};
+use super::network::{ec2_pairs, ec2_tags};
+use super::{AwsCloud, Error, MANAGED_BY, Names, identity, ownership, source};
 use crate::{Invocation, Outcome};
 
 pub(super) async fn reconcile(
@@ -41,9 +44,11 @@ pub(super) async fn reconcile(
             Error::Terminal("the release has no infra commit to build".to_owned())
         })?;
     let image_name = names.image(sha);
-    let builder = find_builder(cloud, &names.builder(sha)).await?;
+    let builder = find_builder(cloud, names, &names.builder(sha)).await?;
     if let Some(image) = find_image(cloud, &image_name).await? {
         let id = image.image_id().unwrap_or_default().to_owned();
+        let what = format!("image {image_name} ({id})");
+        ownership::check(names, &what, ec2_pairs(image.tags()))?;
         match image.state() {
             Some(ImageState::Available) => {
                 if let Some(b) = &builder {
@@ -124,7 +129,7 @@ pub(super) async fn abandon(
     let Some(sha) = invocation.task.release.infra.as_ref() else {
         return Ok(());
     };
-    match find_builder(cloud, &names.builder(sha)).await? {
+    match find_builder(cloud, names, &names.builder(sha)).await? {
         Some(builder) => terminate(cloud, &builder).await,
         None => Ok(()),
     }
@@ -144,13 +149,27 @@ async fn find_image(cloud: &AwsCloud, name: &str) -> Result<Option<Image>, Error
     Ok(out.images().first().cloned())
 }
 
-/// The builder instance tagged `name` that is not terminated or being terminated.
-async fn find_builder(cloud: &AwsCloud, name: &str) -> Result<Option<Instance>, Error> {
+/// The builder instance tagged `name` (and as the environment's) that is not terminated or
+/// being terminated. An instance of that name of anyone else is never found, so never touched.
+async fn find_builder(
+    cloud: &AwsCloud,
+    names: &Names,
+    name: &str,
+) -> Result<Option<Instance>, Error> {
+    let tagged = |key: &str, value: &str| {
+        Filter::builder()
+            .name(format!("tag:{key}"))
+            .values(value)
+            .build()
+    };
     let out = cloud
         .clients
         .ec2
         .describe_instances()
-        .filters(Filter::builder().name("tag:Name").values(name).build())
+        .filters(tagged(TAG_NAME, name))
+        .filters(tagged(TAG_MANAGED_BY, MANAGED_BY))
+        .filters(tagged(TAG_TENANT, names.key().tenant.as_str()))
+        .filters(tagged(TAG_ENV, names.key().env.as_str()))
         .filters(
             Filter::builder()
                 .name("instance-state-name")
@@ -163,11 +182,12 @@ async fn find_builder(cloud: &AwsCloud, name: &str) -> Result<Option<Instance>, 
         .send()
         .await
         .map_err(|e| classify("ec2:DescribeInstances", name, &e))?;
+    // The tags are checked here as well: not every endpoint applies every filter.
     Ok(out
         .reservations()
         .iter()
         .flat_map(|r| r.instances())
-        .next()
+        .find(|i| ownership::is_ours(names, ec2_pairs(i.tags())))
         .cloned())
 }
 
@@ -216,10 +236,12 @@ async fn launch_builder(
 ) -> Result<(), Error> {
     let infra = &cloud.infra;
     let name = names.builder(sha);
-    let user_data = builder_user_data(
-        &infra.artifact_bucket,
-        &names.artifact_key(RepoKind::Infra, sha),
-    );
+    // The environment's profile, made here too for environments whose network step ran
+    // before there were per-environment roles.
+    identity::ensure(cloud, names, invocation.task.run).await?;
+    let recorded = invocation.task.resources.infra_source.as_ref();
+    let key = source::in_prefix(cloud, names, RepoKind::Infra, sha, recorded).await?;
+    let user_data = builder_user_data(&infra.artifact_bucket, &key);
     let mut tags = ec2_tags(names, invocation.task.run, &name);
     tags.push(
         aws_sdk_ec2::types::Tag::builder()
@@ -240,7 +262,14 @@ async fn launch_builder(
         .subnet_id(infra.subnet_ids.first().cloned().unwrap_or_default())
         .iam_instance_profile(
             IamInstanceProfileSpecification::builder()
-                .name(&infra.instance_profile)
+                .name(names.instance_role())
+                .build(),
+        )
+        .metadata_options(
+            InstanceMetadataOptionsRequest::builder()
+                .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                .http_tokens(HttpTokensState::Required)
+                .http_put_response_hop_limit(1)
                 .build(),
         )
         .user_data(base64::engine::general_purpose::STANDARD.encode(user_data))
@@ -276,10 +305,19 @@ async fn launch_builder(
                 .build(),
         );
     }
-    let out = request
-        .send()
-        .await
-        .map_err(|e| classify("ec2:RunInstances", &name, &e))?;
+    let out = request.send().await.map_err(|e| {
+        // A new instance profile takes a few seconds to reach EC2.
+        if e.message()
+            .is_some_and(|m| m.contains("iamInstanceProfile"))
+        {
+            Error::Retryable(format!(
+                "ec2:RunInstances on {name}: instance profile {} not visible to EC2 yet",
+                names.instance_role()
+            ))
+        } else {
+            classify("ec2:RunInstances", &name, &e)
+        }
+    })?;
     let id = out
         .instances()
         .first()

@@ -5,19 +5,20 @@
 //! Every invocation observes, takes at most one action that has to be waited for, and says
 //! where the step stands. Resources are named by [`Names`] from tenant, environment and
 //! release, tagged `tenant`, `env`, `run`, `managed-by`, and looked up before anything is
-//! created: an "already exists" answer means adopt. Idempotency tokens come from the workflow
+//! created: an "already exists" answer means adopt, and only what is tagged as the
+//! environment's is adopted (`ownership`). Idempotency tokens come from the workflow
 //! key, the step and the target ([`Names::token`]), never from randomness. Errors are
 //! classified by code ([`error::classify`]).
 //!
 //! | step | what it does |
 //! |---|---|
-//! | network | security groups `<t>-<e>-instances` (HTTP from the load balancer's group only) and `<t>-<e>-database` (3306 from the instances' group only) |
-//! | source_infra, source_app | `git` fetches the pushed commit (a deploy token from Secrets Manager for private repositories), `git archive` packs it, S3 keeps it at `<tenant>/<repo>/<sha>.tar.gz` (skipped when present) |
+//! | network | security groups `<t>-<e>-instances` (HTTP from the load balancer's group only) and `<t>-<e>-database` (3306 from the instances' group only); the environment's IAM role and instance profile (see [`identity`]) |
+//! | source_infra, source_app | `git` fetches the pushed commit (a deploy token from Secrets Manager for private repositories), `git archive` packs it, S3 keeps it at `<tenant>/<env>/<repo>/<sha>.tar.gz` (skipped when present) |
 //! | image | a builder instance from the base image runs the tenant's scripts from the infra artifact and powers off; the image `<t>-<e>-<sha>` is made from the stopped builder (its volumes encrypted with the KMS key when one is configured); once available the builder is terminated |
 //! | database | RDS MySQL `<t>-<e>`, encrypted, `ManageMasterUserPassword`, in the configured subnet group behind the database group; endpoint and secret ARN are recorded, never a password |
 //! | routing | target group `<t>-<e>`, a listener priority held through [`Allocations`] (a conditional write), a rule for host `<env>.<domain>` tagged with tenant and env so a retry finds it |
 //! | rollout | a launch template version per run (image, user data that installs the app artifact), a new Auto Scaling group `<t>-<e>-<run>` on the target group; once its targets are healthy the previous group is detached and deleted; if they never are, the new group is deleted and the old one keeps serving |
-//! | decommission | groups, launch template, rule (priority freed), target group, builders and images, the database (with a final snapshot), then the security groups |
+//! | decommission | groups, launch template, rule (priority freed), target group, builders and images, the database (with a final snapshot), then the security groups, the instance profile and role |
 
 use std::future::Future;
 use std::pin::Pin;
@@ -34,9 +35,11 @@ use crate::{Activities, Invocation, Outcome};
 mod database;
 mod decommission;
 pub mod error;
+pub mod identity;
 mod image;
 mod names;
 mod network;
+mod ownership;
 mod rollout;
 mod routing;
 pub mod sandbox;
@@ -241,6 +244,12 @@ impl AwsCloud {
         allocations: impl Allocations,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, Error> {
+        if let Some(profile) = &infra.instance_profile {
+            return Err(Error::Terminal(format!(
+                "instance_profile ({profile:?}) is no longer used: each environment gets an IAM role and instance profile of its own under {}; remove the setting",
+                identity::IAM_PATH
+            )));
+        }
         let missing = infra.missing();
         if !missing.is_empty() {
             return Err(Error::Terminal(format!(
@@ -390,24 +399,6 @@ impl AwsCloud {
                 Err(e) => Some(error::classify(
                     "rds:DescribeDBSubnetGroups",
                     &i.db_subnet_group,
-                    &e,
-                )),
-            },
-        );
-        let profile = c
-            .iam
-            .get_instance_profile()
-            .instance_profile_name(&i.instance_profile)
-            .send()
-            .await;
-        note(
-            "instance_profile",
-            &i.instance_profile,
-            match profile {
-                Ok(_) => None,
-                Err(e) => Some(error::classify(
-                    "iam:GetInstanceProfile",
-                    &i.instance_profile,
                     &e,
                 )),
             },

@@ -103,14 +103,26 @@ impl Names {
         format!("{}-{run}", self.base)
     }
 
-    /// Where the packed source of `repo` at `sha` is kept: under the tenant's prefix, keyed by
-    /// the commit (a git commit id addresses its content).
+    /// Where the packed source of `repo` at `sha` is kept: under the environment's
+    /// [`artifact_prefix`](Self::artifact_prefix), keyed by the commit (a git commit id
+    /// addresses its content).
     pub fn artifact_key(&self, repo: RepoKind, sha: &GitSha) -> String {
         let repo = match repo {
             RepoKind::Infra => "infra",
             RepoKind::App => "app",
         };
-        format!("{}/{repo}/{sha}.tar.gz", self.key.tenant)
+        format!("{}{repo}/{sha}.tar.gz", self.artifact_prefix())
+    }
+
+    /// `<tenant>/<env>/`: the part of the artifact bucket the environment's instances may read
+    /// (and no other environment's may).
+    pub fn artifact_prefix(&self) -> String {
+        format!("{}/{}/", self.key.tenant, self.key.env)
+    }
+
+    /// The environment's IAM role and instance profile (at most 64 characters).
+    pub fn instance_role(&self) -> String {
+        format!("{}-instances", self.base)
     }
 
     /// An idempotency token for `step`'s action on `what`: the same for every retry, distinct

@@ -1,7 +1,9 @@
-//! `network`: the environment's two security groups. The instances' group admits the
+//! `network`: the environment's two security groups and its instance identity (an IAM role
+//! and instance profile of its own: see `identity`). The instances' group admits the
 //! application port from the load balancer's group only; the database's group admits MySQL
 //! (3306) from the instances' group only. Both are found by name in the VPC before being
-//! created, and their one ingress rule is added only when missing.
+//! created (and adopted only when tagged as the environment's), and their one ingress rule is
+//! added only when missing.
 
 use aws_sdk_ec2::types::{
     Filter, IpPermission, ResourceType, SecurityGroup, Tag, TagSpecification, UserIdGroupPair,
@@ -9,7 +11,7 @@ use aws_sdk_ec2::types::{
 use workflows::{NetworkOutput, RunId, StepOutput};
 
 use super::error::{classify, code};
-use super::{AwsCloud, Error, Names, tags};
+use super::{AwsCloud, Error, Names, identity, ownership, tags};
 use crate::{Invocation, Outcome};
 
 const MYSQL_PORT: i32 = 3306;
@@ -45,6 +47,7 @@ pub(super) async fn reconcile(
     )
     .await?;
     ensure_ingress(cloud, &database, MYSQL_PORT, &instances_id).await?;
+    identity::ensure(cloud, names, run).await?;
     Ok(Outcome::Done(StepOutput::Network(NetworkOutput {
         instance_security_group: instances_id,
         database_security_group: group_id(&database)?,
@@ -102,6 +105,11 @@ async fn ensure_group(
     run: RunId,
 ) -> Result<SecurityGroup, Error> {
     if let Some(g) = find_group(cloud, name).await? {
+        ownership::check(
+            names,
+            &format!("security group {name}"),
+            ec2_pairs(g.tags()),
+        )?;
         return Ok(g);
     }
     let created = cloud
@@ -126,11 +134,24 @@ async fn ensure_group(
         Err(e) => return Err(classify("ec2:CreateSecurityGroup", name, &e)),
     }
     tracing::info!(group = name, "security group created");
-    find_group(cloud, name).await?.ok_or_else(|| {
+    let group = find_group(cloud, name).await?.ok_or_else(|| {
         Error::Retryable(format!(
             "security group {name} not visible yet after creation"
         ))
-    })
+    })?;
+    ownership::check(
+        names,
+        &format!("security group {name}"),
+        ec2_pairs(group.tags()),
+    )?;
+    Ok(group)
+}
+
+/// EC2 tags as (key, value) pairs.
+pub(super) fn ec2_pairs(
+    tags: &[Tag],
+) -> impl Iterator<Item = (Option<&str>, Option<&str>)> + Clone {
+    tags.iter().map(|t| (t.key(), t.value()))
 }
 
 async fn ensure_ingress(

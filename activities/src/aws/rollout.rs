@@ -13,8 +13,9 @@
 
 use aws_sdk_autoscaling::types::{AutoScalingGroup, Filter, LaunchTemplateSpecification, Tag};
 use aws_sdk_ec2::types::{
-    LaunchTemplateIamInstanceProfileSpecificationRequest, LaunchTemplateTagSpecificationRequest,
-    RequestLaunchTemplateData, ResourceType,
+    LaunchTemplateHttpTokensState, LaunchTemplateIamInstanceProfileSpecificationRequest,
+    LaunchTemplateInstanceMetadataEndpointState, LaunchTemplateInstanceMetadataOptionsRequest,
+    LaunchTemplateTagSpecificationRequest, RequestLaunchTemplateData, ResourceType,
 };
 use aws_sdk_elasticloadbalancingv2::types::TargetHealthStateEnum;
 use base64::Engine as _;
@@ -23,7 +24,7 @@ use workflows::{DeploymentOutput, RepoKind, RunId, StepKind, StepOutput};
 use super::error::{classify, code};
 use super::names::{TAG_ENV, TAG_MANAGED_BY, TAG_NAME, TAG_RUN, TAG_TENANT};
 use super::network::ec2_tags;
-use super::{AwsCloud, Error, MANAGED_BY, Names, tags};
+use super::{AwsCloud, Error, MANAGED_BY, Names, identity, ownership, source, tags};
 use crate::{Invocation, Outcome};
 
 pub(super) async fn reconcile(
@@ -62,6 +63,11 @@ pub(super) async fn reconcile(
         .iter()
         .find(|g| g.auto_scaling_group_name() == Some(name.as_str()))
     else {
+        // Not listed by its tags: someone else's group of that name is refused, not replaced
+        // (some endpoints replace a group created again), and ours is just not listed yet.
+        if group_named(cloud, names, &name).await? {
+            return Ok(cloud.progress(format!("group {name} created; not listed yet")));
+        }
         let template = ensure_template(cloud, names, invocation, &image_id).await?;
         create_group(
             cloud,
@@ -206,21 +212,20 @@ async fn ensure_template(
     image_id: &str,
 ) -> Result<String, Error> {
     let template = names.launch_template(invocation.task.run);
-    let described = cloud
-        .clients
-        .ec2
-        .describe_launch_templates()
-        .launch_template_names(&template)
-        .send()
-        .await;
-    match described {
-        Ok(out) if !out.launch_templates().is_empty() => return Ok(template),
-        Ok(_) => {}
-        Err(e) if code(&e).is_some_and(|c| c.starts_with("InvalidLaunchTemplateName.NotFound")) => {
-        }
-        Err(e) => return Err(classify("ec2:DescribeLaunchTemplates", &template, &e)),
+    if check_template(cloud, names, &template).await? {
+        return Ok(template);
     }
-    let data = template_data(cloud, names, invocation, image_id)?;
+    // The environment's profile, made here too for environments whose network step ran
+    // before there were per-environment roles.
+    identity::ensure(cloud, names, invocation.task.run).await?;
+    let app_key = match &invocation.task.release.app {
+        Some(sha) => {
+            let recorded = invocation.task.resources.app_source.as_ref();
+            Some(source::in_prefix(cloud, names, RepoKind::App, sha, recorded).await?)
+        }
+        None => None,
+    };
+    let data = template_data(cloud, names, invocation, image_id, app_key.as_deref())?;
     let created = cloud
         .clients
         .ec2
@@ -242,15 +247,46 @@ async fn ensure_template(
             tracing::info!(launch_template = %template, "launch template created");
             Ok(template)
         }
-        // Created meanwhile by another attempt: adopt it.
+        // Created meanwhile by another attempt: adopt it if it is ours.
         Err(e)
             if code(&e)
                 .is_some_and(|c| c.starts_with("InvalidLaunchTemplateName.AlreadyExists")) =>
         {
-            Ok(template)
+            if check_template(cloud, names, &template).await? {
+                Ok(template)
+            } else {
+                Err(Error::Retryable(format!(
+                    "launch template {template} exists but is not visible yet"
+                )))
+            }
         }
         Err(e) => Err(classify("ec2:CreateLaunchTemplate", &template, &e)),
     }
+}
+
+/// Whether launch template `name` exists; one that is not tagged as the environment's is a
+/// terminal error.
+async fn check_template(cloud: &AwsCloud, names: &Names, name: &str) -> Result<bool, Error> {
+    let described = cloud
+        .clients
+        .ec2
+        .describe_launch_templates()
+        .launch_template_names(name)
+        .send()
+        .await;
+    let out = match described {
+        Ok(out) => out,
+        Err(e) if code(&e).is_some_and(|c| c.starts_with("InvalidLaunchTemplateName.NotFound")) => {
+            return Ok(false);
+        }
+        Err(e) => return Err(classify("ec2:DescribeLaunchTemplates", name, &e)),
+    };
+    let Some(found) = out.launch_templates().first() else {
+        return Ok(false);
+    };
+    let pairs = found.tags().iter().map(|t| (t.key(), t.value()));
+    ownership::check(names, &format!("launch template {name}"), pairs)?;
+    Ok(true)
 }
 
 /// Deletes launch template `name`; one already gone is fine.
@@ -274,17 +310,13 @@ fn template_data(
     names: &Names,
     invocation: Invocation<'_>,
     image_id: &str,
+    app_key: Option<&str>,
 ) -> Result<RequestLaunchTemplateData, Error> {
     let task = invocation.task;
     let network = task.resources.network.as_ref().ok_or_else(|| {
         Error::Terminal("the rollout needs the network step's security group".to_owned())
     })?;
-    let app_key = task
-        .release
-        .app
-        .as_ref()
-        .map(|sha| names.artifact_key(RepoKind::App, sha));
-    let user_data = app_user_data(&cloud.infra.artifact_bucket, app_key.as_deref());
+    let user_data = app_user_data(&cloud.infra.artifact_bucket, app_key);
     let group = names.group(task.run);
     Ok(RequestLaunchTemplateData::builder()
         .image_id(image_id)
@@ -294,7 +326,14 @@ fn template_data(
         .security_group_ids(&network.instance_security_group)
         .iam_instance_profile(
             LaunchTemplateIamInstanceProfileSpecificationRequest::builder()
-                .name(&cloud.infra.instance_profile)
+                .name(names.instance_role())
+                .build(),
+        )
+        .metadata_options(
+            LaunchTemplateInstanceMetadataOptionsRequest::builder()
+                .http_endpoint(LaunchTemplateInstanceMetadataEndpointState::Enabled)
+                .http_tokens(LaunchTemplateHttpTokensState::Required)
+                .http_put_response_hop_limit(1)
                 .build(),
         )
         .user_data(base64::engine::general_purpose::STANDARD.encode(user_data))
@@ -363,8 +402,38 @@ async fn create_group(
             tracing::info!(group = name, "auto scaling group created");
             Ok(())
         }
-        Err(e) if code(&e) == Some("AlreadyExists") => Ok(()),
+        // Created meanwhile by another attempt (and not listed yet), or someone else's.
+        Err(e) if code(&e) == Some("AlreadyExists") => {
+            if group_named(cloud, names, name).await? {
+                Ok(())
+            } else {
+                Err(Error::Retryable(format!(
+                    "auto scaling group {name} exists but is not visible yet"
+                )))
+            }
+        }
         Err(e) => Err(classify("autoscaling:CreateAutoScalingGroup", name, &e)),
+    }
+}
+
+/// Whether group `name` exists; one that is not tagged as the environment's is a terminal
+/// error.
+async fn group_named(cloud: &AwsCloud, names: &Names, name: &str) -> Result<bool, Error> {
+    let out = cloud
+        .clients
+        .autoscaling
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(name)
+        .send()
+        .await
+        .map_err(|e| classify("autoscaling:DescribeAutoScalingGroups", name, &e))?;
+    match out.auto_scaling_groups().first() {
+        Some(g) => {
+            let pairs = g.tags().iter().map(|t| (t.key(), t.value()));
+            ownership::check(names, &format!("auto scaling group {name}"), pairs)?;
+            Ok(true)
+        }
+        None => Ok(false),
     }
 }
 

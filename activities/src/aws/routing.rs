@@ -5,7 +5,9 @@
 //! one. The first value tried is derived from the key (spreading tenants over the range), then
 //! the next ones. A priority the load balancer says is in use by a rule the orchestrator does
 //! not manage is marked as held by that rule, and another one is taken on the next attempt.
-//! A retry finds its rule by host header (and tags) on the listener before creating one.
+//! A retry finds its rule by host header on the listener before creating one; a rule or target
+//! group found by host or name is adopted only when tagged as the environment's (see
+//! `ownership`): another tenant's rule for the same host is never modified.
 
 use aws_sdk_elasticloadbalancingv2::types::{
     Action, ActionTypeEnum, HostHeaderConditionConfig, ProtocolEnum, Rule, RuleCondition, Tag,
@@ -15,7 +17,7 @@ use sha2::{Digest, Sha256};
 use workflows::{RoutingOutput, StepOutput};
 
 use super::error::{classify, code};
-use super::{AwsCloud, Error, Names, tags};
+use super::{AwsCloud, Error, Names, ownership, tags};
 use crate::{Invocation, Outcome};
 
 /// Listener rule priorities range from 1 to 50,000.
@@ -34,6 +36,13 @@ pub(super) async fn reconcile(
     let owner = names.key().to_string();
     if let Some(rule) = find_rule(cloud, &host).await? {
         let arn = rule.rule_arn().unwrap_or_default().to_owned();
+        check_tags(
+            cloud,
+            names,
+            &format!("listener rule {arn} for host {host}"),
+            &arn,
+        )
+        .await?;
         let priority: u32 = rule
             .priority()
             .and_then(|p| p.parse().ok())
@@ -203,6 +212,7 @@ async fn ensure_target_group(
 ) -> Result<String, Error> {
     let name = names.target_group();
     if let Some(arn) = find_target_group(cloud, &name).await? {
+        check_tags(cloud, names, &format!("target group {name}"), &arn).await?;
         return Ok(arn);
     }
     // AWS returns an existing group with the same settings; some endpoints answer
@@ -223,9 +233,11 @@ async fn ensure_target_group(
     let out = match created {
         Ok(out) => out,
         Err(e) if code(&e) == Some("DuplicateTargetGroupName") => {
-            return find_target_group(cloud, &name).await?.ok_or_else(|| {
+            let arn = find_target_group(cloud, &name).await?.ok_or_else(|| {
                 Error::Retryable(format!("target group {name} exists but is not visible yet"))
-            });
+            })?;
+            check_tags(cloud, names, &format!("target group {name}"), &arn).await?;
+            return Ok(arn);
         }
         Err(e) => {
             return Err(classify(
@@ -241,6 +253,39 @@ async fn ensure_target_group(
         .and_then(|g| g.target_group_arn())
         .map(str::to_owned)
         .ok_or_else(|| Error::Retryable(format!("CreateTargetGroup {name} returned no group")))
+}
+
+/// The tags of the load balancer resource `arn` (a rule or a target group).
+pub(super) async fn tags_of(cloud: &AwsCloud, arn: &str) -> Result<Vec<Tag>, Error> {
+    let out = cloud
+        .clients
+        .elb
+        .describe_tags()
+        .resource_arns(arn)
+        .send()
+        .await
+        .map_err(|e| classify("elasticloadbalancing:DescribeTags", arn, &e))?;
+    Ok(out
+        .tag_descriptions()
+        .iter()
+        .filter(|d| d.resource_arn() == Some(arn))
+        .flat_map(|d| d.tags().iter().cloned())
+        .collect())
+}
+
+/// Whether the load balancer resource `arn` is tagged as `names`' environment's.
+pub(super) async fn is_ours(cloud: &AwsCloud, names: &Names, arn: &str) -> Result<bool, Error> {
+    let tags = tags_of(cloud, arn).await?;
+    Ok(ownership::is_ours(
+        names,
+        tags.iter().map(|t| (t.key(), t.value())),
+    ))
+}
+
+/// `Ok` if the load balancer resource `arn` (`what`) is tagged as `names`' environment's.
+async fn check_tags(cloud: &AwsCloud, names: &Names, what: &str, arn: &str) -> Result<(), Error> {
+    let tags = tags_of(cloud, arn).await?;
+    ownership::check(names, what, tags.iter().map(|t| (t.key(), t.value())))
 }
 
 /// The priority `owner` holds, taking a free one if it holds none.

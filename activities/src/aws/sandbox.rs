@@ -1,8 +1,8 @@
 //! A sandbox of the shared infrastructure the reconcilers need, for trials and tests (on
 //! moto, or an empty AWS account): a VPC with two subnets in two zones, a load balancer with
 //! its security group and an HTTP listener (404 unless a rule matches), an artifact bucket,
-//! an instance role and profile, a DB subnet group, and the newest Amazon Linux 2023 image
-//! as the base image. Every piece is looked up by name before it is created, so running it
+//! a DB subnet group, and the newest Amazon Linux 2023 image as the base image (instance roles
+//! are per environment, made by the workflows). Every piece is looked up by name before it is created, so running it
 //! again returns the same [`Infrastructure`].
 
 use aws_config::SdkConfig;
@@ -15,8 +15,6 @@ use aws_sdk_elasticloadbalancingv2::types::{
 use super::error::{classify, code};
 use super::{Clients, Error, Infrastructure, MANAGED_BY};
 
-const INSTANCE_ROLE_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
-
 /// Creates (or finds) the sandbox named `prefix`; `source_url` goes into the result as it is.
 pub async fn create(
     sdk: &SdkConfig,
@@ -24,7 +22,6 @@ pub async fn create(
     source_url: &str,
 ) -> Result<Infrastructure, Error> {
     let clients = Clients::new(sdk);
-    let iam = clients.iam.clone();
     let region = sdk
         .region()
         .map_or_else(|| "us-east-1".to_owned(), |r| r.to_string());
@@ -46,8 +43,6 @@ pub async fn create(
     let listener_arn = load_balancer(&clients, prefix, &subnet_ids, &alb_group).await?;
     let artifact_bucket = format!("{prefix}-artifacts");
     bucket(&clients, &artifact_bucket).await?;
-    let instance_profile = format!("{prefix}-instances");
-    instance_profile_of(&iam, &instance_profile).await?;
     let db_subnet_group = prefix.to_owned();
     db_subnets(&clients, &db_subnet_group, &subnet_ids).await?;
     let base_image_id = base_image(&clients).await?;
@@ -58,7 +53,6 @@ pub async fn create(
         alb_security_group_id: alb_group,
         artifact_bucket,
         base_image_id,
-        instance_profile,
         db_subnet_group,
         source_url: source_url.to_owned(),
         ..Infrastructure::default()
@@ -289,42 +283,6 @@ async fn bucket(clients: &Clients, name: &str) -> Result<(), Error> {
         Ok(_) => Ok(()),
         Err(e) if code(&e) == Some("BucketAlreadyOwnedByYou") => Ok(()),
         Err(e) => Err(classify("s3:CreateBucket", name, &e)),
-    }
-}
-
-async fn instance_profile_of(iam: &aws_sdk_iam::Client, name: &str) -> Result<(), Error> {
-    match iam
-        .create_role()
-        .role_name(name)
-        .assume_role_policy_document(INSTANCE_ROLE_POLICY)
-        .send()
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if code(&e) == Some("EntityAlreadyExists") => {}
-        Err(e) => return Err(classify("iam:CreateRole", name, &e)),
-    }
-    match iam
-        .create_instance_profile()
-        .instance_profile_name(name)
-        .send()
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if code(&e) == Some("EntityAlreadyExists") => {}
-        Err(e) => return Err(classify("iam:CreateInstanceProfile", name, &e)),
-    }
-    match iam
-        .add_role_to_instance_profile()
-        .instance_profile_name(name)
-        .role_name(name)
-        .send()
-        .await
-    {
-        Ok(_) => Ok(()),
-        // A profile holds one role: it is there already.
-        Err(e) if code(&e) == Some("LimitExceeded") => Ok(()),
-        Err(e) => Err(classify("iam:AddRoleToInstanceProfile", name, &e)),
     }
 }
 

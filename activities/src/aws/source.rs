@@ -1,6 +1,6 @@
 //! `source_infra` and `source_app`: the pushed commit, packed and kept in the artifact bucket.
 //!
-//! The artifact's key names the tenant, the repository and the commit
+//! The artifact's key names the tenant, the environment, the repository and the commit
 //! ([`Names::artifact_key`]); a commit id addresses its content, so an artifact that is there
 //! is never fetched again. Otherwise `git` fetches exactly that commit (shallow) from
 //! [`Infrastructure::source_url`](super::Infrastructure::source_url), `git archive` packs its
@@ -91,6 +91,48 @@ pub(super) async fn reconcile(
         .map_err(|e| classify("s3:PutObject", &format!("s3://{bucket}/{key}"), &e))?;
     tracing::info!(artifact = %key, "source packed and stored");
     Ok(done(sha, key))
+}
+
+/// The key of the artifact of `repo` at `sha` under the environment's prefix, the only part of
+/// the bucket its instances may read. An artifact stored before artifacts were kept per
+/// environment (`recorded` by the source step under `<tenant>/<repo>/<sha>.tar.gz`) is copied
+/// there first.
+pub(super) async fn in_prefix(
+    cloud: &AwsCloud,
+    names: &Names,
+    repo: RepoKind,
+    sha: &GitSha,
+    recorded: Option<&SourceOutput>,
+) -> Result<String, Error> {
+    let key = names.artifact_key(repo, sha);
+    let bucket = &cloud.infra.artifact_bucket;
+    let s3 = &cloud.clients.s3;
+    match s3.head_object().bucket(bucket).key(&key).send().await {
+        Ok(_) => return Ok(key),
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => {
+            return Err(classify(
+                "s3:HeadObject",
+                &format!("s3://{bucket}/{key}"),
+                &e,
+            ));
+        }
+    }
+    let Some(old) = recorded.filter(|r| r.sha == *sha && r.artifact_key != key) else {
+        return Err(Error::Terminal(format!(
+            "the {repo} artifact s3://{bucket}/{key} is missing (deleted by hand?); push {repo} again"
+        )));
+    };
+    let old_key = &old.artifact_key;
+    s3.copy_object()
+        .bucket(bucket)
+        .key(&key)
+        .copy_source(format!("{bucket}/{old_key}"))
+        .send()
+        .await
+        .map_err(|e| classify("s3:CopyObject", &format!("s3://{bucket}/{old_key}"), &e))?;
+    tracing::info!(from = %old_key, to = %key, "artifact copied under the environment's prefix");
+    Ok(key)
 }
 
 fn done(sha: &GitSha, key: String) -> Outcome {

@@ -7,7 +7,9 @@ use std::time::Duration;
 use aws_sdk_autoscaling::operation::create_auto_scaling_group::CreateAutoScalingGroupError;
 use aws_sdk_autoscaling::operation::delete_auto_scaling_group::DeleteAutoScalingGroupOutput;
 use aws_sdk_autoscaling::operation::describe_auto_scaling_groups::DescribeAutoScalingGroupsOutput;
-use aws_sdk_autoscaling::types::{AutoScalingGroup, Instance as AsgInstance, TagDescription};
+use aws_sdk_autoscaling::types::{
+    AutoScalingGroup, Instance as AsgInstance, TagDescription as AsgTagDescription,
+};
 use aws_sdk_ec2::operation::create_image::CreateImageError;
 use aws_sdk_ec2::operation::create_launch_template::CreateLaunchTemplateOutput;
 use aws_sdk_ec2::operation::delete_launch_template::DeleteLaunchTemplateOutput;
@@ -21,11 +23,12 @@ use aws_sdk_ec2::types::{
 };
 use aws_sdk_elasticloadbalancingv2::operation::create_rule::{CreateRuleError, CreateRuleOutput};
 use aws_sdk_elasticloadbalancingv2::operation::describe_rules::DescribeRulesOutput;
+use aws_sdk_elasticloadbalancingv2::operation::describe_tags::DescribeTagsOutput;
 use aws_sdk_elasticloadbalancingv2::operation::describe_target_groups::DescribeTargetGroupsOutput;
 use aws_sdk_elasticloadbalancingv2::operation::describe_target_health::DescribeTargetHealthOutput;
 use aws_sdk_elasticloadbalancingv2::types::{
-    Rule, TargetDescription, TargetGroup, TargetHealth, TargetHealthDescription,
-    TargetHealthStateEnum,
+    Rule, Tag as ElbTag, TagDescription, TargetDescription, TargetGroup, TargetHealth,
+    TargetHealthDescription, TargetHealthStateEnum,
 };
 use aws_sdk_rds::operation::describe_db_instances::DescribeDbInstancesOutput;
 use aws_sdk_rds::types::{DbInstance, Endpoint, MasterUserSecret};
@@ -50,7 +53,6 @@ fn infra() -> Infrastructure {
         alb_security_group_id: "sg-alb".into(),
         artifact_bucket: "artifacts".into(),
         base_image_id: "ami-base".into(),
-        instance_profile: "instances".into(),
         db_subnet_group: "dbs".into(),
         source_url: "file:///x/{tenant}-{repo}.git".into(),
         ..Infrastructure::default()
@@ -73,6 +75,7 @@ struct Mocks {
     autoscaling: Option<aws_sdk_autoscaling::Client>,
     elb: Option<aws_sdk_elasticloadbalancingv2::Client>,
     rds: Option<aws_sdk_rds::Client>,
+    iam: Option<aws_sdk_iam::Client>,
 }
 
 fn cloud(m: Mocks, clock: &ManualClock) -> AwsCloud {
@@ -92,7 +95,7 @@ fn cloud_with(m: Mocks, clock: &ManualClock, allocations: MemoryAllocations) -> 
         rds: m.rds.unwrap_or_else(|| idle(aws_sdk_rds::Client::new)),
         s3: idle(aws_sdk_s3::Client::new),
         secrets: idle(aws_sdk_secretsmanager::Client::new),
-        iam: idle(aws_sdk_iam::Client::new),
+        iam: m.iam.unwrap_or_else(|| idle(aws_sdk_iam::Client::new)),
     };
     AwsCloud::new(clients, infra(), allocations, Arc::new(clock.clone())).expect("complete")
 }
@@ -161,6 +164,22 @@ fn ec2_error(code: &str) -> ErrorMetadata {
         .build()
 }
 
+/// The tags of the environment of [`key`], as the orchestrator puts them.
+fn ours() -> [(&'static str, &'static str); 3] {
+    [
+        ("managed-by", super::MANAGED_BY),
+        ("tenant", "acme"),
+        ("env", "staging"),
+    ]
+}
+
+fn ec2_ours() -> Vec<aws_sdk_ec2::types::Tag> {
+    ours()
+        .into_iter()
+        .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build())
+        .collect()
+}
+
 fn builder(state: InstanceStateName) -> DescribeInstancesOutput {
     DescribeInstancesOutput::builder()
         .reservations(
@@ -169,6 +188,7 @@ fn builder(state: InstanceStateName) -> DescribeInstancesOutput {
                     Instance::builder()
                         .instance_id("i-builder")
                         .state(InstanceState::builder().name(state).build())
+                        .set_tags(Some(ec2_ours()))
                         .build(),
                 )
                 .build(),
@@ -183,6 +203,7 @@ fn image(state: ImageState) -> DescribeImagesOutput {
                 .image_id("ami-new")
                 .name(format!("acme-staging-{}", sha()))
                 .state(state)
+                .set_tags(Some(ec2_ours()))
                 .build(),
         )
         .build()
@@ -297,6 +318,7 @@ async fn a_builder_that_never_powers_off_fails_the_build() {
                                     .build(),
                             )
                             .launch_time(aws_smithy_types::DateTime::from_millis(NOW_MS))
+                            .set_tags(Some(ec2_ours()))
                             .build(),
                     )
                     .build(),
@@ -347,6 +369,12 @@ fn db(status: &str) -> DescribeDbInstancesOutput {
                         .secret_arn("arn:secret:db")
                         .build(),
                 )
+                .set_tag_list(Some(
+                    ours()
+                        .into_iter()
+                        .map(|(k, v)| aws_sdk_rds::types::Tag::builder().key(k).value(v).build())
+                        .collect(),
+                ))
                 .build(),
         )
         .build()
@@ -454,6 +482,7 @@ async fn a_priority_held_by_a_foreign_rule_is_given_up_for_another() {
         });
     let rules = mock!(aws_sdk_elasticloadbalancingv2::Client::describe_rules)
         .then_output(|| DescribeRulesOutput::builder().build());
+    let tags = elb_ours("arn:tg");
     let create = mock!(aws_sdk_elasticloadbalancingv2::Client::create_rule)
         .sequence()
         .error(|| {
@@ -478,7 +507,7 @@ async fn a_priority_held_by_a_foreign_rule_is_given_up_for_another() {
     let elb = mock_client!(
         aws_sdk_elasticloadbalancingv2,
         RuleMode::MatchAny,
-        [&groups, &rules, &create]
+        [&groups, &rules, &tags, &create]
     );
     let allocations = MemoryAllocations::default();
     let c = cloud_with(
@@ -524,8 +553,27 @@ async fn a_priority_held_by_a_foreign_rule_is_given_up_for_another() {
     assert!(held.is_some_and(|p| p != first));
 }
 
+/// `DescribeTags` of load balancer resource `arn`: the environment's tags.
+fn elb_ours(arn: &'static str) -> aws_smithy_mocks::Rule {
+    mock!(aws_sdk_elasticloadbalancingv2::Client::describe_tags).then_output(move || {
+        DescribeTagsOutput::builder()
+            .tag_descriptions(
+                TagDescription::builder()
+                    .resource_arn(arn)
+                    .set_tags(Some(
+                        ours()
+                            .into_iter()
+                            .map(|(k, v)| ElbTag::builder().key(k).value(v).build())
+                            .collect(),
+                    ))
+                    .build(),
+            )
+            .build()
+    })
+}
+
 fn group(name: &str, run: &str) -> AutoScalingGroup {
-    let tag = |k: &str, v: &str| TagDescription::builder().key(k).value(v).build();
+    let tag = |k: &str, v: &str| AsgTagDescription::builder().key(k).value(v).build();
     AutoScalingGroup::builder()
         .auto_scaling_group_name(name)
         .tags(tag("tenant", "acme"))
@@ -694,11 +742,75 @@ async fn a_late_rollout_of_an_older_run_touches_nothing() {
     }
 }
 
+/// IAM answering that the environment's role and instance profile exist, tagged as its own.
+fn iam_ours() -> aws_sdk_iam::Client {
+    use aws_sdk_iam::types::{InstanceProfile, Role, Tag};
+    let role = || {
+        Role::builder()
+            .path("/tenant-host/")
+            .role_name("acme-staging-instances")
+            .role_id("AROA1")
+            .arn("arn:aws:iam::1:role/tenant-host/acme-staging-instances")
+            .create_date(aws_smithy_types::DateTime::from_millis(NOW_MS))
+            .set_tags(Some(
+                ours()
+                    .into_iter()
+                    .map(|(k, v)| Tag::builder().key(k).value(v).build().expect("tag"))
+                    .collect(),
+            ))
+            .build()
+            .expect("role")
+    };
+    let get_role = mock!(aws_sdk_iam::Client::get_role).then_output(move || {
+        aws_sdk_iam::operation::get_role::GetRoleOutput::builder()
+            .role(role())
+            .build()
+    });
+    let put_policy = mock!(aws_sdk_iam::Client::put_role_policy)
+        .match_requests(|r| {
+            r.policy_document()
+                .is_some_and(|d| d.contains("artifacts/acme/staging/*"))
+        })
+        .then_output(|| {
+            aws_sdk_iam::operation::put_role_policy::PutRolePolicyOutput::builder().build()
+        });
+    let get_profile = mock!(aws_sdk_iam::Client::get_instance_profile).then_output(move || {
+        let profile = InstanceProfile::builder()
+            .path("/tenant-host/")
+            .instance_profile_name("acme-staging-instances")
+            .instance_profile_id("AIPA1")
+            .arn("arn:aws:iam::1:instance-profile/tenant-host/acme-staging-instances")
+            .create_date(aws_smithy_types::DateTime::from_millis(NOW_MS))
+            .roles(role())
+            .set_tags(role().tags.clone())
+            .build()
+            .expect("profile");
+        aws_sdk_iam::operation::get_instance_profile::GetInstanceProfileOutput::builder()
+            .instance_profile(profile)
+            .build()
+    });
+    mock_client!(
+        aws_sdk_iam,
+        RuleMode::MatchAny,
+        [&get_role, &put_policy, &get_profile]
+    )
+}
+
 #[tokio::test]
 async fn a_group_created_meanwhile_is_adopted() {
     let clock = ManualClock::new(Timestamp::from_unix_millis(NOW_MS));
+    // Not listed by tag nor found by name, then (created meanwhile) found by name with the
+    // environment's tags.
     let describe = mock!(aws_sdk_autoscaling::Client::describe_auto_scaling_groups)
-        .then_output(|| DescribeAutoScalingGroupsOutput::builder().build());
+        .sequence()
+        .output(|| DescribeAutoScalingGroupsOutput::builder().build())
+        .output(|| DescribeAutoScalingGroupsOutput::builder().build())
+        .output(|| {
+            DescribeAutoScalingGroupsOutput::builder()
+                .auto_scaling_groups(group("acme-staging-r2", "r2"))
+                .build()
+        })
+        .build();
     let create = mock!(aws_sdk_autoscaling::Client::create_auto_scaling_group).then_error(|| {
         CreateAutoScalingGroupError::AlreadyExistsFault(
             aws_sdk_autoscaling::types::error::AlreadyExistsFault::builder()
@@ -714,8 +826,20 @@ async fn a_group_created_meanwhile_is_adopted() {
     );
     let templates = mock!(aws_sdk_ec2::Client::describe_launch_templates)
         .then_output(|| DescribeLaunchTemplatesOutput::builder().build());
+    // The environment's own profile, and IMDSv2 only, one hop.
     let create_template = mock!(aws_sdk_ec2::Client::create_launch_template)
-        .match_requests(|r| r.launch_template_name() == Some("acme-staging-r2"))
+        .match_requests(|r| {
+            let data = r.launch_template_data();
+            let profile = data
+                .and_then(|d| d.iam_instance_profile())
+                .and_then(|p| p.name());
+            let metadata = data.and_then(|d| d.metadata_options());
+            r.launch_template_name() == Some("acme-staging-r2")
+                && profile == Some("acme-staging-instances")
+                && metadata.and_then(|m| m.http_tokens())
+                    == Some(&aws_sdk_ec2::types::LaunchTemplateHttpTokensState::Required)
+                && metadata.and_then(|m| m.http_put_response_hop_limit()) == Some(1)
+        })
         .then_output(|| CreateLaunchTemplateOutput::builder().build());
     let ec2 = mock_client!(
         aws_sdk_ec2,
@@ -726,6 +850,7 @@ async fn a_group_created_meanwhile_is_adopted() {
         Mocks {
             ec2: Some(ec2),
             autoscaling: Some(autoscaling),
+            iam: Some(iam_ours()),
             ..Mocks::default()
         },
         &clock,
@@ -735,4 +860,50 @@ async fn a_group_created_meanwhile_is_adopted() {
         other => panic!("{other:?}"),
     }
     assert_eq!((create_template.num_calls(), create.num_calls()), (1, 1));
+}
+
+#[tokio::test]
+async fn someone_elses_group_of_the_name_is_refused_and_left_alone() {
+    let clock = ManualClock::new(Timestamp::from_unix_millis(NOW_MS));
+    let foreign = || {
+        let tag = |k: &str, v: &str| AsgTagDescription::builder().key(k).value(v).build();
+        DescribeAutoScalingGroupsOutput::builder()
+            .auto_scaling_groups(
+                AutoScalingGroup::builder()
+                    .auto_scaling_group_name("acme-staging-r2")
+                    .tags(tag("managed-by", super::MANAGED_BY))
+                    .tags(tag("tenant", "globex"))
+                    .tags(tag("env", "staging"))
+                    .build(),
+            )
+            .build()
+    };
+    let describe = mock!(aws_sdk_autoscaling::Client::describe_auto_scaling_groups)
+        .sequence()
+        .output(|| DescribeAutoScalingGroupsOutput::builder().build())
+        .output(foreign)
+        .build();
+    let create = mock!(aws_sdk_autoscaling::Client::create_auto_scaling_group).then_output(|| {
+        aws_sdk_autoscaling::operation::create_auto_scaling_group::CreateAutoScalingGroupOutput::builder().build()
+    });
+    let autoscaling = mock_client!(
+        aws_sdk_autoscaling,
+        RuleMode::MatchAny,
+        [&describe, &create]
+    );
+    let c = cloud(
+        Mocks {
+            autoscaling: Some(autoscaling),
+            ..Mocks::default()
+        },
+        &clock,
+    );
+    match invoke(&c, &task(StepKind::Rollout, 2)).await {
+        Outcome::Terminal(e) => assert!(
+            e.contains("auto scaling group acme-staging-r2") && e.contains("tenant globex"),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(create.num_calls(), 0, "nothing is created over it");
 }

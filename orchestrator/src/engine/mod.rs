@@ -204,12 +204,16 @@ fn verdict_name(v: &Verdict) -> &'static str {
 }
 
 /// The envelope of `body` for `key`, as a message for `queue`.
+///
+/// An external event's deduplication id is the digest of the workflow key and the event id: the
+/// queue's deduplication spans every workflow, and an event id may be chosen by a caller (an
+/// `Idempotency-Key`), so the key keeps one workflow's ids from ever suppressing another's.
 pub fn message(key: &WorkflowKey, body: Body, delay: Duration, now: Timestamp) -> Outgoing {
     let (queue, group, dedup_id) = match &body {
         Body::Event(e) if e.is_external() => (
             QueueKind::Events,
             Some(key.to_string()),
-            Some(e.id().to_string()),
+            Some(dedup_id(key, &e.id())),
         ),
         // Timers and step messages need per-message delays: the standard queue.
         Body::Event(_) | Body::Step(_) => (QueueKind::Steps, None, None),
@@ -224,6 +228,12 @@ pub fn message(key: &WorkflowKey, body: Body, delay: Duration, now: Timestamp) -
         // The sender's span: the receiver continues its trace.
         attributes: crate::telemetry::current_context(),
     }
+}
+
+/// The queue's deduplication id of event `id` of workflow `key` (64 hex digits).
+pub fn dedup_id(key: &WorkflowKey, id: &workflows::EventId) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(format!("{key}\n{id}").as_bytes()))
 }
 
 /// The messages `commands` send.

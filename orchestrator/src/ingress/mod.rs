@@ -1,8 +1,9 @@
 //! The GitLab webhook ingress (ARCHITECTURE.md, "The ingress"): `POST /hooks/gitlab`.
 //!
 //! A push to a mapped branch becomes one small typed event on the events queue (FIFO group =
-//! workflow key, deduplication id = event id), and the answer, `202`, comes only after the
-//! queue has it durably. Nothing else is done in the request.
+//! workflow key, deduplication id = a digest of workflow key and event id, see
+//! `engine::message`), and the answer, `202`, comes only after the queue has it durably.
+//! Nothing else is done in the request.
 //!
 //! | request | answer |
 //! |---|---|
@@ -14,13 +15,16 @@
 //! | body over `max_body_bytes` | `413` |
 //! | queue unavailable | `503` (nothing was accepted; GitLab shows it and can resend) |
 //!
-//! The event id is the `Idempotency-Key` header when present (GitLab 17.4+, stable across its
-//! retries and manual resends: a retried delivery is queued once within the queue's
-//! deduplication window and applied once by the workflow's dedup after it), else
-//! `X-Gitlab-Event-UUID` (stable across GitLab's automatic retries of one event), else a digest
-//! of project, ref and `after` (the same commit pushed to the same branch of the same project is
-//! one event, so a resend without headers is deduplicated too, and a re-push of the same commit
-//! within the window is dropped).
+//! The event id is `gitlab:` and the `Idempotency-Key` header when present (GitLab 17.4+,
+//! stable across its retries and manual resends: a retried delivery is queued once within the
+//! queue's deduplication window and applied once by the workflow's dedup after it), else
+//! `gitlab:` and `X-Gitlab-Event-UUID` (stable across GitLab's automatic retries of one event),
+//! else `push:` and a digest of project, ref and `after` (the same commit pushed to the same
+//! branch of the same project is one event, so a resend without headers is deduplicated too,
+//! and a re-push of the same commit within the window is dropped). A header value too long for
+//! the prefix is replaced by its digest. The prefix keeps what a caller chooses apart from the
+//! ids the system makes (`rearm:`, `signal:`, …), and the queue's deduplication id includes the
+//! workflow key, so one tenant's key never suppresses another tenant's push.
 //!
 //! Tokens are compared as SHA-256 hashes in constant time; no token, signature or secret is
 //! ever logged.
@@ -207,9 +211,11 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
             return Answer::error(StatusCode::UNAUTHORIZED, "wrong X-Gitlab-Token");
         }
         if let Some(secret) = &tenant.webhook.signing_secret {
-            let verified = standardwebhooks::Webhook::new(secret)
-                .map_err(|e| e.to_string())
-                .and_then(|w| w.verify(body, headers).map_err(|e| e.to_string()));
+            let verified = signature_time(headers, now).and_then(|()| {
+                standardwebhooks::Webhook::new(secret)
+                    .map_err(|e| e.to_string())
+                    .and_then(|w| w.verify(body, headers).map_err(|e| e.to_string()))
+            });
             if let Err(e) = verified {
                 warn!(tenant.id = %tenant.id, project, reason = %e, "webhook refused: signature");
                 return Answer::error(
@@ -319,13 +325,52 @@ pub fn event_id(
     after: &str,
 ) -> Result<EventId, String> {
     if let Some(key) = header(headers, "idempotency-key") {
-        return EventId::new(key).map_err(|e| format!("Idempotency-Key: {e}"));
+        return caller_chosen(key).map_err(|e| format!("Idempotency-Key: {e}"));
     }
     if let Some(uuid) = header(headers, "x-gitlab-event-uuid") {
-        return EventId::new(uuid).map_err(|e| format!("X-Gitlab-Event-UUID: {e}"));
+        return caller_chosen(uuid).map_err(|e| format!("X-Gitlab-Event-UUID: {e}"));
     }
     let digest = Sha256::digest(format!("{project}\n{git_ref}\n{after}").as_bytes());
     EventId::new(format!("push:{}", hex::encode(digest))).map_err(|e| e.to_string())
+}
+
+/// How far a Standard Webhooks `webhook-timestamp` may be from now, either way (the
+/// specification's five minutes).
+const SIGNATURE_TOLERANCE_SECS: i64 = 5 * 60;
+
+/// Checks the `webhook-timestamp` header against `now` before the signature library sees it,
+/// in checked arithmetic: the library subtracts it from its own clock, which overflows (a
+/// panic, or in a release build a wrap that passes) on a timestamp near `i64::MIN`.
+fn signature_time(headers: &HeaderMap, now: workflows::Timestamp) -> Result<(), String> {
+    let Some(text) = header(headers, standardwebhooks::HEADER_WEBHOOK_TIMESTAMP) else {
+        return Err("missing header webhook-timestamp".to_owned());
+    };
+    let ts: i64 = text
+        .parse()
+        .map_err(|_| "webhook-timestamp is not a number of seconds".to_owned())?;
+    let now = now.as_unix_millis() / 1000;
+    match now.checked_sub(ts).and_then(i64::checked_abs) {
+        Some(skew) if skew <= SIGNATURE_TOLERANCE_SECS => Ok(()),
+        _ => Err(format!(
+            "webhook-timestamp {ts} is more than {SIGNATURE_TOLERANCE_SECS} s from now"
+        )),
+    }
+}
+
+/// The prefix of event ids chosen by the sender of a webhook.
+pub const CALLER_PREFIX: &str = "gitlab:";
+
+/// The event id of a caller-chosen `value`: [`CALLER_PREFIX`] and the value, or its digest when
+/// the two would be too long for an event id.
+fn caller_chosen(value: &str) -> Result<EventId, String> {
+    // Checked on its own first, so that a bad value is refused with its own rule.
+    EventId::new(value).map_err(|e| e.to_string())?;
+    let id = format!("{CALLER_PREFIX}{value}");
+    if id.len() <= 128 {
+        return EventId::new(id).map_err(|e| e.to_string());
+    }
+    let digest = hex::encode(Sha256::digest(value.as_bytes()));
+    EventId::new(format!("{CALLER_PREFIX}sha256:{digest}")).map_err(|e| e.to_string())
 }
 
 async fn receive<S: Store, Q: Queue>(
@@ -359,4 +404,50 @@ pub async fn serve(
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn with_timestamp(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            standardwebhooks::HEADER_WEBHOOK_TIMESTAMP,
+            HeaderValue::from_str(value).expect("header"),
+        );
+        h
+    }
+
+    #[test]
+    fn signature_times_far_from_now_are_refused_without_overflow() {
+        let now = workflows::Timestamp::from_unix_millis(1_800_000_000_000);
+        assert!(signature_time(&with_timestamp("1800000000"), now).is_ok());
+        assert!(signature_time(&with_timestamp("1800000300"), now).is_ok());
+        assert!(signature_time(&with_timestamp("1799999700"), now).is_ok());
+        for bad in [
+            "1800000301",
+            "1799999699",
+            &i64::MIN.to_string(),
+            &i64::MAX.to_string(),
+            "-1",
+            "12x",
+            "99999999999999999999999",
+        ] {
+            assert!(signature_time(&with_timestamp(bad), now).is_err(), "{bad}");
+        }
+        assert!(signature_time(&HeaderMap::new(), now).is_err());
+    }
+
+    #[test]
+    fn caller_chosen_ids_are_namespaced_and_fit() {
+        assert_eq!(caller_chosen("K").expect("id").as_str(), "gitlab:K");
+        let long = "x".repeat(128);
+        let id = caller_chosen(&long).expect("id");
+        assert!(id.as_str().starts_with("gitlab:sha256:") && id.as_str().len() <= 128);
+        assert_ne!(caller_chosen(&"y".repeat(128)).expect("id"), id);
+        assert!(caller_chosen("with space").is_err());
+        assert!(caller_chosen("").is_err());
+    }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use workflows::{
-    Environment, EventId, HistoryEntry, State, Tenant, TenantId, Timestamp, WorkflowKey,
+    Domain, Environment, EventId, HistoryEntry, State, Tenant, TenantId, Timestamp, WorkflowKey,
     WorkflowRecord,
 };
 
@@ -193,8 +193,10 @@ pub trait Store: Send + Sync + 'static {
         event_id: &EventId,
     ) -> impl Future<Output = Result<Option<HistoryEntry>, Error>> + Send;
 
-    /// Creates or replaces a tenant. With `create_only`, an existing tenant with that id or
-    /// either project id is `Error::AlreadyExists`.
+    /// Creates or replaces a tenant. A GitLab project and a domain belong to one tenant: one
+    /// held by another tenant is `Error::AlreadyExists` naming that tenant, and nothing is
+    /// written. With `create_only`, an existing tenant with that id is `Error::AlreadyExists`
+    /// too. A tenant that changes its domain frees the old one.
     fn put_tenant(
         &self,
         tenant: &Tenant,
@@ -208,6 +210,12 @@ pub trait Store: Send + Sync + 'static {
     fn tenant_by_project(
         &self,
         project: u64,
+    ) -> impl Future<Output = Result<Option<Tenant>, Error>> + Send;
+
+    /// The tenant whose domain is `domain`.
+    fn tenant_by_domain(
+        &self,
+        domain: &Domain,
     ) -> impl Future<Output = Result<Option<Tenant>, Error>> + Send;
 
     /// Every tenant, ordered by id.

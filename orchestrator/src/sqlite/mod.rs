@@ -20,7 +20,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Notify, oneshot};
 use workflows::{
-    EventId, HistoryEntry, State, Tenant, TenantId, Timestamp, WorkflowKey, WorkflowRecord,
+    Domain, EventId, HistoryEntry, State, Tenant, TenantId, Timestamp, WorkflowKey, WorkflowRecord,
 };
 
 use crate::clock::{SharedClock, SystemClock};
@@ -122,8 +122,27 @@ fn opening(path: &Path, e: rusqlite::Error) -> Error {
     }
 }
 
+/// Creates the database file, readable and writable by its owner only (mode 0600), unless it
+/// exists. SQLite gives its `-wal` and `-shm` files the mode of the database file, so they are
+/// private too: the file holds tenant records (signing secrets among them).
+fn create_private(path: &Path) -> Result<(), Error> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::invalid_by(
+            format!("cannot create {}", path.display()),
+            e,
+        )),
+    }
+}
+
 /// Opens a connection with the settings every connection of the backend uses.
 pub(crate) fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, Error> {
+    create_private(path)?;
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -181,7 +200,7 @@ impl SqliteBackend {
 
     /// Opens the backend with `clock` deciding visibility, delays and deduplication windows.
     pub fn open_with_clock(config: SqliteConfig, clock: SharedClock) -> Result<Self, Error> {
-        let conn = open_connection(&config.path, config.busy_timeout)?;
+        let mut conn = open_connection(&config.path, config.busy_timeout)?;
         conn.execute_batch(schema::CREATE)
             .map_err(|e| opening(&config.path, e))?;
         let layout: Option<String> = conn
@@ -199,6 +218,11 @@ impl SqliteBackend {
                 .map_err(|e| opening(&config.path, e))?;
             }
             Some(Ok(v)) if v == schema::LAYOUT_VERSION => {}
+            Some(Ok(v)) if (1..schema::LAYOUT_VERSION).contains(&v) => {
+                schema::migrate(&mut conn, v).map_err(|e| opening(&config.path, e))?;
+                tracing::info!(path = %config.path.display(), from = v,
+                    to = schema::LAYOUT_VERSION, "table layout migrated");
+            }
             Some(other) => {
                 return Err(Error::invalid(format!(
                     "{} has table layout {other:?}; this code uses layout {}",
@@ -664,6 +688,7 @@ impl Store for SqliteBackend {
     async fn put_tenant(&self, tenant: &Tenant, create_only: bool) -> Result<(), Error> {
         self.request(|reply| Op::PutTenant {
             id: tenant.id.clone(),
+            domain: tenant.domain.clone(),
             infra_project: tenant.infra_project,
             app_project: tenant.app_project,
             record: workflows::encode(tenant),
@@ -696,6 +721,23 @@ impl Store for SqliteBackend {
                 )
                 .map_err(sql)?
                 .query_row([project], |r| r.get(0))
+                .optional()
+                .map_err(sql)?;
+            bytes.map(|b| decode_tenant(&b)).transpose()
+        })
+        .await
+    }
+
+    async fn tenant_by_domain(&self, domain: &Domain) -> Result<Option<Tenant>, Error> {
+        let domain = domain.to_string();
+        self.read(move |conn| {
+            let bytes: Option<Vec<u8>> = conn
+                .prepare_cached(
+                    "SELECT t.record FROM tenant_domains d JOIN tenants t ON t.id = d.tenant \
+                     WHERE d.domain = ?1",
+                )
+                .map_err(sql)?
+                .query_row([domain], |r| r.get(0))
                 .optional()
                 .map_err(sql)?;
             bytes.map(|b| decode_tenant(&b)).transpose()

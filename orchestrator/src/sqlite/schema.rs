@@ -1,7 +1,12 @@
-//! The tables of the embedded backend, in one SQLite file.
+//! The tables of the embedded backend, in one SQLite file, and the migration of files of an
+//! older layout.
 
-/// The version of the table layout below, kept in `meta`.
-pub(crate) const LAYOUT_VERSION: i64 = 1;
+use rusqlite::{Connection, TransactionBehavior};
+use workflows::Tenant;
+
+/// The version of the table layout below, kept in `meta`. Layout 1 had no `tenant_domains`;
+/// [`super::migrate`] fills it from the tenant records.
+pub(crate) const LAYOUT_VERSION: i64 = 2;
 
 /// Creates what is missing; safe to run from several processes at once.
 pub(crate) const CREATE: &str = r#"
@@ -77,6 +82,12 @@ CREATE TABLE IF NOT EXISTS tenants (
     record        BLOB    NOT NULL
 ) WITHOUT ROWID;
 
+-- Which tenant holds a domain: one tenant per domain, one domain per tenant.
+CREATE TABLE IF NOT EXISTS tenant_domains (
+    domain TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL UNIQUE
+) WITHOUT ROWID;
+
 CREATE TABLE IF NOT EXISTS allocations (
     pool  TEXT    NOT NULL,
     value INTEGER NOT NULL,
@@ -110,3 +121,52 @@ CREATE INDEX IF NOT EXISTS slot_waiters_in_order ON slot_waiters (kind, round, t
 CREATE INDEX IF NOT EXISTS slot_waiters_by_tenant ON slot_waiters (kind, tenant);
 CREATE INDEX IF NOT EXISTS slot_waiters_by_expiry ON slot_waiters (kind, expires_at);
 "#;
+
+/// Brings a file of layout `from` to [`LAYOUT_VERSION`], in one immediate transaction (so two
+/// processes opening an old file at once migrate it once).
+///
+/// From layout 1: fills `tenant_domains` from the tenant records. Where older tenants share a
+/// domain, the first registered keeps it and the others are logged: they are refused every
+/// write until they are given a domain of their own, and the AWS reconcilers never let them
+/// take over the first one's listener rule (it is tagged with the first one's tenant id).
+pub(crate) fn migrate(conn: &mut Connection, from: i64) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Another process may have migrated the file since it was read.
+    let layout: String = tx.query_row("SELECT value FROM meta WHERE name = 'layout'", [], |r| {
+        r.get(0)
+    })?;
+    if layout != from.to_string() {
+        return tx.commit();
+    }
+    if from == 1 {
+        let mut tenants: Vec<Tenant> = Vec::new();
+        {
+            let mut stmt = tx.prepare("SELECT id, record FROM tenants")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                let (id, bytes): (String, Vec<u8>) = (row.get(0)?, row.get(1)?);
+                match workflows::decode::<Tenant>(&bytes) {
+                    Ok(t) => tenants.push(t),
+                    Err(e) => tracing::warn!(tenant = %id, error = %e,
+                        "tenant record does not decode; its domain is not recorded"),
+                }
+            }
+        }
+        tenants.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        for t in &tenants {
+            let added = tx.execute(
+                "INSERT OR IGNORE INTO tenant_domains (domain, tenant) VALUES (?1, ?2)",
+                [t.domain.as_str(), t.id.as_str()],
+            )?;
+            if added == 0 {
+                tracing::warn!(tenant = %t.id, domain = %t.domain,
+                    "domain already held by an earlier tenant; give this tenant its own domain");
+            }
+        }
+    }
+    tx.execute(
+        "UPDATE meta SET value = ?1 WHERE name = 'layout'",
+        [LAYOUT_VERSION.to_string()],
+    )?;
+    tx.commit()
+}

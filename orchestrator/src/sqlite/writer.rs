@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
-use workflows::{TenantId, Timestamp, WorkflowKey};
+use workflows::{Domain, TenantId, Timestamp, WorkflowKey};
 
 use super::{SqliteConfig, attributes_from_sql, attributes_to_sql, sql, unavailable};
 use crate::clock::SharedClock;
@@ -66,6 +66,7 @@ pub(super) enum Op {
     },
     PutTenant {
         id: TenantId,
+        domain: Domain,
         infra_project: u64,
         app_project: u64,
         record: Vec<u8>,
@@ -330,13 +331,15 @@ fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Answer
         }),
         Op::PutTenant {
             id,
+            domain,
             infra_project,
             app_project,
             record,
             create_only,
             reply,
         } => run_op(conn, reply, |conn| {
-            put_tenant(conn, &id, infra_project, app_project, &record, create_only)
+            let projects = (infra_project, app_project);
+            put_tenant(conn, &id, &domain, projects, &record, create_only)
         }),
         Op::Allocate {
             pool,
@@ -963,11 +966,13 @@ fn dispose_dead_letters(
     Ok(done)
 }
 
+/// Writes tenant `id` (its `record`), which holds `domain` and the GitLab projects
+/// `(infra, app)`, unless another tenant holds one of them.
 fn put_tenant(
     conn: &Connection,
     id: &TenantId,
-    infra_project: u64,
-    app_project: u64,
+    domain: &Domain,
+    (infra_project, app_project): (u64, u64),
     record: &[u8],
     create_only: bool,
 ) -> Result<(), Error> {
@@ -1001,6 +1006,30 @@ fn put_tenant(
         return Err(Error::AlreadyExists(format!(
             "a GitLab project of tenant {id} belongs to tenant {other}"
         )));
+    }
+    let owner: Option<String> = conn
+        .prepare_cached("SELECT tenant FROM tenant_domains WHERE domain = ?1")
+        .map_err(sql)?
+        .query_row([domain.as_str()], |r| r.get(0))
+        .optional()
+        .map_err(sql)?;
+    match owner {
+        Some(other) if other != id.as_str() => {
+            return Err(Error::AlreadyExists(format!(
+                "domain {domain} (of tenant {other})"
+            )));
+        }
+        Some(_) => {}
+        None => {
+            conn.prepare_cached("DELETE FROM tenant_domains WHERE tenant = ?1")
+                .map_err(sql)?
+                .execute([id.as_str()])
+                .map_err(sql)?;
+            conn.prepare_cached("INSERT INTO tenant_domains (domain, tenant) VALUES (?1, ?2)")
+                .map_err(sql)?
+                .execute([domain.as_str(), id.as_str()])
+                .map_err(sql)?;
+        }
     }
     conn.prepare_cached(
         "INSERT INTO tenants (id, infra_project, app_project, record) VALUES (?1, ?2, ?3, ?4) \

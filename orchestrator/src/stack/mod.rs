@@ -13,7 +13,7 @@ pub use sequential::Sequential;
 use std::sync::Arc;
 use std::time::Duration;
 
-use workflows::{EventId, HistoryEntry, Tenant, TenantId, WorkflowKey, WorkflowRecord};
+use workflows::{Domain, EventId, HistoryEntry, Tenant, TenantId, WorkflowKey, WorkflowRecord};
 
 use crate::ports::{
     Commit, DeadLetter, Delivery, Error, Journal, Outgoing, Queue, QueueKind, QueueStats, Receipt,
@@ -130,6 +130,9 @@ impl<S: Store, Q: Queue, J: Journal> Store for Stack<S, Q, J> {
     }
     async fn tenant_by_project(&self, project: u64) -> Result<Option<Tenant>, Error> {
         self.store.tenant_by_project(project).await
+    }
+    async fn tenant_by_domain(&self, domain: &Domain) -> Result<Option<Tenant>, Error> {
+        self.store.tenant_by_domain(domain).await
     }
     async fn tenants(&self) -> Result<Vec<Tenant>, Error> {
         self.store.tenants().await

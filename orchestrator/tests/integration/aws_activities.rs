@@ -628,11 +628,11 @@ async fn two_tenants_two_environments_on_moto() {
             Some(w.infra.db_subnet_group.as_str())
         );
 
-        // Artifacts under the tenant's prefix, keyed by commit.
+        // Artifacts under the environment's prefix, keyed by commit.
         for (repo, sha) in [("infra", infra_sha), ("app", app_sha)] {
             c.s3.head_object()
                 .bucket(&w.infra.artifact_bucket)
-                .key(format!("{}/{repo}/{sha}.tar.gz", key.tenant))
+                .key(format!("{}/{}/{repo}/{sha}.tar.gz", key.tenant, key.env))
                 .send()
                 .await
                 .expect("artifact");
@@ -889,7 +889,7 @@ async fn a_deploy_token_is_read_from_secrets_manager() {
     match invoke().await {
         Outcome::Done(workflows::StepOutput::Source(s)) => {
             assert_eq!(s.sha, sha);
-            assert_eq!(s.artifact_key, format!("acme/app/{sha}.tar.gz"));
+            assert_eq!(s.artifact_key, format!("acme/dev/app/{sha}.tar.gz"));
         }
         other => panic!("{other:?}"),
     }
@@ -897,7 +897,7 @@ async fn a_deploy_token_is_read_from_secrets_manager() {
         .s3
         .get_object()
         .bucket(&infra.artifact_bucket)
-        .key(format!("acme/app/{sha}.tar.gz"))
+        .key(format!("acme/dev/app/{sha}.tar.gz"))
         .send()
         .await
         .expect("artifact");
@@ -968,8 +968,19 @@ async fn an_abandoned_build_has_its_builder_terminated_and_starts_again() {
         Outcome::Done(workflows::StepOutput::Network(n)) => task.resources.network = Some(n),
         other => panic!("network: {other:?}"),
     }
+    // The infra artifact the source step would have stored.
+    w.clients
+        .s3
+        .put_object()
+        .bucket(&w.infra.artifact_bucket)
+        .key(format!("acme/dev/infra/{sha}.tar.gz"))
+        .body(aws_sdk_s3::primitives::ByteStream::from_static(b"packed"))
+        .send()
+        .await
+        .expect("artifact");
     task.step = StepKind::Image;
-    assert!(matches!(invoke(&task).await, Outcome::Progress { .. }));
+    let launched = invoke(&task).await;
+    assert!(matches!(launched, Outcome::Progress { .. }), "{launched:?}");
     let first = builders(&w, &k, &sha).await;
     assert_eq!(first.len(), 1, "{first:?}");
     assert_eq!(first[0].1, "running");

@@ -13,7 +13,9 @@ use orchestrator::ports::{
 };
 pub(crate) use testkit::fixtures::{key, tenant};
 use workflows::testing::Driver;
-use workflows::{Environment, RepoKind, State, TenantId, Timestamp, WorkflowKey, WorkflowRecord};
+use workflows::{
+    Domain, Environment, RepoKind, State, TenantId, Timestamp, WorkflowKey, WorkflowRecord,
+};
 
 /// A fresh backend and control of its time.
 pub(crate) trait Harness {
@@ -67,6 +69,7 @@ macro_rules! conformance_tests {
             workflows_are_listed_by_state_env_and_tenant,
             corrupt_records_are_reported_not_panicked,
             tenants_are_found_by_id_and_project,
+            domains_belong_to_one_tenant,
             allocations_are_exclusive,
             a_commit_is_all_or_nothing,
             commits_of_a_batch_succeed_or_fail_alone,
@@ -627,6 +630,58 @@ pub(crate) async fn tenants_are_found_by_id_and_project<H: Harness>(h: &H) {
             .expect("exists")
             .production_approval
     );
+}
+
+pub(crate) async fn domains_belong_to_one_tenant<H: Harness>(h: &H) {
+    let b = h.backend();
+    let domain = |d: &str| Domain::new(d).expect("domain");
+    let acme = tenant("acme", 11, 12);
+    b.put_tenant(&acme, true).await.expect("create");
+    let mut umbrella = tenant("umbrella", 21, 22);
+    umbrella.domain = acme.domain.clone();
+    match b.put_tenant(&umbrella, true).await {
+        Err(Error::AlreadyExists(what)) => {
+            assert!(
+                what.contains("acme.example") && what.contains("acme"),
+                "{what}"
+            );
+        }
+        other => panic!("a second tenant took acme's domain: {other:?}"),
+    }
+    assert!(
+        b.tenant(&umbrella.id).await.expect("get").is_none(),
+        "nothing of a refused tenant is written"
+    );
+    assert!(b.tenant_by_project(21).await.expect("get").is_none());
+    let owner = b.tenant_by_domain(&acme.domain).await.expect("get");
+    assert_eq!(owner.map(|t| t.id), Some(acme.id.clone()));
+    assert!(
+        b.tenant_by_domain(&domain("nobody.example"))
+            .await
+            .expect("get")
+            .is_none()
+    );
+
+    // A tenant that moves to another domain frees its old one.
+    let mut moved = acme.clone();
+    moved.domain = domain("acme.test");
+    b.put_tenant(&moved, false).await.expect("move");
+    b.put_tenant(&umbrella, true)
+        .await
+        .expect("the freed domain");
+    let owner = b.tenant_by_domain(&acme.domain).await.expect("get");
+    assert_eq!(owner.map(|t| t.id), Some(umbrella.id.clone()));
+    let owner = b.tenant_by_domain(&moved.domain).await.expect("get");
+    assert_eq!(owner.map(|t| t.id), Some(acme.id.clone()));
+    assert!(
+        matches!(
+            b.put_tenant(&acme, false).await,
+            Err(Error::AlreadyExists(_))
+        ),
+        "an update cannot take another tenant's domain either"
+    );
+    let kept = b.tenant(&acme.id).await.expect("get").expect("exists");
+    assert_eq!(kept.domain, moved.domain);
 }
 
 pub(crate) async fn allocations_are_exclusive<H: Harness>(h: &H) {

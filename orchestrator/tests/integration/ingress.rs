@@ -187,7 +187,10 @@ async fn a_push_to_a_mapped_branch_is_queued_as_a_small_typed_event() {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     assert_eq!(answer["status"], "accepted");
-    assert_eq!(answer["event_id"], "4c4f5d2e-5d1b-4b7c-8d0a-3f2b9d1e0a11");
+    assert_eq!(
+        answer["event_id"], "gitlab:4c4f5d2e-5d1b-4b7c-8d0a-3f2b9d1e0a11",
+        "what the caller chose, namespaced"
+    );
     assert_eq!(
         answer["workflow"], "acme#production",
         "master maps to production"
@@ -230,6 +233,39 @@ async fn the_same_idempotency_key_twice_is_one_event() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_idempotency_key_never_suppresses_another_tenants_push() {
+    let s = start(IngressConfig::default()).await;
+    let key = [("idempotency-key", "K")];
+    let acme = with_project(payload("gitlab-docs_push"), ACME_APP);
+    let globex = with_project(payload("drone-go-scm_push"), GLOBEX_APP);
+    let (a, _) = s.push(ACME_TOKEN, &acme, &key).await;
+    let (b, answer) = s.push(GLOBEX_TOKEN, &globex, &key).await;
+    assert_eq!((a, b), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
+    let queued = s.queued().await;
+    let keys: Vec<String> = queued.iter().map(|e| e.key.to_string()).collect();
+    assert_eq!(
+        keys.len(),
+        2,
+        "a 202 means queued, for each tenant: {keys:?}"
+    );
+    assert!(keys.iter().any(|k| k.starts_with("globex#")), "{answer}");
+
+    // A caller cannot choose the id of an event the system makes (a re-arm, a signal).
+    let system = [("idempotency-key", "rearm:acme#production:v1")];
+    let (c, answer) = s.push(ACME_TOKEN, &acme, &system).await;
+    assert_eq!(c, StatusCode::ACCEPTED);
+    assert_eq!(answer["event_id"], "gitlab:rearm:acme#production:v1");
+    // A key of the longest allowed length still fits, as a digest.
+    let long = "k".repeat(128);
+    let (d, answer) = s
+        .push(ACME_TOKEN, &acme, &[("idempotency-key", long.as_str())])
+        .await;
+    assert_eq!(d, StatusCode::ACCEPTED);
+    let id = answer["event_id"].as_str().expect("id");
+    assert!(id.starts_with("gitlab:sha256:") && id.len() <= 128, "{id}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_headers_the_event_uuid_then_a_digest_deduplicates() {
     let s = start(IngressConfig::default()).await;
     let body = with_project(payload("drone-go-scm_push"), GLOBEX_APP);
@@ -237,7 +273,7 @@ async fn without_headers_the_event_uuid_then_a_digest_deduplicates() {
     let (a, first) = s.push(GLOBEX_TOKEN, &body, &uuid).await;
     let (b, second) = s.push(GLOBEX_TOKEN, &body, &uuid).await;
     assert_eq!((a, b), (StatusCode::ACCEPTED, StatusCode::ACCEPTED));
-    assert_eq!(first["event_id"], "e-1");
+    assert_eq!(first["event_id"], "gitlab:e-1");
     assert_eq!(first["event_id"], second["event_id"]);
     let (c, third) = s.push(GLOBEX_TOKEN, &body, &[]).await;
     let (d, fourth) = s.push(GLOBEX_TOKEN, &body, &[]).await;

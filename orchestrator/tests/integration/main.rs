@@ -17,6 +17,8 @@ mod aws_backend;
 #[cfg(feature = "aws")]
 mod aws_faults;
 #[cfg(feature = "aws")]
+mod aws_ownership;
+#[cfg(feature = "aws")]
 mod dynamo;
 #[cfg(feature = "aws")]
 mod sqs;

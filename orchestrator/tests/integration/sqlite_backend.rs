@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::conformance::{Harness, conformance_tests, slot_tests, step_message};
+use crate::conformance::{Harness, conformance_tests, slot_tests, step_message, tenant};
 use orchestrator::clock::ManualClock;
-use orchestrator::ports::{Journal, Queue, QueueKind};
+use orchestrator::ports::{Error, Journal, Queue, QueueKind, Store};
 use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
 use orchestrator::stack::{Batched, Sequential, Stack};
-use workflows::Timestamp;
+use workflows::{Domain, Timestamp};
 
 struct Sqlite {
     _dir: tempfile::TempDir,
@@ -198,4 +198,85 @@ async fn data_survives_reopening_the_file() {
         .expect("receive");
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].body, b"kept");
+}
+
+/// A file of table layout 1 (before domains were unique) in which two tenants share a domain:
+/// opening it records each tenant's domain, the first registered keeps a shared one, and the
+/// other is refused writes until it gets a domain of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layout_1_file_is_migrated_and_the_first_tenant_keeps_its_domain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("old.sqlite");
+    drop(SqliteBackend::open(SqliteConfig::new(&path)).expect("create"));
+    let acme = tenant("acme", 11, 12);
+    let mut late = tenant("hijack", 21, 22);
+    late.domain = acme.domain.clone();
+    late.created_at = Timestamp::from_unix_millis(2_000);
+    let loner = tenant("loner", 31, 32);
+    {
+        let conn = rusqlite::Connection::open(&path).expect("open");
+        conn.execute_batch(
+            "DROP TABLE tenant_domains; UPDATE meta SET value = '1' WHERE name = 'layout';",
+        )
+        .expect("back to layout 1");
+        // Inserted newest first: the migration goes by registration time, not by row order.
+        for t in [&late, &acme, &loner] {
+            conn.execute(
+                "INSERT INTO tenants (id, infra_project, app_project, record) VALUES (?1, ?2, ?3, ?4)",
+                rusqlite::params![
+                    t.id.as_str(),
+                    i64::try_from(t.infra_project).expect("small"),
+                    i64::try_from(t.app_project).expect("small"),
+                    workflows::encode(t)
+                ],
+            )
+            .expect("insert");
+        }
+    }
+
+    let backend = SqliteBackend::open(SqliteConfig::new(&path)).expect("migrate");
+    let layout: String = rusqlite::Connection::open(&path)
+        .expect("open")
+        .query_row("SELECT value FROM meta WHERE name = 'layout'", [], |r| {
+            r.get(0)
+        })
+        .expect("layout");
+    assert_eq!(layout, "2");
+    let owner = backend.tenant_by_domain(&acme.domain).await.expect("get");
+    assert_eq!(owner.map(|t| t.id), Some(acme.id.clone()));
+    let owner = backend.tenant_by_domain(&loner.domain).await.expect("get");
+    assert_eq!(owner.map(|t| t.id), Some(loner.id.clone()));
+    match backend.put_tenant(&late, false).await {
+        Err(Error::AlreadyExists(what)) => assert!(what.contains("tenant acme"), "{what}"),
+        other => panic!("the later tenant kept a shared domain: {other:?}"),
+    }
+    let mut own = late.clone();
+    own.domain = Domain::new("hijack.example").expect("domain");
+    backend.put_tenant(&own, false).await.expect("own domain");
+    backend
+        .put_tenant(&acme, false)
+        .await
+        .expect("the owner writes");
+}
+
+/// The database file and its WAL are private to their owner: they hold tenant records.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_file_and_its_wal_are_created_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("private.sqlite");
+    let backend = SqliteBackend::open(SqliteConfig::new(&path)).expect("open");
+    backend
+        .put_tenant(&tenant("acme", 1, 2), true)
+        .await
+        .expect("write");
+    for suffix in ["", "-wal", "-shm"] {
+        let file = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        let mode = std::fs::metadata(&file)
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{}: {mode:o}", file.display());
+    }
 }

@@ -408,7 +408,7 @@ fn tenant_add_prints_the_secret_once_and_stores_only_its_hash() {
 }
 
 #[test]
-fn a_duplicate_tenant_or_project_is_refused() {
+fn a_duplicate_tenant_project_or_domain_is_refused() {
     let f = Fixture::new();
     f.add_tenant("acme", 11, 12);
     let add = |id: &str, infra: &str, app: &str| {
@@ -438,6 +438,25 @@ fn a_duplicate_tenant_or_project_is_refused() {
     assert!(
         run.stderr
             .contains("GitLab project 12 already belongs to tenant acme"),
+        "{}",
+        run.stderr
+    );
+    let run = f.wfctl(&[
+        "tenant",
+        "add",
+        "umbrella",
+        "--domain",
+        "acme.example",
+        "--infra-project",
+        "50",
+        "--app-project",
+        "51",
+    ]);
+    run.code(1);
+    assert!(run.stdout.is_empty());
+    assert!(
+        run.stderr
+            .contains("domain acme.example already belongs to tenant acme"),
         "{}",
         run.stderr
     );

@@ -165,7 +165,6 @@ async fn a_worker_checks_the_infrastructure_settings_at_start_up() {
         "listener_arn",
         "artifact_bucket",
         "base_image_id",
-        "instance_profile",
         "db_subnet_group",
         "source_url",
     ] {
@@ -190,7 +189,6 @@ async fn a_worker_checks_the_infrastructure_settings_at_start_up() {
         "alb_security_group_id",
         "artifact_bucket",
         "base_image_id",
-        "instance_profile",
         "db_subnet_group",
     ] {
         assert!(
@@ -207,7 +205,7 @@ async fn a_worker_checks_the_infrastructure_settings_at_start_up() {
                 "ORCHESTRATOR__INFRASTRUCTURE__SUBNET_IDS",
                 r#"["subnet-0000nope"]"#,
             ),
-            ("ORCHESTRATOR__INFRASTRUCTURE__INSTANCE_PROFILE", "nope"),
+            ("ORCHESTRATOR__INFRASTRUCTURE__DB_SUBNET_GROUP", "nope"),
         ],
     );
     assert!(!out.status.success());
@@ -217,10 +215,22 @@ async fn a_worker_checks_the_infrastructure_settings_at_start_up() {
         "{err}"
     );
     assert!(
-        err.contains("instance_profile") && err.contains("nope"),
+        err.contains("db_subnet_group") && err.contains("nope"),
         "{err}"
     );
     assert!(!err.contains("vpc_id ="), "the VPC is fine: {err}");
+
+    // The shared instance profile of older versions: refused, saying why.
+    let out = env.orchestrator(
+        &["--config", "orchestrator.toml", "worker"],
+        &[("ORCHESTRATOR__INFRASTRUCTURE__INSTANCE_PROFILE", "shared")],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("instance_profile") && err.contains("no longer used"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,7 +43,7 @@ use aws_sdk_dynamodb::types::{
     AttributeValue, CancellationReason, ReturnConsumedCapacity, TransactWriteItem,
 };
 use aws_smithy_types::error::operation::BuildError;
-use workflows::{EventId, HistoryEntry, Tenant, TenantId, WorkflowKey, WorkflowRecord};
+use workflows::{Domain, EventId, HistoryEntry, Tenant, TenantId, WorkflowKey, WorkflowRecord};
 
 use super::{Names, RequestCounter, sdk_error};
 use crate::clock::{SharedClock, SystemClock};
@@ -271,6 +271,9 @@ impl Store for DynamoStore {
     }
     async fn tenant_by_project(&self, project: u64) -> Result<Option<Tenant>, Error> {
         self.read_tenant_by_project(project).await
+    }
+    async fn tenant_by_domain(&self, domain: &Domain) -> Result<Option<Tenant>, Error> {
+        self.read_tenant_by_domain(domain).await
     }
     async fn tenants(&self) -> Result<Vec<Tenant>, Error> {
         self.read_tenants().await

@@ -1,18 +1,19 @@
-//! The tenants table: tenant records and a pointer item per GitLab project.
+//! The tenants table: tenant records, and a pointer item per GitLab project and per domain.
 //!
 //! - **`put_tenant`** reads the old tenant item, then writes in one `TransactWriteItems`: the
-//!   tenant item (`attribute_not_exists(pk)` when creating, else conditional on the projects it
-//!   had, so a concurrent change cannot leave a pointer behind), a pointer per project
-//!   (`attribute_not_exists(pk) OR tenant_id = :id`: a project belongs to one tenant) and the
-//!   deletion of pointers of projects the tenant no longer has.
-//! - **`tenant_by_project`** reads the pointer, then the tenant.
+//!   tenant item (`attribute_not_exists(pk)` when creating, else conditional on the record it
+//!   had, so a concurrent change cannot leave a pointer behind), a pointer per project and one
+//!   for the domain (`attribute_not_exists(pk) OR tenant_id = :id`: a project and a domain
+//!   belong to one tenant) and the deletion of pointers of projects and of a domain the tenant
+//!   no longer has.
+//! - **`tenant_by_project`**, **`tenant_by_domain`** read the pointer, then the tenant.
 //! - **`tenants`** scans for `tenant#` items (a few hundred tenants at most) and sorts them by
 //!   id.
 
 use aws_sdk_dynamodb::types::{
     CancellationReason, Delete, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
 };
-use workflows::{Tenant, TenantId};
+use workflows::{Domain, Tenant, TenantId};
 
 use super::{BACKEND, DynamoStore, Item, build_error, bytes_of, failed, n, num, s, text, utf8};
 use crate::aws::sdk_error;
@@ -44,6 +45,12 @@ impl DynamoStore {
                     .collect()
             })
             .unwrap_or_default();
+        // A corrupt old record has no domain to free; its pointer stays until deleted by hand.
+        let old_domain = old
+            .as_ref()
+            .and_then(|o| tenant_of(o).ok())
+            .map(|t| t.domain)
+            .filter(|d| *d != tenant.domain);
         let record = utf8(workflows::encode(tenant), &format!("tenant {id}"))?;
         let mut put = Put::builder()
             .table_name(&self.tenants)
@@ -57,21 +64,24 @@ impl DynamoStore {
                 .expression_attribute_names("#pk", "pk"),
             // Replace only what was read, so the pointers deleted below are still its own.
             Some(o) => put
-                .condition_expression("#i = :i AND #a = :a")
-                .expression_attribute_names("#i", "infra_project")
-                .expression_attribute_names("#a", "app_project")
-                .expression_attribute_values(":i", o.get("infra_project").cloned().unwrap_or(n(0)))
-                .expression_attribute_values(":a", o.get("app_project").cloned().unwrap_or(n(0))),
+                .condition_expression("#r = :r")
+                .expression_attribute_names("#r", "record")
+                .expression_attribute_values(":r", o.get("record").cloned().unwrap_or(s(""))),
         };
         let mut items = vec![
             TransactWriteItem::builder()
                 .put(put.build().map_err(build_error)?)
                 .build(),
         ];
-        for project in [infra, app] {
+        let pointers = [
+            format!("project#{infra}"),
+            format!("project#{app}"),
+            format!("domain#{}", tenant.domain),
+        ];
+        for pk in &pointers {
             let pointer = Put::builder()
                 .table_name(&self.tenants)
-                .item("pk", s(format!("project#{project}")))
+                .item("pk", s(pk))
                 .item("tenant_id", s(id))
                 .condition_expression("attribute_not_exists(#pk) OR #t = :id")
                 .expression_attribute_names("#pk", "pk")
@@ -84,10 +94,15 @@ impl DynamoStore {
                 .map_err(build_error)?;
             items.push(TransactWriteItem::builder().put(pointer).build());
         }
-        for project in old_projects.iter().filter(|p| **p != infra && **p != app) {
+        let freed = old_projects
+            .iter()
+            .filter(|p| **p != infra && **p != app)
+            .map(|p| format!("project#{p}"))
+            .chain(old_domain.map(|d| format!("domain#{d}")));
+        for pk in freed {
             let delete = Delete::builder()
                 .table_name(&self.tenants)
-                .key("pk", s(format!("project#{project}")))
+                .key("pk", s(pk))
                 .condition_expression("attribute_not_exists(#pk) OR #t = :id")
                 .expression_attribute_names("#pk", "pk")
                 .expression_attribute_names("#t", "tenant_id")
@@ -113,16 +128,19 @@ impl DynamoStore {
                 )
             });
         }
-        for (i, project) in [(1, infra), (2, app)] {
+        let held = [
+            format!("GitLab project {infra}"),
+            format!("GitLab project {app}"),
+            format!("domain {}", tenant.domain),
+        ];
+        for (i, what) in held.iter().enumerate().map(|(i, w)| (i + 1, w)) {
             if failed(&reasons, i) {
                 let other = reasons
                     .get(i)
                     .and_then(CancellationReason::item)
                     .and_then(|o| text(o, "tenant_id"))
                     .unwrap_or("another tenant");
-                return Err(Error::AlreadyExists(format!(
-                    "GitLab project {project} (of tenant {other})"
-                )));
+                return Err(Error::AlreadyExists(format!("{what} (of tenant {other})")));
             }
         }
         Err(Error::unavailable(
@@ -142,12 +160,30 @@ impl DynamoStore {
         &self,
         project: u64,
     ) -> Result<Option<Tenant>, Error> {
-        let pointer = self
-            .get_item(
-                &self.tenants,
-                Item::from([("pk".to_owned(), s(format!("project#{project}")))]),
+        let tenant = self
+            .tenant_by_pointer(
+                &format!("project#{project}"),
                 &format!("GitLab project {project}"),
             )
+            .await?;
+        // A pointer is only ever written with its tenant; check all the same.
+        Ok(tenant.filter(|t| t.infra_project == project || t.app_project == project))
+    }
+
+    pub(super) async fn read_tenant_by_domain(
+        &self,
+        domain: &Domain,
+    ) -> Result<Option<Tenant>, Error> {
+        let tenant = self
+            .tenant_by_pointer(&format!("domain#{domain}"), &format!("domain {domain}"))
+            .await?;
+        Ok(tenant.filter(|t| t.domain == *domain))
+    }
+
+    /// The tenant pointer item `pk` (`what`, for errors) names.
+    async fn tenant_by_pointer(&self, pk: &str, what: &str) -> Result<Option<Tenant>, Error> {
+        let pointer = self
+            .get_item(&self.tenants, Item::from([("pk".to_owned(), s(pk))]), what)
             .await?;
         let Some(id) = pointer.as_ref().and_then(|p| text(p, "tenant_id")) else {
             return Ok(None);
@@ -155,9 +191,7 @@ impl DynamoStore {
         let Some(item) = self.tenant_item(id).await? else {
             return Ok(None);
         };
-        let tenant = tenant_of(&item)?;
-        // A pointer is only ever written with its tenant; check all the same.
-        Ok((tenant.infra_project == project || tenant.app_project == project).then_some(tenant))
+        tenant_of(&item).map(Some)
     }
 
     pub(super) async fn read_tenants(&self) -> Result<Vec<Tenant>, Error> {

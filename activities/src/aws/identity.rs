@@ -1,0 +1,260 @@
+//! The environment's instance identity: an IAM role and an instance profile `<t>-<e>` under
+//! the path [`IAM_PATH`], made by the `network` step and deleted by `decommission`.
+//!
+//! Builders run the tenant's provisioning scripts and instances run the tenant's app, so what
+//! their credentials allow is what tenant code (or an SSRF in a tenant app) can do. The role of
+//! one environment may only read that environment's artifacts (`<tenant>/<env>/…` of the
+//! artifact bucket); no two environments share a role, and the instances require IMDSv2 with a
+//! hop limit of 1 (see the launch settings in `image` and `rollout`), so a container or a
+//! forwarded request on the instance cannot reach the credentials either.
+//!
+//! The role's inline policy is written on every `network` step, so a changed bucket or a
+//! policy edited by hand is put right by the next run. A role or profile of the same name that
+//! is not tagged as the environment's is refused (see `ownership`).
+
+use aws_sdk_iam::types::Tag;
+
+use super::error::{classify, code};
+use super::{AwsCloud, Error, Names, ownership, tags};
+
+/// The IAM path of every role and instance profile the orchestrator makes, so that its own
+/// permissions can be limited to them (`arn:aws:iam::<account>:role/tenant-host/*`).
+pub const IAM_PATH: &str = "/tenant-host/";
+
+/// The name of the role's inline policy.
+const POLICY_NAME: &str = "environment-artifacts";
+
+/// EC2 may assume the role (for instances launched with the profile).
+const TRUST_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+
+/// The inline policy of `names`' role: read the environment's artifacts in `bucket`, nothing
+/// else. `partition` is that of the account (`aws`, `aws-cn`, `aws-us-gov`).
+pub(super) fn policy(names: &Names, partition: &str, bucket: &str) -> String {
+    let prefix = names.artifact_prefix();
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Sid": "ReadTheEnvironmentsArtifacts",
+            "Effect": "Allow",
+            "Action": "s3:GetObject",
+            "Resource": format!("arn:{partition}:s3:::{bucket}/{prefix}*"),
+        }],
+    })
+    .to_string()
+}
+
+/// The partition of the account, from an ARN of the shared infrastructure.
+fn partition(cloud: &AwsCloud) -> &str {
+    cloud
+        .infra
+        .listener_arn
+        .split(':')
+        .nth(1)
+        .filter(|p| !p.is_empty())
+        .unwrap_or("aws")
+}
+
+/// IAM tags as (key, value) pairs.
+fn pairs(tags: &[Tag]) -> impl Iterator<Item = (Option<&str>, Option<&str>)> + Clone {
+    tags.iter().map(|t| (Some(t.key()), Some(t.value())))
+}
+
+fn iam_tags(names: &Names, run: workflows::RunId) -> Vec<Tag> {
+    tags(names, run)
+        .into_iter()
+        .filter_map(|(k, v)| Tag::builder().key(k).value(v).build().ok())
+        .collect()
+}
+
+/// Makes (or finds) the environment's role, its policy and its instance profile.
+pub(super) async fn ensure(
+    cloud: &AwsCloud,
+    names: &Names,
+    run: workflows::RunId,
+) -> Result<(), Error> {
+    let name = names.instance_role();
+    let iam = &cloud.clients.iam;
+    match iam.get_role().role_name(&name).send().await {
+        Ok(out) => {
+            let tags = out.role().map(|r| r.tags()).unwrap_or_default();
+            ownership::check(names, &format!("IAM role {name}"), pairs(tags))?;
+        }
+        Err(e) if code(&e) == Some("NoSuchEntity") => {
+            match iam
+                .create_role()
+                .role_name(&name)
+                .path(IAM_PATH)
+                .assume_role_policy_document(TRUST_POLICY)
+                .description(format!("instances of {}", names.key()))
+                .set_tags(Some(iam_tags(names, run)))
+                .send()
+                .await
+            {
+                Ok(_) => tracing::info!(role = %name, "instance role created"),
+                // Made meanwhile by another attempt; its tags are checked on the next one.
+                Err(e) if code(&e) == Some("EntityAlreadyExists") => {}
+                Err(e) => return Err(classify("iam:CreateRole", &name, &e)),
+            }
+        }
+        Err(e) => return Err(classify("iam:GetRole", &name, &e)),
+    }
+    let document = policy(names, partition(cloud), &cloud.infra.artifact_bucket);
+    iam.put_role_policy()
+        .role_name(&name)
+        .policy_name(POLICY_NAME)
+        .policy_document(document)
+        .send()
+        .await
+        .map_err(|e| classify("iam:PutRolePolicy", &name, &e))?;
+    let roles = match iam
+        .get_instance_profile()
+        .instance_profile_name(&name)
+        .send()
+        .await
+    {
+        Ok(out) => {
+            let profile = out.instance_profile();
+            let tags = profile.map(|p| p.tags()).unwrap_or_default();
+            ownership::check(names, &format!("IAM instance profile {name}"), pairs(tags))?;
+            profile
+                .map(|p| p.roles().iter().map(|r| r.role_name().to_owned()).collect())
+                .unwrap_or_default()
+        }
+        Err(e) if code(&e) == Some("NoSuchEntity") => {
+            match iam
+                .create_instance_profile()
+                .instance_profile_name(&name)
+                .path(IAM_PATH)
+                .set_tags(Some(iam_tags(names, run)))
+                .send()
+                .await
+            {
+                Ok(_) => tracing::info!(profile = %name, "instance profile created"),
+                Err(e) if code(&e) == Some("EntityAlreadyExists") => {}
+                Err(e) => return Err(classify("iam:CreateInstanceProfile", &name, &e)),
+            }
+            Vec::new()
+        }
+        Err(e) => return Err(classify("iam:GetInstanceProfile", &name, &e)),
+    };
+    if let Some(other) = roles.iter().find(|r| **r != name) {
+        return Err(Error::Terminal(format!(
+            "IAM instance profile {name} holds role {other}, not the environment's role {name}; it is left as it is"
+        )));
+    }
+    if roles.is_empty() {
+        match iam
+            .add_role_to_instance_profile()
+            .instance_profile_name(&name)
+            .role_name(&name)
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            // A profile holds one role: added meanwhile by another attempt.
+            Err(e) if code(&e) == Some("LimitExceeded") => {}
+            Err(e) => return Err(classify("iam:AddRoleToInstanceProfile", &name, &e)),
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the environment's instance profile and role, if they are its own (tagged so).
+pub(super) async fn delete(cloud: &AwsCloud, names: &Names) -> Result<(), Error> {
+    let name = names.instance_role();
+    let iam = &cloud.clients.iam;
+    match iam
+        .get_instance_profile()
+        .instance_profile_name(&name)
+        .send()
+        .await
+    {
+        Ok(out) => {
+            let profile = out.instance_profile();
+            let tags = profile.map(|p| p.tags()).unwrap_or_default();
+            if ownership::is_ours(names, pairs(tags)) {
+                for role in profile.iter().flat_map(|p| p.roles()) {
+                    match iam
+                        .remove_role_from_instance_profile()
+                        .instance_profile_name(&name)
+                        .role_name(role.role_name())
+                        .send()
+                        .await
+                    {
+                        Ok(_) => {}
+                        Err(e) if code(&e) == Some("NoSuchEntity") => {}
+                        Err(e) => {
+                            return Err(classify("iam:RemoveRoleFromInstanceProfile", &name, &e));
+                        }
+                    }
+                }
+                match iam
+                    .delete_instance_profile()
+                    .instance_profile_name(&name)
+                    .send()
+                    .await
+                {
+                    Ok(_) => tracing::info!(profile = %name, "instance profile deleted"),
+                    Err(e) if code(&e) == Some("NoSuchEntity") => {}
+                    Err(e) => return Err(classify("iam:DeleteInstanceProfile", &name, &e)),
+                }
+            } else {
+                tracing::warn!(profile = %name, "instance profile of this name is not the environment's; left as it is");
+            }
+        }
+        Err(e) if code(&e) == Some("NoSuchEntity") => {}
+        Err(e) => return Err(classify("iam:GetInstanceProfile", &name, &e)),
+    }
+    let role = match iam.get_role().role_name(&name).send().await {
+        Ok(out) => out.role().cloned(),
+        Err(e) if code(&e) == Some("NoSuchEntity") => return Ok(()),
+        Err(e) => return Err(classify("iam:GetRole", &name, &e)),
+    };
+    let tags = role.as_ref().map(|r| r.tags()).unwrap_or_default();
+    if !ownership::is_ours(names, pairs(tags)) {
+        tracing::warn!(role = %name, "IAM role of this name is not the environment's; left as it is");
+        return Ok(());
+    }
+    match iam
+        .delete_role_policy()
+        .role_name(&name)
+        .policy_name(POLICY_NAME)
+        .send()
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if code(&e) == Some("NoSuchEntity") => {}
+        Err(e) => return Err(classify("iam:DeleteRolePolicy", &name, &e)),
+    }
+    match iam.delete_role().role_name(&name).send().await {
+        Ok(_) => tracing::info!(role = %name, "instance role deleted"),
+        Err(e) if code(&e) == Some("NoSuchEntity") => {}
+        Err(e) => return Err(classify("iam:DeleteRole", &name, &e)),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use workflows::{Environment, TenantId, WorkflowKey};
+
+    #[test]
+    fn a_policy_reads_only_its_environments_artifacts() {
+        let names = |t: &str, e| Names::new(&WorkflowKey::new(TenantId::new(t).expect("id"), e));
+        let acme = policy(&names("acme", Environment::Dev), "aws", "bucket");
+        let v: serde_json::Value = serde_json::from_str(&acme).expect("json");
+        let statements = v["Statement"].as_array().expect("statements");
+        assert_eq!(statements.len(), 1);
+        assert_eq!(statements[0]["Action"], "s3:GetObject");
+        assert_eq!(statements[0]["Resource"], "arn:aws:s3:::bucket/acme/dev/*");
+        let prod = policy(&names("acme", Environment::Production), "aws-cn", "bucket");
+        assert!(
+            prod.contains("arn:aws-cn:s3:::bucket/acme/production/*"),
+            "{prod}"
+        );
+        // A tenant whose id starts like another's cannot read the other's prefix.
+        let short = policy(&names("acm", Environment::Dev), "aws", "bucket");
+        assert!(short.contains("bucket/acm/dev/*"), "{short}");
+    }
+}

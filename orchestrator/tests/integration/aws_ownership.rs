@@ -1,0 +1,480 @@
+//! Tenant boundaries of the AWS reconcilers, on `moto_server`: a resource found by a name or a
+//! host that is not tagged as the environment's own is never adopted, changed or deleted.
+//!
+//! The stores refuse a second tenant with an existing tenant's domain (see the conformance
+//! suite); these tests call the reconcilers as if that check had been bypassed (a tenant
+//! registered before domains were unique), and with resources someone made by hand.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use activities::aws::{AwsCloud, Clients, Infrastructure, MemoryAllocations};
+use activities::{Activities, Invocation, Outcome};
+use aws_sdk_autoscaling::types::LaunchTemplateSpecification;
+use aws_sdk_ec2::types::RequestLaunchTemplateData;
+use aws_sdk_elasticloadbalancingv2::types::{ProtocolEnum, Rule};
+use orchestrator::clock::SystemClock;
+use testkit::moto::Moto;
+use workflows::{
+    Domain, Environment, NetworkOutput, Release, Resources, RunId, StepKind, StepOutput, StepTask,
+    TenantId, Timestamp, WorkflowKey,
+};
+
+struct Sandbox {
+    moto: Moto,
+    clients: Clients,
+    infra: Infrastructure,
+    cloud: AwsCloud,
+}
+
+impl Sandbox {
+    async fn new() -> Self {
+        let moto = Moto::start().await;
+        let sdk = moto.sdk_config();
+        let infra = activities::aws::sandbox::create(&sdk, "sbx", "file:///nowhere/{tenant}")
+            .await
+            .expect("sandbox");
+        let clients = Clients::new(&sdk);
+        let cloud = AwsCloud::new(
+            clients.clone(),
+            infra.clone(),
+            MemoryAllocations::default(),
+            Arc::new(SystemClock),
+        )
+        .expect("complete infrastructure");
+        Self {
+            moto,
+            clients,
+            infra,
+            cloud,
+        }
+    }
+
+    /// Runs `step` of `tenant`'s dev environment (served under `domain`) once.
+    async fn invoke(
+        &self,
+        tenant: &str,
+        domain: &str,
+        step: StepKind,
+        run: u32,
+        resources: Resources,
+    ) -> Outcome {
+        let key = WorkflowKey::new(TenantId::new(tenant).expect("id"), Environment::Dev);
+        let domain = Domain::new(domain).expect("domain");
+        let task = StepTask {
+            run: RunId::new(run).expect("run"),
+            step,
+            token: 1,
+            attempt: 1,
+            first_attempt_at: Timestamp::from_unix_millis(1_000),
+            delay: Duration::ZERO,
+            release: Release::default(),
+            resources,
+        };
+        self.cloud
+            .invoke(Invocation {
+                key: &key,
+                domain: &domain,
+                task: &task,
+            })
+            .await
+    }
+
+    /// Decommissions `tenant`'s dev environment, invoking until it is done.
+    async fn decommission(&self, tenant: &str, domain: &str) {
+        for _ in 0..60 {
+            match self
+                .invoke(
+                    tenant,
+                    domain,
+                    StepKind::Decommission,
+                    9,
+                    Resources::default(),
+                )
+                .await
+            {
+                Outcome::Done(_) => return,
+                Outcome::Progress { .. } => tokio::time::sleep(Duration::from_millis(200)).await,
+                other => panic!("decommission of {tenant}: {other:?}"),
+            }
+        }
+        panic!("decommission of {tenant} did not finish");
+    }
+
+    /// The listener's rule for `host`.
+    async fn rule(&self, host: &str) -> Option<Rule> {
+        let out = self
+            .clients
+            .elb
+            .describe_rules()
+            .listener_arn(&self.infra.listener_arn)
+            .send()
+            .await
+            .expect("rules");
+        out.rules()
+            .iter()
+            .find(|r| {
+                r.conditions().iter().any(|c| {
+                    c.values().iter().any(|v| v == host)
+                        || c.host_header_config()
+                            .is_some_and(|h| h.values().iter().any(|v| v == host))
+                })
+            })
+            .cloned()
+    }
+}
+
+fn terminal(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Terminal(e) => e,
+        other => panic!("expected a terminal error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_host_is_never_taken_over_nor_deleted() {
+    let s = Sandbox::new().await;
+    let routed = s
+        .invoke(
+            "acme",
+            "acme.example",
+            StepKind::Routing,
+            1,
+            Resources::default(),
+        )
+        .await;
+    let Outcome::Done(StepOutput::Routing(acme)) = routed else {
+        panic!("acme's routing: {routed:?}");
+    };
+
+    // A second tenant with acme's domain: its host is acme's host.
+    let e = terminal(
+        s.invoke(
+            "umbrella",
+            "acme.example",
+            StepKind::Routing,
+            1,
+            Resources::default(),
+        )
+        .await,
+    );
+    assert!(
+        e.contains("listener rule") && e.contains("dev.acme.example") && e.contains("tenant acme"),
+        "{e}"
+    );
+    let rule = s.rule("dev.acme.example").await.expect("acme's rule stays");
+    assert_eq!(rule.rule_arn(), Some(acme.rule_arn.as_str()));
+    let forwards: Vec<_> = rule
+        .actions()
+        .iter()
+        .filter_map(|a| a.target_group_arn())
+        .collect();
+    assert_eq!(forwards, [acme.target_group_arn.as_str()], "still acme's");
+
+    s.decommission("umbrella", "acme.example").await;
+    let rule = s
+        .rule("dev.acme.example")
+        .await
+        .expect("decommissioning the other tenant leaves acme's rule");
+    assert_eq!(rule.rule_arn(), Some(acme.rule_arn.as_str()));
+    let groups = s
+        .clients
+        .elb
+        .describe_target_groups()
+        .target_group_arns(&acme.target_group_arn)
+        .send()
+        .await
+        .expect("acme's target group stays");
+    assert_eq!(groups.target_groups().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_named_resources_of_someone_else_are_refused_and_left_alone() {
+    let s = Sandbox::new().await;
+    let c = &s.clients;
+    // Made by hand, with the names globex's dev environment would use, and no tags of ours.
+    let sg = c
+        .ec2
+        .create_security_group()
+        .group_name("globex-dev-instances")
+        .description("someone else's")
+        .vpc_id(&s.infra.vpc_id)
+        .send()
+        .await
+        .expect("security group");
+    let sg_id = sg.group_id().expect("id").to_owned();
+    let tg = c
+        .elb
+        .create_target_group()
+        .name("globex-dev")
+        .protocol(ProtocolEnum::Http)
+        .port(8080)
+        .vpc_id(&s.infra.vpc_id)
+        .send()
+        .await
+        .expect("target group");
+    let tg_arn = tg.target_groups()[0]
+        .target_group_arn()
+        .expect("arn")
+        .to_owned();
+    c.rds
+        .create_db_instance()
+        .db_instance_identifier("globex-dev")
+        .engine("mysql")
+        .db_instance_class("db.t3.micro")
+        .allocated_storage(20)
+        .master_username("admin")
+        .master_user_password("not-ours-123")
+        .send()
+        .await
+        .expect("database");
+    c.ec2
+        .create_launch_template()
+        .launch_template_name("globex-dev-r1")
+        .launch_template_data(
+            RequestLaunchTemplateData::builder()
+                .image_id(&s.infra.base_image_id)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("launch template");
+    c.autoscaling
+        .create_auto_scaling_group()
+        .auto_scaling_group_name("globex-dev-r2")
+        .launch_template(
+            LaunchTemplateSpecification::builder()
+                .launch_template_name("globex-dev-r1")
+                .version("1")
+                .build(),
+        )
+        .min_size(0)
+        .max_size(0)
+        .vpc_zone_identifier(s.infra.subnet_ids.join(","))
+        .send()
+        .await
+        .expect("group");
+
+    let none = Resources::default;
+    let e = terminal(
+        s.invoke("globex", "globex.example", StepKind::Network, 1, none())
+            .await,
+    );
+    assert!(
+        e.contains("security group globex-dev-instances")
+            && e.contains("not created by the orchestrator"),
+        "{e}"
+    );
+    let e = terminal(
+        s.invoke("globex", "globex.example", StepKind::Routing, 1, none())
+            .await,
+    );
+    assert!(e.contains("target group globex-dev"), "{e}");
+    let e = terminal(
+        s.invoke("globex", "globex.example", StepKind::Database, 1, none())
+            .await,
+    );
+    assert!(e.contains("database globex-dev"), "{e}");
+
+    // The rollout needs a target group; acme's serves, since the checks under test (of the
+    // launch template and of the group) come before anything uses it.
+    let routed = s
+        .invoke("acme", "acme.example", StepKind::Routing, 1, none())
+        .await;
+    let Outcome::Done(StepOutput::Routing(routing)) = routed else {
+        panic!("acme's routing: {routed:?}");
+    };
+    let with_routing = || Resources {
+        network: Some(NetworkOutput {
+            instance_security_group: sg_id.clone(),
+            database_security_group: sg_id.clone(),
+        }),
+        routing: Some(routing.clone()),
+        ..Resources::default()
+    };
+    let e = terminal(
+        s.invoke(
+            "globex",
+            "globex.example",
+            StepKind::Rollout,
+            1,
+            with_routing(),
+        )
+        .await,
+    );
+    assert!(e.contains("launch template globex-dev-r1"), "{e}");
+    let e = terminal(
+        s.invoke(
+            "globex",
+            "globex.example",
+            StepKind::Rollout,
+            2,
+            with_routing(),
+        )
+        .await,
+    );
+    assert!(e.contains("auto scaling group globex-dev-r2"), "{e}");
+
+    s.decommission("globex", "globex.example").await;
+    let left = c
+        .ec2
+        .describe_security_groups()
+        .group_ids(sg.group_id().expect("id"))
+        .send()
+        .await
+        .expect("the security group is left alone");
+    assert_eq!(left.security_groups().len(), 1);
+    let left = c
+        .elb
+        .describe_target_groups()
+        .target_group_arns(&tg_arn)
+        .send()
+        .await
+        .expect("the target group is left alone");
+    assert_eq!(left.target_groups().len(), 1);
+    let left = c
+        .rds
+        .describe_db_instances()
+        .db_instance_identifier("globex-dev")
+        .send()
+        .await
+        .expect("the database is left alone");
+    assert_ne!(
+        left.db_instances()[0].db_instance_status(),
+        Some("deleting")
+    );
+    let left = c
+        .ec2
+        .describe_launch_templates()
+        .launch_template_names("globex-dev-r1")
+        .send()
+        .await
+        .expect("the launch template is left alone");
+    assert_eq!(left.launch_templates().len(), 1);
+    let left = c
+        .autoscaling
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names("globex-dev-r2")
+        .send()
+        .await
+        .expect("groups");
+    assert_eq!(
+        left.auto_scaling_groups().len(),
+        1,
+        "the group is left alone"
+    );
+}
+
+/// Each environment's instances run with an IAM role of their own that reads only the
+/// environment's artifacts, require IMDSv2 with one hop, and lose the role when decommissioned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_environment_has_a_role_of_its_own() {
+    let s = Sandbox::new().await;
+    let iam = aws_sdk_iam::Client::new(&s.moto.sdk_config());
+    let mut policies = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let domain = format!("{tenant}.example");
+        let network = s
+            .invoke(tenant, &domain, StepKind::Network, 1, Resources::default())
+            .await;
+        let Outcome::Done(StepOutput::Network(network)) = network else {
+            panic!("{tenant}'s network: {network:?}");
+        };
+        let routing = s
+            .invoke(tenant, &domain, StepKind::Routing, 1, Resources::default())
+            .await;
+        let Outcome::Done(StepOutput::Routing(routing)) = routing else {
+            panic!("{tenant}'s routing: {routing:?}");
+        };
+        let resources = Resources {
+            network: Some(network),
+            routing: Some(routing),
+            ..Resources::default()
+        };
+        let rollout = s
+            .invoke(tenant, &domain, StepKind::Rollout, 1, resources)
+            .await;
+        assert!(
+            matches!(rollout, Outcome::Progress { .. }),
+            "{tenant}'s rollout: {rollout:?}"
+        );
+
+        let role = format!("{tenant}-dev-instances");
+        let profile = iam
+            .get_instance_profile()
+            .instance_profile_name(&role)
+            .send()
+            .await
+            .expect("the environment's profile");
+        let profile = profile.instance_profile().expect("profile");
+        assert_eq!(profile.path(), "/tenant-host/");
+        let roles: Vec<_> = profile.roles().iter().map(|r| r.role_name()).collect();
+        assert_eq!(roles, [role.as_str()]);
+        let policy = iam
+            .get_role_policy()
+            .role_name(&role)
+            .policy_name("environment-artifacts")
+            .send()
+            .await
+            .expect("the role's policy");
+        let document = urlencoding_free(policy.policy_document());
+        assert!(
+            document.contains(&format!("{}/{tenant}/dev/*", s.infra.artifact_bucket)),
+            "{document}"
+        );
+        policies.push((tenant, document));
+
+        let versions = s
+            .clients
+            .ec2
+            .describe_launch_template_versions()
+            .launch_template_name(format!("{tenant}-dev-r1"))
+            .send()
+            .await
+            .expect("template");
+        let data = versions.launch_template_versions()[0]
+            .launch_template_data()
+            .expect("data");
+        assert_eq!(
+            data.iam_instance_profile().and_then(|p| p.name()),
+            Some(role.as_str())
+        );
+        let metadata = data.metadata_options().expect("metadata options");
+        assert_eq!(metadata.http_tokens().map(|t| t.as_str()), Some("required"));
+        assert_eq!(metadata.http_put_response_hop_limit(), Some(1));
+    }
+    let (acme, globex) = (&policies[0].1, &policies[1].1);
+    assert!(
+        !acme.contains("globex") && !globex.contains("acme/"),
+        "{acme}\n{globex}"
+    );
+
+    s.decommission("acme", "acme.example").await;
+    let gone = iam.get_role().role_name("acme-dev-instances").send().await;
+    assert!(gone.is_err(), "acme's role is deleted: {gone:?}");
+    iam.get_role()
+        .role_name("globex-dev-instances")
+        .send()
+        .await
+        .expect("globex's role stays");
+}
+
+/// IAM returns policy documents URL-encoded (as the API documents); moto may or may not.
+fn urlencoding_free(document: &str) -> String {
+    let mut out = Vec::with_capacity(document.len());
+    let bytes = document.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&document[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
