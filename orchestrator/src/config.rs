@@ -45,6 +45,11 @@
 //! listen = "127.0.0.1:8080"       # where POST /hooks/gitlab is served
 //! max_body_bytes = 1048576        # larger webhook bodies get 413
 //! tenant_ttl = "5s"               # how long a tenant looked up by project id is cached
+//! pushes_per_second = 10.0        # accepted pushes of one tenant, sustained (more: 429)
+//! push_burst = 200                # ... and in a burst
+//! auth_failures_per_second = 1.0  # failed authentications from one address (more: 429)
+//! auth_failure_burst = 30
+//! # client_address_header = "X-Forwarded-For"   # behind a proxy: its last address is the client
 //!
 //! [simulated]                     # the simulated cloud; see `activities::simulated::SimConfig`
 //! time_scale = 60.0
@@ -267,6 +272,16 @@ pub struct Ingress {
     /// Tenant cache lifetime.
     #[serde(deserialize_with = "duration")]
     pub tenant_ttl: Duration,
+    /// Accepted pushes per second of one tenant, sustained.
+    pub pushes_per_second: f64,
+    /// Accepted pushes of one tenant in a burst.
+    pub push_burst: u32,
+    /// Failed authentications per second from one address, sustained.
+    pub auth_failures_per_second: f64,
+    /// Failed authentications from one address in a burst.
+    pub auth_failure_burst: u32,
+    /// The header with the client's address behind a proxy (`X-Forwarded-For`).
+    pub client_address_header: Option<String>,
 }
 
 impl Default for Ingress {
@@ -276,6 +291,11 @@ impl Default for Ingress {
             listen: "127.0.0.1:8080".to_owned(),
             max_body_bytes: d.max_body_bytes,
             tenant_ttl: d.tenant_ttl,
+            pushes_per_second: d.push_rate.per_second,
+            push_burst: d.push_rate.burst,
+            auth_failures_per_second: d.auth_failure_rate.per_second,
+            auth_failure_burst: d.auth_failure_rate.burst,
+            client_address_header: d.client_address_header,
         }
     }
 }
@@ -391,9 +411,19 @@ impl Config {
 
     /// The ingress's settings.
     pub fn ingress(&self) -> IngressConfig {
+        let i = &self.ingress;
         IngressConfig {
-            max_body_bytes: self.ingress.max_body_bytes,
-            tenant_ttl: self.ingress.tenant_ttl,
+            max_body_bytes: i.max_body_bytes,
+            tenant_ttl: i.tenant_ttl,
+            push_rate: crate::ingress::Rate {
+                per_second: i.pushes_per_second,
+                burst: i.push_burst,
+            },
+            auth_failure_rate: crate::ingress::Rate {
+                per_second: i.auth_failures_per_second,
+                burst: i.auth_failure_burst,
+            },
+            client_address_header: i.client_address_header.clone(),
         }
     }
 

@@ -193,6 +193,9 @@ impl Processes {
                 "RUST_LOG",
                 "warn,orchestrator=info,orchestrator::engine=warn,orchestrator::ingress=warn",
             )
+            // The load is the point: no per-tenant push limit at the ingress.
+            .env("ORCHESTRATOR__INGRESS__PUSHES_PER_SECOND", "1e9")
+            .env("ORCHESTRATOR__INGRESS__PUSH_BURST", "1000000000")
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)

@@ -59,6 +59,16 @@ pub struct Commit {
     pub message: Option<String>,
 }
 
+/// The most characters kept of a free-text field of an event (the author, the commit title):
+/// they are for people, and a 300 KB author name must not make the message too large for the
+/// queue (which would be answered 503, and GitLab would resend it forever).
+pub const MAX_TEXT_CHARS: usize = 200;
+
+/// `text` cut to [`MAX_TEXT_CHARS`] characters.
+fn cut(text: &str) -> String {
+    text.chars().take(MAX_TEXT_CHARS).collect()
+}
+
 /// The all-zero commit id GitLab uses for "no commit".
 pub const NO_COMMIT: &str = "0000000000000000000000000000000000000000";
 
@@ -100,16 +110,15 @@ impl Payload {
             (_, Some(m)) => m.lines().next().unwrap_or_default(),
             _ => "",
         };
-        // Titles are for people; keep them short in the queue.
-        title.chars().take(200).collect()
+        cut(title)
     }
 
-    /// Who pushed: the user name, else the display name.
+    /// Who pushed: the user name, else the display name (cut to [`MAX_TEXT_CHARS`]).
     pub fn author(&self) -> String {
         self.user_username
-            .clone()
-            .or_else(|| self.user_name.clone())
-            .unwrap_or_else(|| "unknown".to_owned())
+            .as_deref()
+            .or(self.user_name.as_deref())
+            .map_or_else(|| "unknown".to_owned(), cut)
     }
 }
 

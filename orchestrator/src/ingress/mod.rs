@@ -9,8 +9,9 @@
 //! |---|---|
 //! | push to a mapped branch | `202` `{"status":"accepted","event_id":…,"workflow":"acme#production"}` |
 //! | unmapped branch, tag push, branch deletion, other `X-Gitlab-Event` kinds | `202` `{"status":"ignored","reason":…}`, nothing queued |
-//! | missing or wrong `X-Gitlab-Token`, or a bad Standard Webhooks signature | `401` |
-//! | unknown project | `404` |
+//! | missing or wrong `X-Gitlab-Token`, a bad Standard Webhooks signature, or a project no tenant registered | `401`, the same answer whatever the project (so project ids cannot be enumerated) |
+//! | more failed authentications from the source address than `auth_failure_rate` allows | `429` with `Retry-After`, before anything is read |
+//! | more accepted pushes of the tenant than `push_rate` allows | `429` with `Retry-After`, nothing queued |
 //! | malformed JSON or missing fields | `400` naming what is wrong |
 //! | body over `max_body_bytes` | `413` |
 //! | queue unavailable | `503` (nothing was accepted; GitLab shows it and can resend) |
@@ -30,15 +31,16 @@
 //! ever logged.
 
 pub mod gitlab;
+pub mod limits;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -47,12 +49,14 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use workflows::{Event, EventId, GitSha, Push, Tenant, Timestamp, WorkflowKey};
+use workflows::{Event, EventId, GitSha, Push, Tenant, TenantId, Timestamp, WorkflowKey};
 
 use crate::clock::SharedClock;
 use crate::engine::enqueue;
 use crate::ports::{Queue, Store};
 use gitlab::{NO_COMMIT, Payload};
+use limits::Buckets;
+pub use limits::Rate;
 use tracing::Instrument as _;
 
 /// How the ingress runs.
@@ -62,6 +66,16 @@ pub struct IngressConfig {
     pub max_body_bytes: usize,
     /// How long a tenant looked up by project is trusted before it is read again.
     pub tenant_ttl: Duration,
+    /// Accepted pushes per tenant: more are answered `429` with `Retry-After`, so that one
+    /// tenant's flood cannot use up the queue's send throughput for everyone.
+    pub push_rate: Rate,
+    /// Failed authentications per source address: more are answered `429` before anything
+    /// (the body, the tenant registry) is read.
+    pub auth_failure_rate: Rate,
+    /// The header holding the client's address when the ingress is behind a proxy or load
+    /// balancer (`X-Forwarded-For`: its last address, the one the proxy added); none: the
+    /// connection's peer address.
+    pub client_address_header: Option<String>,
 }
 
 impl Default for IngressConfig {
@@ -69,9 +83,28 @@ impl Default for IngressConfig {
         Self {
             max_body_bytes: 1024 * 1024,
             tenant_ttl: Duration::from_secs(5),
+            push_rate: Rate {
+                per_second: 10.0,
+                burst: 200,
+            },
+            auth_failure_rate: Rate {
+                per_second: 1.0,
+                burst: 30,
+            },
+            client_address_header: None,
         }
     }
 }
+
+/// Keys remembered by each rate limit (about 100 bytes each).
+const MAX_LIMITED_KEYS: usize = 100_000;
+
+/// Refusal log lines per second (and burst) for each kind of refusal: a flood of bad requests
+/// leaves a trace without filling the logs.
+const REFUSAL_LOG_RATE: Rate = Rate {
+    per_second: 5.0,
+    burst: 20,
+};
 
 /// The ingress's shared state.
 pub struct Ingress<S, Q> {
@@ -80,6 +113,11 @@ pub struct Ingress<S, Q> {
     clock: SharedClock,
     config: IngressConfig,
     tenants: Mutex<HashMap<u64, (Option<Tenant>, Timestamp)>>,
+    pushes: Buckets<TenantId>,
+    auth_failures: Buckets<IpAddr>,
+    refusal_logs: Buckets<&'static str>,
+    /// Refusals not logged since the last line of their kind.
+    unlogged: Mutex<HashMap<&'static str, u64>>,
 }
 
 impl<S, Q> std::fmt::Debug for Ingress<S, Q> {
@@ -95,13 +133,19 @@ impl<S, Q> std::fmt::Debug for Ingress<S, Q> {
 struct Answer {
     status: StatusCode,
     body: serde_json::Value,
+    /// Seconds for `Retry-After` (a `429`).
+    retry_after: Option<u64>,
 }
+
+/// The one answer to every request that is not authenticated, whatever the project.
+const UNAUTHENTICATED: &str = "unauthenticated: X-Gitlab-Token (and the signature, if the tenant requires one) must be those of the project's tenant";
 
 impl Answer {
     fn error(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             body: json!({ "error": message.into() }),
+            retry_after: None,
         }
     }
 
@@ -109,13 +153,27 @@ impl Answer {
         Self {
             status: StatusCode::ACCEPTED,
             body: json!({ "status": "ignored", "reason": reason.into() }),
+            retry_after: None,
+        }
+    }
+
+    fn too_many(message: impl Into<String>, wait: Duration) -> Self {
+        Self {
+            retry_after: Some(limits::retry_after_secs(wait)),
+            ..Self::error(StatusCode::TOO_MANY_REQUESTS, message)
         }
     }
 }
 
 impl IntoResponse for Answer {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body)).into_response()
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -130,9 +188,48 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
             store,
             queue,
             clock,
-            config,
             tenants: Mutex::new(HashMap::new()),
+            pushes: Buckets::new(config.push_rate, MAX_LIMITED_KEYS),
+            auth_failures: Buckets::new(config.auth_failure_rate, MAX_LIMITED_KEYS),
+            refusal_logs: Buckets::new(REFUSAL_LOG_RATE, 64),
+            unlogged: Mutex::new(HashMap::new()),
+            config,
         }
+    }
+
+    /// The client's address: from [`IngressConfig::client_address_header`] when set (its last
+    /// address), else the connection's peer.
+    fn client_address(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> Option<IpAddr> {
+        match &self.config.client_address_header {
+            Some(name) => header(headers, name)
+                .and_then(|v| v.rsplit(',').next())
+                .and_then(|a| a.trim().parse().ok()),
+            None => peer.map(|p| p.ip()),
+        }
+    }
+
+    /// Logs a refusal of kind `kind` once, unless this kind was logged too often lately; the
+    /// next line of the kind says how many were not logged.
+    fn log_refusal(&self, kind: &'static str, fields: std::fmt::Arguments<'_>) {
+        let now = self.clock.now();
+        let mut unlogged = self.unlogged.lock().unwrap_or_else(|p| p.into_inner());
+        if self.refusal_logs.take(&kind, now).is_ok() {
+            let skipped = unlogged.remove(kind).unwrap_or(0);
+            warn!(refusal = kind, skipped, "webhook refused: {fields}");
+        } else {
+            *unlogged.entry(kind).or_insert(0) += 1;
+        }
+    }
+
+    /// The answer to a request that is not authenticated (`why`, logged, never answered):
+    /// counts against the source's failed authentications.
+    fn unauthenticated(&self, source: Option<IpAddr>, why: std::fmt::Arguments<'_>) -> Answer {
+        if let Some(s) = source {
+            let _ = self.auth_failures.take(&s, self.clock.now());
+        }
+        let shown = source.map_or_else(|| "unknown".to_owned(), |s| s.to_string());
+        self.log_refusal("unauthenticated", format_args!("{why} (from {shown})"));
+        Answer::error(StatusCode::UNAUTHORIZED, UNAUTHENTICATED)
     }
 
     /// The HTTP routes: `POST /hooks/gitlab` and `GET /healthz`.
@@ -163,27 +260,45 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
         Ok(tenant)
     }
 
-    /// Answers one webhook delivery as `POST /hooks/gitlab` would: the status and the JSON
-    /// body. (The HTTP layer adds only the body limit.)
+    /// Answers one webhook delivery from `peer` as `POST /hooks/gitlab` would: the status
+    /// and the JSON body. (The HTTP layer adds only the body limit.)
     pub async fn answer(
         &self,
+        peer: Option<SocketAddr>,
         headers: &HeaderMap,
         body: &[u8],
     ) -> (StatusCode, serde_json::Value) {
-        let a = self.handle(headers, body).await;
+        let a = self.handle(peer, headers, body).await;
         (a.status, a.body)
     }
 
     /// Handles one webhook delivery.
-    async fn handle(&self, headers: &HeaderMap, body: &[u8]) -> Answer {
+    async fn handle(&self, peer: Option<SocketAddr>, headers: &HeaderMap, body: &[u8]) -> Answer {
+        let source = self.client_address(headers, peer);
+        if let Some(s) = source
+            && let Err(wait) = self.auth_failures.check(&s, self.clock.now())
+        {
+            self.log_refusal(
+                "auth-failure-rate",
+                format_args!("too many failed authentications from {s}"),
+            );
+            return Answer::too_many(
+                "too many failed authentications from this address; retry later",
+                wait,
+            );
+        }
         let Some(token) = header(headers, "x-gitlab-token") else {
-            return Answer::error(StatusCode::UNAUTHORIZED, "missing X-Gitlab-Token");
+            return self.unauthenticated(source, format_args!("no X-Gitlab-Token"));
         };
         let payload = match Payload::parse(body) {
             Ok(p) => p,
-            Err(e) => return Answer::error(StatusCode::BAD_REQUEST, e),
+            Err(e) => {
+                self.log_refusal("malformed", format_args!("{e}"));
+                return Answer::error(StatusCode::BAD_REQUEST, e);
+            }
         };
         let Some(project) = payload.project_id() else {
+            self.log_refusal("malformed", format_args!("no project id"));
             return Answer::error(
                 StatusCode::BAD_REQUEST,
                 "missing field `project_id` (or `project.id`)",
@@ -192,9 +307,9 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
         let tenant = match self.tenant(project).await {
             Ok(Some(t)) => t,
             Ok(None) => {
-                return Answer::error(
-                    StatusCode::NOT_FOUND,
-                    format!("GitLab project {project} belongs to no tenant"),
+                return self.unauthenticated(
+                    source,
+                    format_args!("GitLab project {project} belongs to no tenant"),
                 );
             }
             Err(e) => {
@@ -207,8 +322,13 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
         };
         let now = self.clock.now();
         if !crate::tenants::verify_token(&tenant, token, now) {
-            warn!(tenant.id = %tenant.id, project, "webhook refused: wrong token");
-            return Answer::error(StatusCode::UNAUTHORIZED, "wrong X-Gitlab-Token");
+            return self.unauthenticated(
+                source,
+                format_args!(
+                    "wrong X-Gitlab-Token for project {project} of tenant {}",
+                    tenant.id
+                ),
+            );
         }
         if let Some(secret) = &tenant.webhook.signing_secret {
             let verified = signature_time(headers, now).and_then(|()| {
@@ -217,10 +337,12 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
                     .and_then(|w| w.verify(body, headers).map_err(|e| e.to_string()))
             });
             if let Err(e) = verified {
-                warn!(tenant.id = %tenant.id, project, reason = %e, "webhook refused: signature");
-                return Answer::error(
-                    StatusCode::UNAUTHORIZED,
-                    format!("Standard Webhooks signature: {e}"),
+                return self.unauthenticated(
+                    source,
+                    format_args!(
+                        "Standard Webhooks signature of project {project} of tenant {}: {e}",
+                        tenant.id
+                    ),
                 );
             }
         }
@@ -284,6 +406,19 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
             Ok(id) => id,
             Err(e) => return Answer::error(StatusCode::BAD_REQUEST, e),
         };
+        if let Err(wait) = self.pushes.take(&tenant.id, now) {
+            self.log_refusal(
+                "push-rate",
+                format_args!("tenant {} pushes faster than push_rate", tenant.id),
+            );
+            return Answer::too_many(
+                format!(
+                    "tenant {} pushes faster than the ingress accepts; retry later",
+                    tenant.id
+                ),
+                wait,
+            );
+        }
         let key = WorkflowKey::new(tenant.id.clone(), env);
         let event = Event::Push(Push {
             event_id: event_id.clone(),
@@ -304,6 +439,7 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
                         "event_id": event_id.as_str(),
                         "workflow": key.to_string(),
                     }),
+                    retry_after: None,
                 }
             }
             Err(e) => {
@@ -375,9 +511,14 @@ fn caller_chosen(value: &str) -> Result<EventId, String> {
 
 async fn receive<S: Store, Q: Queue>(
     State(ingress): State<Arc<Ingress<S, Q>>>,
-    headers: HeaderMap,
+    parts: axum::http::request::Parts,
     body: Bytes,
 ) -> Answer {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let headers = &parts.headers;
     let span = tracing::info_span!(
         "webhook",
         otel.kind = "server",
@@ -386,7 +527,7 @@ async fn receive<S: Store, Q: Queue>(
         http.response.status_code = tracing::field::Empty,
     );
     let answer = ingress
-        .handle(&headers, &body)
+        .handle(peer, headers, &body)
         .instrument(span.clone())
         .await;
     span.record("http.response.status_code", answer.status.as_u16());
@@ -401,9 +542,12 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     info!(addr = ?addr, "ingress listening on POST /hooks/gitlab");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
 }
 
 #[cfg(test)]

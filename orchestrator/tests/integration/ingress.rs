@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::conformance::tenant;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use orchestrator::clock::{SharedClock, SystemClock};
-use orchestrator::ingress::{Ingress, IngressConfig, serve};
+use orchestrator::ingress::{Ingress, IngressConfig, Rate, serve};
 use orchestrator::ports::{
     DeadLetter, Delivery, Error, Outgoing, Queue, QueueKind, QueueStats, Receipt, Store,
 };
@@ -103,6 +103,16 @@ async fn start(config: IngressConfig) -> Server {
 
 impl Server {
     async fn post(&self, headers: &[(&str, &str)], body: Vec<u8>) -> (StatusCode, Value) {
+        let (status, json, _) = self.post_with_retry_after(headers, body).await;
+        (status, json)
+    }
+
+    /// As [`Server::post`], with the `Retry-After` header's seconds.
+    async fn post_with_retry_after(
+        &self,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, Value, Option<u64>) {
         let mut req = self
             .client
             .post(&self.url)
@@ -118,9 +128,14 @@ impl Server {
             .await
             .expect("the request is answered");
         let status = StatusCode::from_u16(resp.status().as_u16()).expect("status");
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         let bytes = resp.bytes().await.expect("body");
         let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, json)
+        (status, json, retry_after)
     }
 
     async fn push(&self, token: &str, body: &Value, extra: &[(&str, &str)]) -> (StatusCode, Value) {
@@ -233,6 +248,120 @@ async fn the_same_idempotency_key_twice_is_one_event() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_pushing_too_fast_gets_429_and_others_do_not() {
+    let s = start(IngressConfig {
+        push_rate: Rate {
+            per_second: 0.01,
+            burst: 2,
+        },
+        ..IngressConfig::default()
+    })
+    .await;
+    let acme = with_project(payload("gitlab-docs_push"), ACME_APP);
+    let globex = with_project(payload("drone-go-scm_push"), GLOBEX_APP);
+    let push = |body: &Value, token: &'static str, n: u32| {
+        let body = serde_json::to_vec(body).expect("json");
+        let key = format!("k-{token}-{n}");
+        let s = &s;
+        async move {
+            s.post_with_retry_after(
+                &[
+                    ("x-gitlab-event", "Push Hook"),
+                    ("x-gitlab-token", token),
+                    ("idempotency-key", &key),
+                ],
+                body,
+            )
+            .await
+        }
+    };
+    for n in 0..2 {
+        assert_eq!(push(&acme, ACME_TOKEN, n).await.0, StatusCode::ACCEPTED);
+    }
+    let (status, answer, retry_after) = push(&acme, ACME_TOKEN, 2).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert!(
+        retry_after.is_some_and(|s| (1..=100).contains(&s)),
+        "{retry_after:?}"
+    );
+    assert_eq!(push(&globex, GLOBEX_TOKEN, 0).await.0, StatusCode::ACCEPTED);
+    assert_eq!(s.queued().await.len(), 3, "the refused push is not queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_are_limited_per_address_and_answered_alike() {
+    let s = start(IngressConfig {
+        auth_failure_rate: Rate {
+            per_second: 0.001,
+            burst: 3,
+        },
+        client_address_header: Some("x-forwarded-for".to_owned()),
+        ..IngressConfig::default()
+    })
+    .await;
+    let acme =
+        serde_json::to_vec(&with_project(payload("gitlab-docs_push"), ACME_APP)).expect("json");
+    let unknown =
+        serde_json::to_vec(&with_project(payload("gitlab-docs_push"), 424_242)).expect("json");
+    let from = |address: &'static str, token: &'static str, body: &Vec<u8>| {
+        let body = body.clone();
+        let s = &s;
+        async move {
+            s.post_with_retry_after(
+                &[
+                    ("x-gitlab-event", "Push Hook"),
+                    ("x-gitlab-token", token),
+                    ("x-forwarded-for", address),
+                ],
+                body,
+            )
+            .await
+        }
+    };
+    let (a, wrong, _) = from("10.0.0.1, 192.0.2.7", "wrong", &acme).await;
+    let (b, unregistered, _) = from("192.0.2.7", ACME_TOKEN, &unknown).await;
+    let (c, missing, _) = s
+        .post_with_retry_after(
+            &[
+                ("x-gitlab-event", "Push Hook"),
+                ("x-forwarded-for", "192.0.2.7"),
+            ],
+            acme.clone(),
+        )
+        .await;
+    assert_eq!([a, b, c], [StatusCode::UNAUTHORIZED; 3]);
+    assert!(
+        wrong == unregistered && unregistered == missing,
+        "{wrong} {unregistered} {missing}"
+    );
+    // The burst is used up: even the right token waits, and nothing is read.
+    let (d, answer, retry_after) = from("192.0.2.7", ACME_TOKEN, &acme).await;
+    assert_eq!(d, StatusCode::TOO_MANY_REQUESTS, "{answer}");
+    assert!(retry_after.is_some_and(|s| s >= 1), "{retry_after:?}");
+    // Another address is not held back.
+    let (e, answer, _) = from("198.51.100.9", ACME_TOKEN, &acme).await;
+    assert_eq!(e, StatusCode::ACCEPTED, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_free_text_fields_are_cut_not_refused() {
+    let s = start(IngressConfig::default()).await;
+    let mut body = with_project(payload("gitlab-docs_push"), ACME_APP);
+    let huge = "é".repeat(150_000); // 300 KB
+    body["user_username"] = json!(huge);
+    for commit in body["commits"].as_array_mut().expect("commits") {
+        commit["title"] = json!(huge);
+    }
+    let (status, answer) = s.push(ACME_TOKEN, &body, &[]).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let queued = s.queued().await;
+    let p = push_of(&queued[0]);
+    assert_eq!(p.author.chars().count(), 200);
+    assert_eq!(p.message.chars().count(), 200);
+    assert!(workflows::encode(&queued[0]).len() < 4096);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tenants_idempotency_key_never_suppresses_another_tenants_push() {
     let s = start(IngressConfig::default()).await;
     let key = [("idempotency-key", "K")];
@@ -331,9 +460,10 @@ async fn tokens_are_checked_per_tenant() {
         "the token is not echoed"
     );
     assert!(s.queued().await.is_empty(), "nothing queued");
-    // An unknown project.
-    let (status, answer) = s.push(ACME_TOKEN, &with_project(acme, 999), &[]).await;
-    assert_eq!(status, StatusCode::NOT_FOUND, "{answer}");
+    // An unknown project: the same answer as a wrong token, so ids cannot be enumerated.
+    let (status, unknown) = s.push(ACME_TOKEN, &with_project(acme, 999), &[]).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{unknown}");
+    assert_eq!(unknown, answer, "the same answer whatever the project");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -596,7 +726,7 @@ proptest! {
             headers.insert("x-gitlab-event", HeaderValue::from_static(kind));
             headers.insert("x-gitlab-token", HeaderValue::from_static(ACME_TOKEN));
             for body in [bytes.clone(), serde_json::to_vec(&doc).expect("json")] {
-                let (status, answer) = ingress.answer(&headers, &body).await;
+                let (status, answer) = ingress.answer(None, &headers, &body).await;
                 prop_assert!(
                     [202, 400, 401, 404].contains(&status.as_u16()),
                     "{} {}", status, answer
