@@ -50,6 +50,10 @@
 //! auth_failures_per_second = 1.0  # failed authentications from one address (more: 429)
 //! auth_failure_burst = 30
 //! # client_address_header = "X-Forwarded-For"   # behind a proxy: its last address is the client
+//! header_timeout = "10s"          # to send a request's headers (else the connection is closed)
+//! body_timeout = "30s"            # to send its body (else 408)
+//! request_timeout = "60s"         # for the whole request (else 503)
+//! max_connections = 4096          # open at once; more wait in the listen backlog
 //!
 //! [simulated]                     # the simulated cloud; see `activities::simulated::SimConfig`
 //! time_scale = 60.0
@@ -282,6 +286,17 @@ pub struct Ingress {
     pub auth_failure_burst: u32,
     /// The header with the client's address behind a proxy (`X-Forwarded-For`).
     pub client_address_header: Option<String>,
+    /// Time allowed for a request's headers.
+    #[serde(deserialize_with = "duration")]
+    pub header_timeout: Duration,
+    /// Time allowed for a request's body.
+    #[serde(deserialize_with = "duration")]
+    pub body_timeout: Duration,
+    /// Time allowed for a whole request.
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
 }
 
 impl Default for Ingress {
@@ -296,6 +311,10 @@ impl Default for Ingress {
             auth_failures_per_second: d.auth_failure_rate.per_second,
             auth_failure_burst: d.auth_failure_rate.burst,
             client_address_header: d.client_address_header,
+            header_timeout: d.header_timeout,
+            body_timeout: d.body_timeout,
+            request_timeout: d.request_timeout,
+            max_connections: d.max_connections,
         }
     }
 }
@@ -424,6 +443,10 @@ impl Config {
                 burst: i.auth_failure_burst,
             },
             client_address_header: i.client_address_header.clone(),
+            header_timeout: i.header_timeout,
+            body_timeout: i.body_timeout,
+            request_timeout: i.request_timeout,
+            max_connections: i.max_connections,
         }
     }
 

@@ -15,7 +15,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use orchestrator::clock::{SharedClock, SystemClock};
 use orchestrator::engine::{Engine, EngineConfig};
-use orchestrator::ingress::{Ingress, IngressConfig, serve};
+use orchestrator::ingress::{Ingress, IngressConfig};
 use orchestrator::ports::Store;
 use orchestrator::sqlite::{SqliteBackend, SqliteConfig};
 use orchestrator::tenants::token_sha256;
@@ -79,7 +79,7 @@ async fn a_push_is_one_trace_across_ingress_and_two_workers() {
         listener.local_addr().expect("addr")
     );
     let stop = CancellationToken::new();
-    tokio::spawn(serve(listener, ingress.router(), stop.clone()));
+    tokio::spawn(ingress.clone().serve(listener, stop.clone()));
 
     let mut workers = Vec::new();
     let mut engines = Vec::new();

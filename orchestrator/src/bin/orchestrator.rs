@@ -393,11 +393,7 @@ async fn start_ingress<S: Store, Q: Queue, J: Journal>(
         parts.config.ingress(),
     ));
     info!(%addr, "GitLab webhooks: POST http://{addr}/hooks/gitlab");
-    Ok(tokio::spawn(orchestrator::ingress::serve(
-        listener,
-        ingress.router(),
-        stop,
-    )))
+    Ok(tokio::spawn(ingress.serve(listener, stop)))
 }
 
 /// How often a worker logs what its engine did.

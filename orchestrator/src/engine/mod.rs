@@ -205,9 +205,10 @@ fn verdict_name(v: &Verdict) -> &'static str {
 
 /// The envelope of `body` for `key`, as a message for `queue`.
 ///
-/// An external event's deduplication id is the digest of the workflow key and the event id: the
-/// queue's deduplication spans every workflow, and an event id may be chosen by a caller (an
-/// `Idempotency-Key`), so the key keeps one workflow's ids from ever suppressing another's.
+/// An external event's deduplication id holds the workflow key and the event id
+/// ([`dedup_id`]): the queue's deduplication spans every workflow, and an event id may be
+/// chosen by a caller (an `Idempotency-Key`), so the key keeps one workflow's ids from ever
+/// suppressing another's.
 pub fn message(key: &WorkflowKey, body: Body, delay: Duration, now: Timestamp) -> Outgoing {
     let (queue, group, dedup_id) = match &body {
         Body::Event(e) if e.is_external() => (
@@ -230,10 +231,17 @@ pub fn message(key: &WorkflowKey, body: Body, delay: Duration, now: Timestamp) -
     }
 }
 
-/// The queue's deduplication id of event `id` of workflow `key` (64 hex digits).
+/// The queue's deduplication id of event `id` of workflow `key`: `<key>/<id>`, or, when that
+/// is longer than a deduplication id may be (128 characters), `<key>/sha256:<digest of id>`.
+/// Workflow keys hold no `/`, so no two (key, id) pairs share one.
 pub fn dedup_id(key: &WorkflowKey, id: &workflows::EventId) -> String {
+    let plain = format!("{key}/{id}");
+    if plain.len() <= 128 {
+        return plain;
+    }
     use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(format!("{key}\n{id}").as_bytes()))
+    let digest = hex::encode(sha2::Sha256::digest(id.as_str().as_bytes()));
+    format!("{key}/sha256:{digest}")
 }
 
 /// The messages `commands` send.

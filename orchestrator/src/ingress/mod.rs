@@ -1,7 +1,7 @@
 //! The GitLab webhook ingress (ARCHITECTURE.md, "The ingress"): `POST /hooks/gitlab`.
 //!
 //! A push to a mapped branch becomes one small typed event on the events queue (FIFO group =
-//! workflow key, deduplication id = a digest of workflow key and event id, see
+//! workflow key, deduplication id = workflow key and event id, see
 //! `engine::message`), and the answer, `202`, comes only after the queue has it durably.
 //! Nothing else is done in the request.
 //!
@@ -32,6 +32,7 @@
 
 pub mod gitlab;
 pub mod limits;
+mod server;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -40,7 +41,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -76,6 +77,15 @@ pub struct IngressConfig {
     /// balancer (`X-Forwarded-For`: its last address, the one the proxy added); none: the
     /// connection's peer address.
     pub client_address_header: Option<String>,
+    /// How long a client may take to send a request's headers (or to start its next request
+    /// on a kept-alive connection); then the connection is closed.
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's body; then `408`.
+    pub body_timeout: Duration,
+    /// How long a request may take in all; then `503` (GitLab sends it again).
+    pub request_timeout: Duration,
+    /// Connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for IngressConfig {
@@ -92,6 +102,10 @@ impl Default for IngressConfig {
                 burst: 30,
             },
             client_address_header: None,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
+            max_connections: 4096,
         }
     }
 }
@@ -232,13 +246,26 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
         Answer::error(StatusCode::UNAUTHORIZED, UNAUTHENTICATED)
     }
 
+    /// Serves [`Self::router`] on `listener` until `shutdown`, within the configured
+    /// connection limits (see [`server`]).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let limits = server::ConnectionLimits {
+            header_timeout: self.config.header_timeout,
+            max_connections: self.config.max_connections,
+        };
+        server::serve(listener, self.router(), limits, shutdown).await
+    }
+
     /// The HTTP routes: `POST /hooks/gitlab` and `GET /healthz`.
     pub fn router(self: Arc<Self>) -> Router {
-        let limit = self.config.max_body_bytes;
+        // The body is read by `receive`, under the ingress's own limit and deadline.
         Router::new()
             .route("/hooks/gitlab", post(receive::<S, Q>))
             .route("/healthz", get(|| async { "ok" }))
-            .layer(DefaultBodyLimit::max(limit))
             .with_state(self)
     }
 
@@ -509,10 +536,37 @@ fn caller_chosen(value: &str) -> Result<EventId, String> {
     EventId::new(format!("{CALLER_PREFIX}sha256:{digest}")).map_err(|e| e.to_string())
 }
 
+/// Reads `body` up to `limit` bytes within `timeout`.
+async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, Answer> {
+    let limited = http_body_util::Limited::new(body, limit);
+    match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(limited)).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Answer::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {limit} bytes"),
+        )),
+        Ok(Err(e)) => Err(Answer::error(
+            StatusCode::BAD_REQUEST,
+            format!("the body could not be read: {e}"),
+        )),
+        Err(_) => Err(Answer::error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body took longer than {} s to arrive",
+                timeout.as_secs()
+            ),
+        )),
+    }
+}
+
 async fn receive<S: Store, Q: Queue>(
     State(ingress): State<Arc<Ingress<S, Q>>>,
     parts: axum::http::request::Parts,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Answer {
     let peer = parts
         .extensions
@@ -526,29 +580,33 @@ async fn receive<S: Store, Q: Queue>(
         http.route = "/hooks/gitlab",
         http.response.status_code = tracing::field::Empty,
     );
-    let answer = ingress
-        .handle(peer, headers, &body)
+    let config = &ingress.config;
+    let handled = async {
+        match read_body(body, config.max_body_bytes, config.body_timeout).await {
+            Ok(bytes) => ingress.handle(peer, headers, &bytes).await,
+            Err(answer) => answer,
+        }
+    };
+    let answer = match tokio::time::timeout(config.request_timeout, handled)
         .instrument(span.clone())
-        .await;
+        .await
+    {
+        Ok(answer) => answer,
+        Err(_) => Answer::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the request took longer than {} s; send it again",
+                config.request_timeout.as_secs()
+            ),
+        ),
+    };
     span.record("http.response.status_code", answer.status.as_u16());
     answer
 }
 
-/// Serves `router` on `listener` until `shutdown`, finishing requests under way.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let addr: Option<SocketAddr> = listener.local_addr().ok();
-    info!(addr = ?addr, "ingress listening on POST /hooks/gitlab");
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
-}
+/// Serves `router` on `listener` until `shutdown`, within `limits`, finishing requests under
+/// way.
+pub use server::{ConnectionLimits, serve};
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::conformance::tenant;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use orchestrator::clock::{SharedClock, SystemClock};
-use orchestrator::ingress::{Ingress, IngressConfig, Rate, serve};
+use orchestrator::ingress::{Ingress, IngressConfig, Rate};
 use orchestrator::ports::{
     DeadLetter, Delivery, Error, Outgoing, Queue, QueueKind, QueueStats, Receipt, Store,
 };
@@ -82,7 +82,7 @@ async fn start_with<Q: Queue>(
         listener.local_addr().expect("addr")
     );
     let stop = CancellationToken::new();
-    tokio::spawn(serve(listener, ingress.router(), stop.clone()));
+    tokio::spawn(ingress.clone().serve(listener, stop.clone()));
     Server {
         _dir: dir,
         backend,
@@ -341,6 +341,86 @@ async fn failed_authentications_are_limited_per_address_and_answered_alike() {
     // Another address is not held back.
     let (e, answer, _) = from("198.51.100.9", ACME_TOKEN, &acme).await;
     assert_eq!(e, StatusCode::ACCEPTED, "{answer}");
+}
+
+/// Hundreds of clients that connect and stall (sending nothing, or half their headers) are cut
+/// off after the header timeout, at most `max_connections` are held at once, and a real push
+/// still gets its 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalling_clients_are_cut_off_and_a_real_push_gets_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(IngressConfig {
+        header_timeout: Duration::from_millis(500),
+        max_connections: 64,
+        ..IngressConfig::default()
+    })
+    .await;
+    let addr = s
+        .url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .expect("address")
+        .to_owned();
+    let mut stalled = Vec::new();
+    for i in 0..300 {
+        let mut c = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        if i % 2 == 0 {
+            c.write_all(b"POST /hooks/gitlab HTTP/1.1\r\nHost: x\r\nX-Gitlab-Token: ")
+                .await
+                .expect("half the headers");
+        }
+        stalled.push(c);
+    }
+    let body = with_project(payload("gitlab-docs_push"), ACME_APP);
+    let (status, answer) =
+        tokio::time::timeout(Duration::from_secs(30), s.push(ACME_TOKEN, &body, &[]))
+            .await
+            .expect("answered while 300 clients stall");
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    // Every stalled connection has been closed by the server by now (the push waited behind
+    // them): a read sees the end (after a 408, for those that sent part of their headers).
+    for (i, c) in stalled.iter_mut().enumerate() {
+        let mut sink = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut sink)).await;
+        assert!(read.is_ok(), "connection {i} is still held open");
+    }
+}
+
+/// A body that stops arriving is answered 408 after the body timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_arriving_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(IngressConfig {
+        body_timeout: Duration::from_millis(300),
+        ..IngressConfig::default()
+    })
+    .await;
+    let addr = s
+        .url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .expect("address")
+        .to_owned();
+    let mut c = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /hooks/gitlab HTTP/1.1\r\nHost: x\r\nX-Gitlab-Token: {ACME_TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"object_kind\""
+    );
+    c.write_all(head.as_bytes())
+        .await
+        .expect("headers and a little body");
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut answer))
+        .await
+        .expect("answered before the test gives up")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
