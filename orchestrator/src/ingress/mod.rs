@@ -565,14 +565,12 @@ async fn read_body(
 
 async fn receive<S: Store, Q: Queue>(
     State(ingress): State<Arc<Ingress<S, Q>>>,
-    parts: axum::http::request::Parts,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: axum::body::Body,
 ) -> Answer {
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
-    let headers = &parts.headers;
+    let peer = Some(peer);
+    let headers = &headers;
     let span = tracing::info_span!(
         "webhook",
         otel.kind = "server",
