@@ -59,6 +59,11 @@ pub struct Infrastructure {
     pub rollout_timeout_secs: u64,
     /// How long to wait before looking again at something under way.
     pub recheck_secs: u64,
+    /// How long each git command of a source step may run (a remote that stalls).
+    pub source_timeout_secs: u64,
+    /// How large a commit's fetched source and its archive may grow, in MiB; past it the
+    /// step fails rather than filling the disk.
+    pub source_max_mib: u64,
 }
 
 impl Default for Infrastructure {
@@ -85,6 +90,8 @@ impl Default for Infrastructure {
             builder_timeout_secs: 3600,
             rollout_timeout_secs: 1200,
             recheck_secs: 15,
+            source_timeout_secs: 600,
+            source_max_mib: 1024,
         }
     }
 }

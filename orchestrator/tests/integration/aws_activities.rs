@@ -1009,3 +1009,84 @@ async fn an_abandoned_build_has_its_builder_terminated_and_starts_again() {
     assert_eq!(running.len(), 1, "{again:?}");
     assert_ne!(running[0].0, first[0].0);
 }
+
+/// A source step never fills the disk nor waits forever: a commit whose source is over
+/// `source_max_mib` fails the step terminally, and a remote that stalls is given up after
+/// `source_timeout_secs` (retryable: the remote may come back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_over_the_cap_or_from_a_stalled_remote_is_given_up() {
+    let moto = Moto::start().await;
+    let sdk = moto.sdk_config();
+    let repos = Repos {
+        dir: tempfile::tempdir().expect("tempdir"),
+    };
+    let mut infra = activities::aws::sandbox::create(&sdk, "sbx", &repos.url_template())
+        .await
+        .expect("sandbox");
+    infra.source_max_mib = 1;
+    infra.source_timeout_secs = 2;
+    let cloud = |infra: &Infrastructure| {
+        AwsCloud::new(
+            Clients::new(&sdk),
+            infra.clone(),
+            activities::aws::MemoryAllocations::default(),
+            Arc::new(SystemClock),
+        )
+        .expect("complete")
+    };
+    // 3 MiB that do not compress.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let noise: String = (0..3 * 1024 * 1024 / 16)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            format!("{state:016x}")
+        })
+        .collect();
+    let sha = repos.commit("acme", "app", &[("blob.txt", noise.as_str())]);
+    let key = WorkflowKey::new(TenantId::new("acme").expect("id"), Environment::Dev);
+    let domain = Domain::new("acme.example").expect("domain");
+    let task = StepTask {
+        run: workflows::RunId::FIRST,
+        step: StepKind::SourceApp,
+        token: 1,
+        attempt: 1,
+        first_attempt_at: Timestamp::from_unix_millis(1_000),
+        delay: Duration::ZERO,
+        release: workflows::Release {
+            infra: None,
+            app: Some(sha),
+        },
+        resources: workflows::Resources::default(),
+    };
+    let invocation = Invocation {
+        key: &key,
+        domain: &domain,
+        task: &task,
+    };
+    match cloud(&infra).invoke(invocation).await {
+        Outcome::Terminal(e) => assert!(e.contains("more than 1 MiB"), "{e}"),
+        other => panic!("over the cap: {other:?}"),
+    }
+
+    // A remote that accepts the connection and never answers.
+    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = stalled.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((c, _)) = stalled.accept().await {
+            open.push(c);
+        }
+    });
+    infra.source_url = format!("http://127.0.0.1:{port}/{{tenant}}-{{repo}}.git");
+    let started = std::time::Instant::now();
+    match cloud(&infra).invoke(invocation).await {
+        Outcome::Retryable(e) => assert!(e.contains("took longer than 2 s"), "{e}"),
+        other => panic!("stalled remote: {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(30));
+    held.abort();
+}
