@@ -202,9 +202,10 @@ pub async fn rotate_token<S: Store>(
     grace: Duration,
     p: &mut Printer<'_>,
 ) -> Result<(), Error> {
-    let Some(mut tenant) = store.tenant(id).await? else {
+    let Some(read) = store.tenant(id).await? else {
         return Err(unknown_tenant(store, id).await);
     };
+    let mut tenant = read.clone();
     let now = p.now;
     let dropped = TenantView::new(&tenant, now).previous_token_valid_until;
     let secret = tenants::try_generate_token().map_err(Error::Random)?;
@@ -217,7 +218,7 @@ pub async fn rotate_token<S: Store>(
         previous_valid_until,
     };
     deliver(p, &view, &secret, "the token was not rotated")?;
-    if let Err(e) = store.put_tenant(&tenant, false).await {
+    if let Err(e) = store.update_tenant(&read, &tenant).await {
         p.note(
             "The token was not rotated: the secret printed is void and the current token stays \
              valid.",
@@ -257,9 +258,10 @@ pub async fn generate_signing_secret<S: Store>(
     id: &TenantId,
     p: &mut Printer<'_>,
 ) -> Result<(), Error> {
-    let Some(mut tenant) = store.tenant(id).await? else {
+    let Some(read) = store.tenant(id).await? else {
         return Err(unknown_tenant(store, id).await);
     };
+    let mut tenant = read.clone();
     let now = p.now;
     let replaced = tenant.webhook.signing_secret.is_some();
     let secret = tenants::try_generate_signing_secret().map_err(Error::Random)?;
@@ -271,7 +273,7 @@ pub async fn generate_signing_secret<S: Store>(
         signing_secret: Some(secret.clone()),
     };
     deliver(p, &view, &secret, "the signing secret was not changed")?;
-    if let Err(e) = store.put_tenant(&tenant, false).await {
+    if let Err(e) = store.update_tenant(&read, &tenant).await {
         p.note(
             "The signing secret was not changed: the secret printed is void and any current one \
              stays in force.",
@@ -302,14 +304,15 @@ pub async fn remove_signing_secret<S: Store>(
     id: &TenantId,
     p: &mut Printer<'_>,
 ) -> Result<(), Error> {
-    let Some(mut tenant) = store.tenant(id).await? else {
+    let Some(read) = store.tenant(id).await? else {
         return Err(unknown_tenant(store, id).await);
     };
+    let mut tenant = read.clone();
     let now = p.now;
     let had = tenant.webhook.signing_secret.take().is_some();
     if had {
         tenant.updated_at = now;
-        store.put_tenant(&tenant, false).await?;
+        store.update_tenant(&read, &tenant).await?;
     }
     if p.is_json() {
         p.json(&SigningSecretView {

@@ -203,6 +203,17 @@ pub trait Store: Send + Sync + 'static {
         create_only: bool,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
+    /// Replaces `read`, the tenant as the caller read it, with `tenant` (the same id), under
+    /// the rules of [`Store::put_tenant`]. If the stored tenant is no longer `read` (another
+    /// change came first), nothing is written and the error is a retryable
+    /// `Error::Unavailable` saying so: read it again and redo the change. So two concurrent
+    /// read-modify-writes never lose one of them.
+    fn update_tenant(
+        &self,
+        read: &Tenant,
+        tenant: &Tenant,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
     /// The tenant `id`.
     fn tenant(&self, id: &TenantId) -> impl Future<Output = Result<Option<Tenant>, Error>> + Send;
 

@@ -693,6 +693,27 @@ impl Store for SqliteBackend {
             app_project: tenant.app_project,
             record: workflows::encode(tenant),
             create_only,
+            expected: None,
+            reply,
+        })
+        .await
+    }
+
+    async fn update_tenant(&self, read: &Tenant, tenant: &Tenant) -> Result<(), Error> {
+        if read.id != tenant.id {
+            return Err(Error::invalid(format!(
+                "tenant {} cannot replace tenant {}",
+                tenant.id, read.id
+            )));
+        }
+        self.request(|reply| Op::PutTenant {
+            id: tenant.id.clone(),
+            domain: tenant.domain.clone(),
+            infra_project: tenant.infra_project,
+            app_project: tenant.app_project,
+            record: workflows::encode(tenant),
+            create_only: false,
+            expected: Some(Box::new(read.clone())),
             reply,
         })
         .await

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
-use workflows::{Domain, TenantId, Timestamp, WorkflowKey};
+use workflows::{Domain, Tenant, TenantId, Timestamp, WorkflowKey};
 
 use super::{SqliteConfig, attributes_from_sql, attributes_to_sql, sql, unavailable};
 use crate::clock::SharedClock;
@@ -71,6 +71,8 @@ pub(super) enum Op {
         app_project: u64,
         record: Vec<u8>,
         create_only: bool,
+        /// The tenant as the caller read it: written only if still stored.
+        expected: Option<Box<Tenant>>,
         reply: Reply<()>,
     },
     /// Answers whether `owner` holds `value` now.
@@ -336,8 +338,12 @@ fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Answer
             app_project,
             record,
             create_only,
+            expected,
             reply,
         } => run_op(conn, reply, |conn| {
+            if let Some(read) = expected {
+                still_stored(conn, &read)?;
+            }
             let projects = (infra_project, app_project);
             put_tenant(conn, &id, &domain, projects, &record, create_only)
         }),
@@ -964,6 +970,31 @@ fn dispose_dead_letters(
         }
     }
     Ok(done)
+}
+
+/// `Ok` if tenant `read` is stored as it is (a change in between is a retryable conflict).
+fn still_stored(conn: &Connection, read: &Tenant) -> Result<(), Error> {
+    let bytes: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT record FROM tenants WHERE id = ?1")
+        .map_err(sql)?
+        .query_row([read.id.as_str()], |r| r.get(0))
+        .optional()
+        .map_err(sql)?;
+    let stored = bytes
+        .map(|b| workflows::decode::<Tenant>(&b))
+        .transpose()
+        .map_err(|source| Error::corrupt(format!("tenant record {}", read.id), source))?;
+    if stored.as_ref() == Some(read) {
+        Ok(())
+    } else {
+        Err(Error::unavailable(
+            super::BACKEND,
+            format!(
+                "tenant {} changed since it was read (a concurrent change); read it again and retry",
+                read.id
+            ),
+        ))
+    }
 }
 
 /// Writes tenant `id` (its `record`), which holds `domain` and the GitLab projects

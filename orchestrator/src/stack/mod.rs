@@ -125,6 +125,9 @@ impl<S: Store, Q: Queue, J: Journal> Store for Stack<S, Q, J> {
     async fn put_tenant(&self, tenant: &Tenant, create_only: bool) -> Result<(), Error> {
         self.store.put_tenant(tenant, create_only).await
     }
+    async fn update_tenant(&self, read: &Tenant, tenant: &Tenant) -> Result<(), Error> {
+        self.store.update_tenant(read, tenant).await
+    }
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, Error> {
         self.store.tenant(id).await
     }

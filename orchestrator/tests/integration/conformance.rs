@@ -70,6 +70,7 @@ macro_rules! conformance_tests {
             corrupt_records_are_reported_not_panicked,
             tenants_are_found_by_id_and_project,
             domains_belong_to_one_tenant,
+            tenant_updates_are_conditional_on_what_was_read,
             allocations_are_exclusive,
             a_commit_is_all_or_nothing,
             commits_of_a_batch_succeed_or_fail_alone,
@@ -682,6 +683,46 @@ pub(crate) async fn domains_belong_to_one_tenant<H: Harness>(h: &H) {
     );
     let kept = b.tenant(&acme.id).await.expect("get").expect("exists");
     assert_eq!(kept.domain, moved.domain);
+}
+
+pub(crate) async fn tenant_updates_are_conditional_on_what_was_read<H: Harness>(h: &H) {
+    let b = h.backend();
+    b.put_tenant(&tenant("acme", 11, 12), true)
+        .await
+        .expect("create");
+    // Two operators read the tenant, then each changes it.
+    let read = b
+        .tenant(&TenantId::new("acme").expect("id"))
+        .await
+        .expect("get")
+        .expect("exists");
+    let mut first = read.clone();
+    first.webhook.token_sha256 = "11".repeat(32);
+    first.updated_at = Timestamp::from_unix_millis(2_000);
+    let mut second = read.clone();
+    second.webhook.signing_secret = Some("whsec_c2Vjb25k".into());
+    second.updated_at = Timestamp::from_unix_millis(2_000);
+    b.update_tenant(&read, &first)
+        .await
+        .expect("the first change");
+    match b.update_tenant(&read, &second).await {
+        Err(e) => {
+            assert!(e.is_retryable(), "{e}");
+            assert!(e.to_string().contains("changed since it was read"), "{e}");
+        }
+        Ok(()) => panic!("the second change overwrote the first"),
+    }
+    let stored = b.tenant(&read.id).await.expect("get").expect("exists");
+    assert_eq!(stored, first, "the first change is kept whole");
+    // Read again, the second change goes through, keeping the first.
+    let mut again = stored.clone();
+    again.webhook.signing_secret = Some("whsec_c2Vjb25k".into());
+    b.update_tenant(&stored, &again)
+        .await
+        .expect("after a fresh read");
+    let stored = b.tenant(&read.id).await.expect("get").expect("exists");
+    assert_eq!(stored.webhook.token_sha256, "11".repeat(32));
+    assert!(stored.webhook.signing_secret.is_some());
 }
 
 pub(crate) async fn allocations_are_exclusive<H: Harness>(h: &H) {

@@ -264,7 +264,16 @@ impl Store for DynamoStore {
         self.find_event(key, id).await
     }
     async fn put_tenant(&self, tenant: &Tenant, create_only: bool) -> Result<(), Error> {
-        self.write_tenant(tenant, create_only).await
+        self.write_tenant(tenant, create_only, None).await
+    }
+    async fn update_tenant(&self, read: &Tenant, tenant: &Tenant) -> Result<(), Error> {
+        if read.id != tenant.id {
+            return Err(Error::invalid(format!(
+                "tenant {} cannot replace tenant {}",
+                tenant.id, read.id
+            )));
+        }
+        self.write_tenant(tenant, false, Some(read)).await
     }
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, Error> {
         self.read_tenant(id).await

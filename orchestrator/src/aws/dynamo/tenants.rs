@@ -24,6 +24,7 @@ impl DynamoStore {
         &self,
         tenant: &Tenant,
         create_only: bool,
+        expected: Option<&Tenant>,
     ) -> Result<(), Error> {
         let id = tenant.id.as_str();
         let (infra, app) = (tenant.infra_project, tenant.app_project);
@@ -35,6 +36,13 @@ impl DynamoStore {
         let old = self.tenant_item(id).await?;
         if create_only && old.is_some() {
             return Err(Error::AlreadyExists(format!("tenant {id}")));
+        }
+        // The write below is conditional on the record read here, so this check holds.
+        if let Some(read) = expected {
+            let stored = old.as_ref().map(tenant_of).transpose()?;
+            if stored.as_ref() != Some(read) {
+                return Err(changed(id));
+            }
         }
         let old_projects: Vec<u64> = old
             .as_ref()
@@ -122,10 +130,7 @@ impl DynamoStore {
             return Err(if create_only {
                 Error::AlreadyExists(format!("tenant {id}"))
             } else {
-                Error::unavailable(
-                    BACKEND,
-                    format!("tenant {id} changed while it was being written; try again"),
-                )
+                changed(id)
             });
         }
         let held = [
@@ -232,6 +237,16 @@ impl DynamoStore {
         )
         .await
     }
+}
+
+/// Tenant `id` changed since it was read: the retryable conflict of a concurrent change.
+fn changed(id: &str) -> Error {
+    Error::unavailable(
+        BACKEND,
+        format!(
+            "tenant {id} changed since it was read (a concurrent change); read it again and retry"
+        ),
+    )
 }
 
 fn tenant_of(item: &Item) -> Result<Tenant, Error> {
