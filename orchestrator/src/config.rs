@@ -43,7 +43,8 @@
 //!
 //! [ingress]
 //! listen = "127.0.0.1:8080"       # where POST /hooks/gitlab is served
-//! max_body_bytes = 1048576        # larger webhook bodies get 413
+//! max_body_bytes = 1048576        # larger bodies at /hooks/gitlab get 413
+//! tenant_max_body_bytes = 26214400 # ... at /hooks/gitlab/{tenant}, read after the token matched
 //! tenant_ttl = "5s"               # how long a tenant looked up by project id is cached
 //! pushes_per_second = 10.0        # accepted pushes of one tenant, sustained (more: 429)
 //! push_burst = 200                # ... and in a burst
@@ -271,8 +272,10 @@ impl Default for Sweeper {
 pub struct Ingress {
     /// Where to listen.
     pub listen: String,
-    /// Largest body accepted.
+    /// Largest body accepted at `/hooks/gitlab`.
     pub max_body_bytes: usize,
+    /// Largest body accepted at `/hooks/gitlab/{tenant}` (read after the headers authenticated).
+    pub tenant_max_body_bytes: usize,
     /// Tenant cache lifetime.
     #[serde(deserialize_with = "duration")]
     pub tenant_ttl: Duration,
@@ -305,6 +308,7 @@ impl Default for Ingress {
         Self {
             listen: "127.0.0.1:8080".to_owned(),
             max_body_bytes: d.max_body_bytes,
+            tenant_max_body_bytes: d.tenant_max_body_bytes,
             tenant_ttl: d.tenant_ttl,
             pushes_per_second: d.push_rate.per_second,
             push_burst: d.push_rate.burst,
@@ -433,6 +437,7 @@ impl Config {
         let i = &self.ingress;
         IngressConfig {
             max_body_bytes: i.max_body_bytes,
+            tenant_max_body_bytes: i.tenant_max_body_bytes,
             tenant_ttl: i.tenant_ttl,
             push_rate: crate::ingress::Rate {
                 per_second: i.pushes_per_second,

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -63,8 +63,13 @@ use tracing::Instrument as _;
 /// How the ingress runs.
 #[derive(Debug, Clone)]
 pub struct IngressConfig {
-    /// Largest body accepted; larger ones get `413`.
+    /// Largest body accepted at `/hooks/gitlab`, where the body is read to find the tenant;
+    /// larger ones get `413`.
     pub max_body_bytes: usize,
+    /// Largest body accepted at `/hooks/gitlab/{tenant}`, read only once the headers
+    /// authenticated the tenant (GitLab's pushes can be several MB: every commit lists its
+    /// files).
+    pub tenant_max_body_bytes: usize,
     /// How long a tenant looked up by project is trusted before it is read again.
     pub tenant_ttl: Duration,
     /// Accepted pushes per tenant: more are answered `429` with `Retry-After`, so that one
@@ -92,6 +97,7 @@ impl Default for IngressConfig {
     fn default() -> Self {
         Self {
             max_body_bytes: 1024 * 1024,
+            tenant_max_body_bytes: 25 * 1024 * 1024,
             tenant_ttl: Duration::from_secs(5),
             push_rate: Rate {
                 per_second: 10.0,
@@ -265,6 +271,7 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
         // The body is read by `receive`, under the ingress's own limit and deadline.
         Router::new()
             .route("/hooks/gitlab", post(receive::<S, Q>))
+            .route("/hooks/gitlab/{tenant}", post(receive_for::<S, Q>))
             .route("/healthz", get(|| async { "ok" }))
             .with_state(self)
     }
@@ -302,17 +309,8 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
     /// Handles one webhook delivery.
     async fn handle(&self, peer: Option<SocketAddr>, headers: &HeaderMap, body: &[u8]) -> Answer {
         let source = self.client_address(headers, peer);
-        if let Some(s) = source
-            && let Err(wait) = self.auth_failures.check(&s, self.clock.now())
-        {
-            self.log_refusal(
-                "auth-failure-rate",
-                format_args!("too many failed authentications from {s}"),
-            );
-            return Answer::too_many(
-                "too many failed authentications from this address; retry later",
-                wait,
-            );
+        if let Err(answer) = self.source_allowed(source) {
+            return answer;
         }
         let Some(token) = header(headers, "x-gitlab-token") else {
             return self.unauthenticated(source, format_args!("no X-Gitlab-Token"));
@@ -357,6 +355,23 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
                 ),
             );
         }
+        self.authenticated(source, &tenant, project, headers, &payload, body, now)
+            .await
+    }
+
+    /// The rest of a delivery whose token is `tenant`'s (and whose project is one of its
+    /// projects): its signature, if the tenant signs, then what it is.
+    #[allow(clippy::too_many_arguments)]
+    async fn authenticated(
+        &self,
+        source: Option<IpAddr>,
+        tenant: &Tenant,
+        project: u64,
+        headers: &HeaderMap,
+        payload: &Payload,
+        body: &[u8],
+        now: Timestamp,
+    ) -> Answer {
         if let Some(secret) = &tenant.webhook.signing_secret {
             let verified = signature_time(headers, now).and_then(|()| {
                 standardwebhooks::Webhook::new(secret)
@@ -384,7 +399,100 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
                 "X-Gitlab-Event {what} is not handled: only Push Hook deploys"
             ));
         }
-        self.push(&tenant, project, headers, &payload, now).await
+        self.push(tenant, project, headers, payload, now).await
+    }
+
+    /// Checks a delivery to `/hooks/gitlab/{tenant}` from its headers alone: the source's
+    /// failed authentications, then the token against tenant `id`'s. Only then is the body
+    /// read, so an unauthenticated sender never gets a body buffered.
+    async fn authenticate_headers(
+        &self,
+        id: &str,
+        source: Option<IpAddr>,
+        headers: &HeaderMap,
+    ) -> Result<Tenant, Answer> {
+        self.source_allowed(source)?;
+        let Some(token) = header(headers, "x-gitlab-token") else {
+            return Err(self.unauthenticated(source, format_args!("no X-Gitlab-Token")));
+        };
+        let Ok(id) = TenantId::new(id) else {
+            return Err(self.unauthenticated(source, format_args!("no tenant {id:?}")));
+        };
+        let tenant = match self.store.tenant(&id).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return Err(self.unauthenticated(source, format_args!("no tenant {id}")));
+            }
+            Err(e) => {
+                warn!(tenant.id = %id, error = %crate::ports::chain(&e), "tenant lookup failed");
+                return Err(Answer::error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "tenant registry unavailable",
+                ));
+            }
+        };
+        if !crate::tenants::verify_token(&tenant, token, self.clock.now()) {
+            return Err(
+                self.unauthenticated(source, format_args!("wrong X-Gitlab-Token for tenant {id}"))
+            );
+        }
+        Ok(tenant)
+    }
+
+    /// Handles a delivery to `/hooks/gitlab/{tenant}` whose headers authenticated `tenant`.
+    async fn handle_for(
+        &self,
+        tenant: &Tenant,
+        source: Option<IpAddr>,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Answer {
+        let payload = match Payload::parse(body) {
+            Ok(p) => p,
+            Err(e) => {
+                self.log_refusal("malformed", format_args!("tenant {}: {e}", tenant.id));
+                return Answer::error(StatusCode::BAD_REQUEST, e);
+            }
+        };
+        let Some(project) = payload.project_id() else {
+            return Answer::error(
+                StatusCode::BAD_REQUEST,
+                "missing field `project_id` (or `project.id`)",
+            );
+        };
+        if tenant.repo_for_project(project).is_none() {
+            self.log_refusal(
+                "foreign-project",
+                format_args!("tenant {} sent GitLab project {project}", tenant.id),
+            );
+            return Answer::error(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "GitLab project {project} is not one of tenant {}'s projects",
+                    tenant.id
+                ),
+            );
+        }
+        let now = self.clock.now();
+        self.authenticated(source, tenant, project, headers, &payload, body, now)
+            .await
+    }
+
+    /// `Err(429)` when `source` has used up its failed authentications.
+    fn source_allowed(&self, source: Option<IpAddr>) -> Result<(), Answer> {
+        if let Some(s) = source
+            && let Err(wait) = self.auth_failures.check(&s, self.clock.now())
+        {
+            self.log_refusal(
+                "auth-failure-rate",
+                format_args!("too many failed authentications from {s}"),
+            );
+            return Err(Answer::too_many(
+                "too many failed authentications from this address; retry later",
+                wait,
+            ));
+        }
+        Ok(())
     }
 
     async fn push(
@@ -536,6 +644,56 @@ fn caller_chosen(value: &str) -> Result<EventId, String> {
     EventId::new(format!("{CALLER_PREFIX}sha256:{digest}")).map_err(|e| e.to_string())
 }
 
+/// `POST /hooks/gitlab/{tenant}`: the token is checked from the headers before the body is
+/// read, so the body may be as large as GitLab's largest pushes (`tenant_max_body_bytes`).
+async fn receive_for<S: Store, Q: Queue>(
+    State(ingress): State<Arc<Ingress<S, Q>>>,
+    Path(tenant): Path<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Answer {
+    let span = tracing::info_span!(
+        "webhook",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = "/hooks/gitlab/{tenant}",
+        http.response.status_code = tracing::field::Empty,
+    );
+    let config = &ingress.config;
+    let handled = async {
+        let source = ingress.client_address(&headers, Some(peer));
+        let tenant = match ingress
+            .authenticate_headers(&tenant, source, &headers)
+            .await
+        {
+            Ok(t) => t,
+            Err(answer) => return answer,
+        };
+        match read_body(body, config.tenant_max_body_bytes, config.body_timeout).await {
+            Ok(bytes) => ingress.handle_for(&tenant, source, &headers, &bytes).await,
+            Err(answer) => answer,
+        }
+    };
+    let answer = within_deadline(config.request_timeout, handled.instrument(span.clone())).await;
+    span.record("http.response.status_code", answer.status.as_u16());
+    answer
+}
+
+/// `handled`'s answer, or `503` when it takes longer than `deadline`.
+async fn within_deadline(deadline: Duration, handled: impl Future<Output = Answer>) -> Answer {
+    match tokio::time::timeout(deadline, handled).await {
+        Ok(answer) => answer,
+        Err(_) => Answer::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the request took longer than {} s; send it again",
+                deadline.as_secs()
+            ),
+        ),
+    }
+}
+
 /// Reads `body` up to `limit` bytes within `timeout`.
 async fn read_body(
     body: axum::body::Body,
@@ -585,19 +743,7 @@ async fn receive<S: Store, Q: Queue>(
             Err(answer) => answer,
         }
     };
-    let answer = match tokio::time::timeout(config.request_timeout, handled)
-        .instrument(span.clone())
-        .await
-    {
-        Ok(answer) => answer,
-        Err(_) => Answer::error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the request took longer than {} s; send it again",
-                config.request_timeout.as_secs()
-            ),
-        ),
-    };
+    let answer = within_deadline(config.request_timeout, handled.instrument(span.clone())).await;
     span.record("http.response.status_code", answer.status.as_u16());
     answer
 }

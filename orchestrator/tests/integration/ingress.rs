@@ -113,9 +113,26 @@ impl Server {
         headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> (StatusCode, Value, Option<u64>) {
+        self.post_at(&self.url, headers, body).await
+    }
+
+    /// A push to `/hooks/gitlab/{tenant}`.
+    async fn push_as(&self, tenant: &str, token: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let url = format!("{}/{tenant}", self.url);
+        let headers = [("x-gitlab-event", "Push Hook"), ("x-gitlab-token", token)];
+        let (status, json, _) = self.post_at(&url, &headers, body).await;
+        (status, json)
+    }
+
+    async fn post_at(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, Value, Option<u64>) {
         let mut req = self
             .client
-            .post(&self.url)
+            .post(url)
             .header("content-type", "application/json")
             .header("user-agent", "GitLab/17.5.0")
             .header("x-gitlab-instance", "https://gitlab.example.com");
@@ -387,6 +404,80 @@ async fn stalling_clients_are_cut_off_and_a_real_push_gets_through() {
         let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut sink)).await;
         assert!(read.is_ok(), "connection {i} is still held open");
     }
+}
+
+/// A real-shaped 3.7 MB push (every commit lists its files) is accepted at the tenant's own
+/// URL, where the token is checked before the body is read; the shared URL keeps its 1 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_push_is_accepted_at_the_tenants_own_url() {
+    let s = start(IngressConfig::default()).await;
+    let mut body = with_project(payload("gitlab-docs_push"), ACME_APP);
+    let files: Vec<String> = (0..50_000)
+        .map(|i| format!("src/module_{i:05}/generated/file_{i:05}.rs"))
+        .collect();
+    for commit in body["commits"].as_array_mut().expect("commits") {
+        commit["added"] = json!(files);
+    }
+    let bytes = serde_json::to_vec(&body).expect("json");
+    assert!(bytes.len() > 3_500_000, "{} bytes", bytes.len());
+    let (status, answer) = s.push_as("acme", ACME_TOKEN, bytes.clone()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(answer["workflow"], "acme#production");
+    let (status, _) = s.push(ACME_TOKEN, &body, &[]).await;
+    assert_eq!(
+        status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "the shared URL reads before it knows"
+    );
+
+    // Another tenant's token, an unknown tenant: the one 401 (small bodies: a large one is
+    // refused before it is read, and the client may see its write cut off instead of the
+    // answer). A project of someone else: 403.
+    let small = serde_json::to_vec(&with_project(payload("gitlab-docs_push"), ACME_APP))
+        .expect("json");
+    let (wrong, first) = s.push_as("acme", GLOBEX_TOKEN, small.clone()).await;
+    let (unknown, second) = s.push_as("nobody", ACME_TOKEN, small).await;
+    assert_eq!(
+        (wrong, unknown),
+        (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED)
+    );
+    assert_eq!(first, second);
+    let globex =
+        serde_json::to_vec(&with_project(payload("drone-go-scm_push"), GLOBEX_APP)).expect("json");
+    let (status, answer) = s.push_as("acme", ACME_TOKEN, globex).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    assert_eq!(s.queued().await.len(), 1);
+}
+
+/// At the tenant's own URL a wrong token is answered from the headers: a sender announcing
+/// 20 MB gets its 401 without sending a byte of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_refused_before_the_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = start(IngressConfig::default()).await;
+    let addr = s
+        .url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .expect("address")
+        .to_owned();
+    let mut c = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    c.write_all(
+        b"POST /hooks/gitlab/acme HTTP/1.1\r\nHost: x\r\nX-Gitlab-Token: wrong\r\n\
+          Content-Type: application/json\r\nContent-Length: 20000000\r\n\r\n",
+    )
+    .await
+    .expect("headers only");
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut answer))
+        .await
+        .expect("answered without the body")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
 }
 
 /// A body that stops arriving is answered 408 after the body timeout.
