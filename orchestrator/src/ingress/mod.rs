@@ -116,6 +116,18 @@ impl Default for IngressConfig {
     }
 }
 
+/// Refusals of one kind: log lines written, and refusals not logged (in all, and since the
+/// last line).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefusalCount {
+    /// Lines logged.
+    pub logged: u64,
+    /// Refusals not logged, because the kind was logged too often.
+    pub skipped: u64,
+    /// Of those, the ones since the last line (its next line reports them).
+    pending: u64,
+}
+
 /// Keys remembered by each rate limit (about 100 bytes each).
 const MAX_LIMITED_KEYS: usize = 100_000;
 
@@ -136,8 +148,9 @@ pub struct Ingress<S, Q> {
     pushes: Buckets<TenantId>,
     auth_failures: Buckets<IpAddr>,
     refusal_logs: Buckets<&'static str>,
-    /// Refusals not logged since the last line of their kind.
-    unlogged: Mutex<HashMap<&'static str, u64>>,
+    /// Per kind of refusal: refusals not logged since the last line of the kind, and lines
+    /// logged and refusals not logged in all.
+    refusals: Mutex<HashMap<&'static str, RefusalCount>>,
 }
 
 impl<S, Q> std::fmt::Debug for Ingress<S, Q> {
@@ -212,9 +225,17 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
             pushes: Buckets::new(config.push_rate, MAX_LIMITED_KEYS),
             auth_failures: Buckets::new(config.auth_failure_rate, MAX_LIMITED_KEYS),
             refusal_logs: Buckets::new(REFUSAL_LOG_RATE, 64),
-            unlogged: Mutex::new(HashMap::new()),
+            refusals: Mutex::new(HashMap::new()),
             config,
         }
+    }
+
+    /// Refusals so far, per kind (`unauthenticated`, `malformed`, `push-rate`,
+    /// `auth-failure-rate`, `foreign-project`): every refusal is either logged or counted as
+    /// skipped.
+    pub fn refusals(&self) -> std::collections::BTreeMap<&'static str, RefusalCount> {
+        let refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        refusals.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     /// The client's address: from [`IngressConfig::client_address_header`] when set (its last
@@ -232,12 +253,15 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
     /// next line of the kind says how many were not logged.
     fn log_refusal(&self, kind: &'static str, fields: std::fmt::Arguments<'_>) {
         let now = self.clock.now();
-        let mut unlogged = self.unlogged.lock().unwrap_or_else(|p| p.into_inner());
+        let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let count = refusals.entry(kind).or_default();
         if self.refusal_logs.take(&kind, now).is_ok() {
-            let skipped = unlogged.remove(kind).unwrap_or(0);
+            let skipped = std::mem::take(&mut count.pending);
+            count.logged += 1;
             warn!(refusal = kind, skipped, "webhook refused: {fields}");
         } else {
-            *unlogged.entry(kind).or_insert(0) += 1;
+            count.pending += 1;
+            count.skipped += 1;
         }
     }
 

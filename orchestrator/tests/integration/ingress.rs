@@ -1,13 +1,14 @@
 //! The GitLab ingress over real HTTP, with GitLab's headers and real payloads
 //! (`tests/data/gitlab/`, see its SOURCES.md), rewritten to registered tenants' project ids.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::conformance::tenant;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use orchestrator::clock::{SharedClock, SystemClock};
-use orchestrator::ingress::{Ingress, IngressConfig, Rate};
+use orchestrator::ingress::{Ingress, IngressConfig, Rate, RefusalCount};
 use orchestrator::ports::{
     DeadLetter, Delivery, Error, Outgoing, Queue, QueueKind, QueueStats, Receipt, Store,
 };
@@ -40,11 +41,15 @@ fn with_project(mut p: Value, project: u64) -> Value {
 
 struct Server {
     _dir: tempfile::TempDir,
+    refusals: Refusals,
     backend: SqliteBackend,
     url: String,
     client: reqwest::Client,
     stop: CancellationToken,
 }
+
+/// The ingress's refusal counts, whatever its queue.
+type Refusals = Box<dyn Fn() -> BTreeMap<&'static str, RefusalCount> + Send + Sync>;
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -83,8 +88,10 @@ async fn start_with<Q: Queue>(
     );
     let stop = CancellationToken::new();
     tokio::spawn(ingress.clone().serve(listener, stop.clone()));
+    let counted = ingress.clone();
     Server {
         _dir: dir,
+        refusals: Box::new(move || counted.refusals()),
         backend,
         url,
         client: reqwest::Client::new(),
@@ -358,6 +365,33 @@ async fn failed_authentications_are_limited_per_address_and_answered_alike() {
     // Another address is not held back.
     let (e, answer, _) = from("198.51.100.9", ACME_TOKEN, &acme).await;
     assert_eq!(e, StatusCode::ACCEPTED, "{answer}");
+    // Every refusal was logged (these few are under the log's rate).
+    let refusals = (s.refusals)();
+    assert_eq!(refusals["unauthenticated"].logged, 3, "{refusals:?}");
+    assert_eq!(refusals["auth-failure-rate"].logged, 1, "{refusals:?}");
+    assert!(refusals.values().all(|c| c.skipped == 0), "{refusals:?}");
+}
+
+/// A flood of refusals is logged at the log's rate, the rest counted, never lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refusals_is_logged_at_a_bounded_rate() {
+    let s = start(IngressConfig {
+        auth_failure_rate: Rate {
+            per_second: 1000.0,
+            burst: 1000,
+        },
+        ..IngressConfig::default()
+    })
+    .await;
+    for _ in 0..100 {
+        let (status, _) = s
+            .post(&[("x-gitlab-event", "Push Hook")], b"{}".to_vec())
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let count = (s.refusals)()["unauthenticated"];
+    assert_eq!(count.logged + count.skipped, 100, "{count:?}");
+    assert!(count.logged >= 20 && count.skipped > 0, "{count:?}");
 }
 
 /// Hundreds of clients that connect and stall (sending nothing, or half their headers) are cut
@@ -433,8 +467,8 @@ async fn a_large_push_is_accepted_at_the_tenants_own_url() {
     // Another tenant's token, an unknown tenant: the one 401 (small bodies: a large one is
     // refused before it is read, and the client may see its write cut off instead of the
     // answer). A project of someone else: 403.
-    let small = serde_json::to_vec(&with_project(payload("gitlab-docs_push"), ACME_APP))
-        .expect("json");
+    let small =
+        serde_json::to_vec(&with_project(payload("gitlab-docs_push"), ACME_APP)).expect("json");
     let (wrong, first) = s.push_as("acme", GLOBEX_TOKEN, small.clone()).await;
     let (unknown, second) = s.push_as("nobody", ACME_TOKEN, small).await;
     assert_eq!(
