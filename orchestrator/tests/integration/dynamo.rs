@@ -466,3 +466,37 @@ async fn allocations_are_one_value_per_owner() {
         Some(9)
     );
 }
+
+/// A tenant written before domains had pointer items (a tenant item alone) still holds its
+/// domain: a new tenant with it is refused, naming the holder.
+#[tokio::test]
+async fn a_tenant_from_before_domain_pointers_keeps_its_domain() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let moto = Moto::start().await;
+    let (store, counter, names) = store(&moto).await;
+    let acme = tenant("acme", 11, 12);
+    let client = dynamo::client(&moto.sdk_config(), &counter);
+    client
+        .put_item()
+        .table_name(&names.tenants_table)
+        .item("pk", AttributeValue::S("tenant#acme".into()))
+        .item(
+            "record",
+            AttributeValue::S(String::from_utf8(workflows::encode(&acme)).expect("utf-8")),
+        )
+        .item("infra_project", AttributeValue::N("11".into()))
+        .item("app_project", AttributeValue::N("12".into()))
+        .send()
+        .await
+        .expect("an old-style tenant item");
+    let mut umbrella = tenant("umbrella", 21, 22);
+    umbrella.domain = acme.domain.clone();
+    match store.put_tenant(&umbrella, true).await {
+        Err(Error::AlreadyExists(what)) => assert!(what.contains("tenant acme"), "{what}"),
+        other => panic!("the old tenant's domain was taken: {other:?}"),
+    }
+    // Rewriting the old tenant gives it its pointer.
+    store.put_tenant(&acme, false).await.expect("rewrite");
+    let owner = store.tenant_by_domain(&acme.domain).await.expect("get");
+    assert_eq!(owner.map(|t| t.id.to_string()), Some("acme".to_owned()));
+}

@@ -6,6 +6,8 @@
 //!   for the domain (`attribute_not_exists(pk) OR tenant_id = :id`: a project and a domain
 //!   belong to one tenant) and the deletion of pointers of projects and of a domain the tenant
 //!   no longer has.
+//!   A tenant taking a domain is also compared with the other tenants (a scan), since those
+//!   written before domain pointers existed have none.
 //! - **`tenant_by_project`**, **`tenant_by_domain`** read the pointer, then the tenant.
 //! - **`tenants`** scans for `tenant#` items (a few hundred tenants at most) and sorts them by
 //!   id.
@@ -53,6 +55,25 @@ impl DynamoStore {
                     .collect()
             })
             .unwrap_or_default();
+        // Tenants written before domains had pointer items have none: a tenant taking a domain
+        // looks at the others too (a scan, as rare as tenant changes are).
+        let old_record = old.as_ref().and_then(|o| tenant_of(o).ok());
+        if old_record
+            .as_ref()
+            .is_none_or(|t| t.domain != tenant.domain)
+        {
+            let holder = self
+                .read_tenants()
+                .await?
+                .into_iter()
+                .find(|t| t.domain == tenant.domain && t.id != tenant.id);
+            if let Some(holder) = holder {
+                return Err(Error::AlreadyExists(format!(
+                    "domain {} (of tenant {})",
+                    tenant.domain, holder.id
+                )));
+            }
+        }
         // A corrupt old record has no domain to free; its pointer stays until deleted by hand.
         let old_domain = old
             .as_ref()
