@@ -392,7 +392,7 @@ async fn start_ingress<S: Store, Q: Queue, J: Journal>(
         parts.clock.clone(),
         parts.config.ingress(),
     ));
-    info!(%addr, "GitLab webhooks: POST http://{addr}/hooks/gitlab");
+    info!(%addr, "GitLab webhooks: POST http://{addr}/hooks/gitlab/<tenant> (or /hooks/gitlab)");
     Ok(tokio::spawn(ingress.serve(listener, stop)))
 }
 

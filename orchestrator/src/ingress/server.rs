@@ -41,7 +41,7 @@ pub async fn serve(
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     info!(addr = ?addr, max_connections = limits.max_connections,
         header_timeout_ms = u64::try_from(limits.header_timeout.as_millis()).unwrap_or(u64::MAX),
-        "ingress listening on POST /hooks/gitlab");
+        "ingress listening on POST /hooks/gitlab/{{tenant}} and /hooks/gitlab");
     // A permit per open connection; all of them back means every connection has ended.
     let permits = u32::try_from(limits.max_connections.clamp(1, 1 << 20)).unwrap_or(1 << 20);
     let open = Arc::new(Semaphore::new(permits as usize));
