@@ -45,7 +45,7 @@
 //! listen = "127.0.0.1:8080"       # where POST /hooks/gitlab is served
 //! max_body_bytes = 1048576        # larger bodies at /hooks/gitlab get 413
 //! tenant_max_body_bytes = 26214400 # ... at /hooks/gitlab/{tenant}, read after the token matched
-//! tenant_ttl = "5s"               # how long a tenant looked up by project id is cached
+//! tenant_ttl = "5s"               # how long a tenant found by project id or URL is cached
 //! pushes_per_second = 10.0        # accepted pushes of one tenant, sustained (more: 429)
 //! push_burst = 200                # ... and in a burst
 //! auth_failures_per_second = 1.0  # failed authentications from one address (more: 429)

@@ -12,7 +12,7 @@
 //! policy edited by hand is put right by the next run. A role or profile of the same name that
 //! is not tagged as the environment's is refused (see `ownership`).
 
-use aws_sdk_iam::types::Tag;
+use aws_sdk_iam::types::{InstanceProfile, Role, Tag};
 
 use super::error::{classify, code};
 use super::{AwsCloud, Error, Names, ownership, tags};
@@ -66,6 +66,31 @@ fn iam_tags(names: &Names, run: workflows::RunId) -> Vec<Tag> {
         .collect()
 }
 
+/// The role `name`, if it exists.
+async fn role(cloud: &AwsCloud, name: &str) -> Result<Option<Role>, Error> {
+    match cloud.clients.iam.get_role().role_name(name).send().await {
+        Ok(out) => Ok(out.role().cloned()),
+        Err(e) if code(&e) == Some("NoSuchEntity") => Ok(None),
+        Err(e) => Err(classify("iam:GetRole", name, &e)),
+    }
+}
+
+/// The instance profile `name`, if it exists.
+async fn profile(cloud: &AwsCloud, name: &str) -> Result<Option<InstanceProfile>, Error> {
+    let got = cloud
+        .clients
+        .iam
+        .get_instance_profile()
+        .instance_profile_name(name)
+        .send()
+        .await;
+    match got {
+        Ok(out) => Ok(out.instance_profile().cloned()),
+        Err(e) if code(&e) == Some("NoSuchEntity") => Ok(None),
+        Err(e) => Err(classify("iam:GetInstanceProfile", name, &e)),
+    }
+}
+
 /// Makes (or finds) the environment's role, its policy and its instance profile.
 pub(super) async fn ensure(
     cloud: &AwsCloud,
@@ -74,29 +99,24 @@ pub(super) async fn ensure(
 ) -> Result<(), Error> {
     let name = names.instance_role();
     let iam = &cloud.clients.iam;
-    match iam.get_role().role_name(&name).send().await {
-        Ok(out) => {
-            let tags = out.role().map(|r| r.tags()).unwrap_or_default();
-            ownership::check(names, &format!("IAM role {name}"), pairs(tags))?;
+    if let Some(r) = role(cloud, &name).await? {
+        ownership::check(names, &format!("IAM role {name}"), pairs(r.tags()))?;
+    } else {
+        match iam
+            .create_role()
+            .role_name(&name)
+            .path(IAM_PATH)
+            .assume_role_policy_document(TRUST_POLICY)
+            .description(format!("instances of {}", names.key()))
+            .set_tags(Some(iam_tags(names, run)))
+            .send()
+            .await
+        {
+            Ok(_) => tracing::info!(role = %name, "instance role created"),
+            // Made meanwhile by another attempt; its tags are checked on the next one.
+            Err(e) if code(&e) == Some("EntityAlreadyExists") => {}
+            Err(e) => return Err(classify("iam:CreateRole", &name, &e)),
         }
-        Err(e) if code(&e) == Some("NoSuchEntity") => {
-            match iam
-                .create_role()
-                .role_name(&name)
-                .path(IAM_PATH)
-                .assume_role_policy_document(TRUST_POLICY)
-                .description(format!("instances of {}", names.key()))
-                .set_tags(Some(iam_tags(names, run)))
-                .send()
-                .await
-            {
-                Ok(_) => tracing::info!(role = %name, "instance role created"),
-                // Made meanwhile by another attempt; its tags are checked on the next one.
-                Err(e) if code(&e) == Some("EntityAlreadyExists") => {}
-                Err(e) => return Err(classify("iam:CreateRole", &name, &e)),
-            }
-        }
-        Err(e) => return Err(classify("iam:GetRole", &name, &e)),
     }
     let document = policy(names, partition(cloud), &cloud.infra.artifact_bucket);
     iam.put_role_policy()
@@ -106,36 +126,27 @@ pub(super) async fn ensure(
         .send()
         .await
         .map_err(|e| classify("iam:PutRolePolicy", &name, &e))?;
-    let roles = match iam
-        .get_instance_profile()
-        .instance_profile_name(&name)
-        .send()
-        .await
-    {
-        Ok(out) => {
-            let profile = out.instance_profile();
-            let tags = profile.map(|p| p.tags()).unwrap_or_default();
-            ownership::check(names, &format!("IAM instance profile {name}"), pairs(tags))?;
-            profile
-                .map(|p| p.roles().iter().map(|r| r.role_name().to_owned()).collect())
-                .unwrap_or_default()
+    let roles: Vec<String> = if let Some(p) = profile(cloud, &name).await? {
+        ownership::check(
+            names,
+            &format!("IAM instance profile {name}"),
+            pairs(p.tags()),
+        )?;
+        p.roles().iter().map(|r| r.role_name().to_owned()).collect()
+    } else {
+        match iam
+            .create_instance_profile()
+            .instance_profile_name(&name)
+            .path(IAM_PATH)
+            .set_tags(Some(iam_tags(names, run)))
+            .send()
+            .await
+        {
+            Ok(_) => tracing::info!(profile = %name, "instance profile created"),
+            Err(e) if code(&e) == Some("EntityAlreadyExists") => {}
+            Err(e) => return Err(classify("iam:CreateInstanceProfile", &name, &e)),
         }
-        Err(e) if code(&e) == Some("NoSuchEntity") => {
-            match iam
-                .create_instance_profile()
-                .instance_profile_name(&name)
-                .path(IAM_PATH)
-                .set_tags(Some(iam_tags(names, run)))
-                .send()
-                .await
-            {
-                Ok(_) => tracing::info!(profile = %name, "instance profile created"),
-                Err(e) if code(&e) == Some("EntityAlreadyExists") => {}
-                Err(e) => return Err(classify("iam:CreateInstanceProfile", &name, &e)),
-            }
-            Vec::new()
-        }
-        Err(e) => return Err(classify("iam:GetInstanceProfile", &name, &e)),
+        Vec::new()
     };
     if let Some(other) = roles.iter().find(|r| **r != name) {
         return Err(Error::Terminal(format!(
@@ -163,55 +174,39 @@ pub(super) async fn ensure(
 pub(super) async fn delete(cloud: &AwsCloud, names: &Names) -> Result<(), Error> {
     let name = names.instance_role();
     let iam = &cloud.clients.iam;
-    match iam
-        .get_instance_profile()
-        .instance_profile_name(&name)
-        .send()
-        .await
-    {
-        Ok(out) => {
-            let profile = out.instance_profile();
-            let tags = profile.map(|p| p.tags()).unwrap_or_default();
-            if ownership::is_ours(names, pairs(tags)) {
-                for role in profile.iter().flat_map(|p| p.roles()) {
-                    match iam
-                        .remove_role_from_instance_profile()
-                        .instance_profile_name(&name)
-                        .role_name(role.role_name())
-                        .send()
-                        .await
-                    {
-                        Ok(_) => {}
-                        Err(e) if code(&e) == Some("NoSuchEntity") => {}
-                        Err(e) => {
-                            return Err(classify("iam:RemoveRoleFromInstanceProfile", &name, &e));
-                        }
-                    }
-                }
+    if let Some(p) = profile(cloud, &name).await? {
+        if !ownership::is_ours(names, pairs(p.tags())) {
+            tracing::warn!(profile = %name, "instance profile of this name is not the environment's; left as it is");
+        } else {
+            for r in p.roles() {
                 match iam
-                    .delete_instance_profile()
+                    .remove_role_from_instance_profile()
                     .instance_profile_name(&name)
+                    .role_name(r.role_name())
                     .send()
                     .await
                 {
-                    Ok(_) => tracing::info!(profile = %name, "instance profile deleted"),
+                    Ok(_) => {}
                     Err(e) if code(&e) == Some("NoSuchEntity") => {}
-                    Err(e) => return Err(classify("iam:DeleteInstanceProfile", &name, &e)),
+                    Err(e) => return Err(classify("iam:RemoveRoleFromInstanceProfile", &name, &e)),
                 }
-            } else {
-                tracing::warn!(profile = %name, "instance profile of this name is not the environment's; left as it is");
+            }
+            match iam
+                .delete_instance_profile()
+                .instance_profile_name(&name)
+                .send()
+                .await
+            {
+                Ok(_) => tracing::info!(profile = %name, "instance profile deleted"),
+                Err(e) if code(&e) == Some("NoSuchEntity") => {}
+                Err(e) => return Err(classify("iam:DeleteInstanceProfile", &name, &e)),
             }
         }
-        Err(e) if code(&e) == Some("NoSuchEntity") => {}
-        Err(e) => return Err(classify("iam:GetInstanceProfile", &name, &e)),
     }
-    let role = match iam.get_role().role_name(&name).send().await {
-        Ok(out) => out.role().cloned(),
-        Err(e) if code(&e) == Some("NoSuchEntity") => return Ok(()),
-        Err(e) => return Err(classify("iam:GetRole", &name, &e)),
+    let Some(r) = role(cloud, &name).await? else {
+        return Ok(());
     };
-    let tags = role.as_ref().map(|r| r.tags()).unwrap_or_default();
-    if !ownership::is_ours(names, pairs(tags)) {
+    if !ownership::is_ours(names, pairs(r.tags())) {
         tracing::warn!(role = %name, "IAM role of this name is not the environment's; left as it is");
         return Ok(());
     }

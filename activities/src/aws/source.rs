@@ -39,27 +39,9 @@ pub(super) async fn reconcile(
     .ok_or_else(|| Error::Terminal(format!("the release has no {repo} commit to fetch")))?;
     let key = names.artifact_key(repo, sha);
     let bucket = &cloud.infra.artifact_bucket;
-    let head = cloud
-        .clients
-        .s3
-        .head_object()
-        .bucket(bucket)
-        .key(&key)
-        .send()
-        .await;
-    match head {
-        Ok(_) => {
-            tracing::debug!(artifact = %key, "artifact present; not fetched again");
-            return Ok(done(sha, key));
-        }
-        Err(e) if is_not_found(&e) => {}
-        Err(e) => {
-            return Err(classify(
-                "s3:HeadObject",
-                &format!("s3://{bucket}/{key}"),
-                &e,
-            ));
-        }
+    if stored(cloud, &key).await? {
+        tracing::debug!(artifact = %key, "artifact present; not fetched again");
+        return Ok(done(sha, key));
     }
     let header = deploy_token_header(cloud, names).await?;
     let url = cloud
@@ -112,16 +94,8 @@ pub(super) async fn in_prefix(
     let key = names.artifact_key(repo, sha);
     let bucket = &cloud.infra.artifact_bucket;
     let s3 = &cloud.clients.s3;
-    match s3.head_object().bucket(bucket).key(&key).send().await {
-        Ok(_) => return Ok(key),
-        Err(e) if is_not_found(&e) => {}
-        Err(e) => {
-            return Err(classify(
-                "s3:HeadObject",
-                &format!("s3://{bucket}/{key}"),
-                &e,
-            ));
-        }
+    if stored(cloud, &key).await? {
+        return Ok(key);
     }
     let Some(old) = recorded.filter(|r| r.sha == *sha && r.artifact_key != key) else {
         return Err(Error::Terminal(format!(
@@ -138,6 +112,28 @@ pub(super) async fn in_prefix(
         .map_err(|e| classify("s3:CopyObject", &format!("s3://{bucket}/{old_key}"), &e))?;
     tracing::info!(from = %old_key, to = %key, "artifact copied under the environment's prefix");
     Ok(key)
+}
+
+/// Whether the artifact bucket holds `key`.
+async fn stored(cloud: &AwsCloud, key: &str) -> Result<bool, Error> {
+    let bucket = &cloud.infra.artifact_bucket;
+    let head = cloud
+        .clients
+        .s3
+        .head_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await;
+    match head {
+        Ok(_) => Ok(true),
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(classify(
+            "s3:HeadObject",
+            &format!("s3://{bucket}/{key}"),
+            &e,
+        )),
+    }
 }
 
 fn done(sha: &GitSha, key: String) -> Outcome {

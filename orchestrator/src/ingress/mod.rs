@@ -70,7 +70,7 @@ pub struct IngressConfig {
     /// authenticated the tenant (GitLab's pushes can be several MB: every commit lists its
     /// files).
     pub tenant_max_body_bytes: usize,
-    /// How long a tenant looked up by project is trusted before it is read again.
+    /// How long a tenant looked up by project or by id is trusted before it is read again.
     pub tenant_ttl: Duration,
     /// Accepted pushes per tenant: more are answered `429` with `Retry-After`, so that one
     /// tenant's flood cannot use up the queue's send throughput for everyone.
@@ -144,7 +144,7 @@ pub struct Ingress<S, Q> {
     queue: Arc<Q>,
     clock: SharedClock,
     config: IngressConfig,
-    tenants: Mutex<HashMap<u64, (Option<Tenant>, Timestamp)>>,
+    tenants: Mutex<HashMap<Lookup, (Option<Tenant>, Timestamp)>>,
     pushes: Buckets<TenantId>,
     auth_failures: Buckets<IpAddr>,
     refusal_logs: Buckets<&'static str>,
@@ -159,6 +159,14 @@ impl<S, Q> std::fmt::Debug for Ingress<S, Q> {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// How a delivery names its tenant: by GitLab project (`/hooks/gitlab`) or by id
+/// (`/hooks/gitlab/{tenant}`). The key of the ingress's tenant cache.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Lookup {
+    Project(u64),
+    Id(TenantId),
 }
 
 /// An answer of the ingress: a status and a small JSON body.
@@ -300,20 +308,24 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
             .with_state(self)
     }
 
-    async fn tenant(&self, project: u64) -> Result<Option<Tenant>, crate::ports::Error> {
+    /// The tenant `lookup` names, cached for `tenant_ttl`.
+    async fn tenant(&self, lookup: Lookup) -> Result<Option<Tenant>, crate::ports::Error> {
         let now = self.clock.now();
         if let Ok(cache) = self.tenants.lock()
-            && let Some((t, at)) = cache.get(&project)
+            && let Some((t, at)) = cache.get(&lookup)
             && now.since(*at) < self.config.tenant_ttl
         {
             return Ok(t.clone());
         }
-        let tenant = self.store.tenant_by_project(project).await?;
+        let tenant = match &lookup {
+            Lookup::Project(project) => self.store.tenant_by_project(*project).await?,
+            Lookup::Id(id) => self.store.tenant(id).await?,
+        };
         if let Ok(mut cache) = self.tenants.lock() {
             if cache.len() > 100_000 {
                 cache.clear();
             }
-            cache.insert(project, (tenant.clone(), now));
+            cache.insert(lookup, (tenant.clone(), now));
         }
         Ok(tenant)
     }
@@ -353,7 +365,7 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
                 "missing field `project_id` (or `project.id`)",
             );
         };
-        let tenant = match self.tenant(project).await {
+        let tenant = match self.tenant(Lookup::Project(project)).await {
             Ok(Some(t)) => t,
             Ok(None) => {
                 return self.unauthenticated(
@@ -442,7 +454,7 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
         let Ok(id) = TenantId::new(id) else {
             return Err(self.unauthenticated(source, format_args!("no tenant {id:?}")));
         };
-        let tenant = match self.store.tenant(&id).await {
+        let tenant = match self.tenant(Lookup::Id(id.clone())).await {
             Ok(Some(t)) => t,
             Ok(None) => {
                 return Err(self.unauthenticated(source, format_args!("no tenant {id}")));
@@ -677,13 +689,6 @@ async fn receive_for<S: Store, Q: Queue>(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Answer {
-    let span = tracing::info_span!(
-        "webhook",
-        otel.kind = "server",
-        http.request.method = "POST",
-        http.route = "/hooks/gitlab/{tenant}",
-        http.response.status_code = tracing::field::Empty,
-    );
     let config = &ingress.config;
     let handled = async {
         let source = ingress.client_address(&headers, Some(peer));
@@ -699,14 +704,24 @@ async fn receive_for<S: Store, Q: Queue>(
             Err(answer) => answer,
         }
     };
-    let answer = within_deadline(config.request_timeout, handled.instrument(span.clone())).await;
-    span.record("http.response.status_code", answer.status.as_u16());
-    answer
+    traced("/hooks/gitlab/{tenant}", config.request_timeout, handled).await
 }
 
-/// `handled`'s answer, or `503` when it takes longer than `deadline`.
-async fn within_deadline(deadline: Duration, handled: impl Future<Output = Answer>) -> Answer {
-    match tokio::time::timeout(deadline, handled).await {
+/// `handled`'s answer, in the request's span for `route`, or `503` when it takes longer
+/// than `deadline`.
+async fn traced(
+    route: &'static str,
+    deadline: Duration,
+    handled: impl Future<Output = Answer>,
+) -> Answer {
+    let span = tracing::info_span!(
+        "webhook",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let answer = match tokio::time::timeout(deadline, handled.instrument(span.clone())).await {
         Ok(answer) => answer,
         Err(_) => Answer::error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -715,7 +730,9 @@ async fn within_deadline(deadline: Duration, handled: impl Future<Output = Answe
                 deadline.as_secs()
             ),
         ),
-    }
+    };
+    span.record("http.response.status_code", answer.status.as_u16());
+    answer
 }
 
 /// Reads `body` up to `limit` bytes within `timeout`.
@@ -751,30 +768,15 @@ async fn receive<S: Store, Q: Queue>(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Answer {
-    let peer = Some(peer);
-    let headers = &headers;
-    let span = tracing::info_span!(
-        "webhook",
-        otel.kind = "server",
-        http.request.method = "POST",
-        http.route = "/hooks/gitlab",
-        http.response.status_code = tracing::field::Empty,
-    );
     let config = &ingress.config;
     let handled = async {
         match read_body(body, config.max_body_bytes, config.body_timeout).await {
-            Ok(bytes) => ingress.handle(peer, headers, &bytes).await,
+            Ok(bytes) => ingress.handle(Some(peer), &headers, &bytes).await,
             Err(answer) => answer,
         }
     };
-    let answer = within_deadline(config.request_timeout, handled.instrument(span.clone())).await;
-    span.record("http.response.status_code", answer.status.as_u16());
-    answer
+    traced("/hooks/gitlab", config.request_timeout, handled).await
 }
-
-/// Serves `router` on `listener` until `shutdown`, within `limits`, finishing requests under
-/// way.
-pub use server::{ConnectionLimits, serve};
 
 #[cfg(test)]
 mod tests {

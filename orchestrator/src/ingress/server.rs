@@ -22,17 +22,17 @@ use tracing::{debug, info, warn};
 
 /// Limits of the server's connections.
 #[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
+pub(super) struct ConnectionLimits {
     /// How long a client may take to send a request's headers (or, between requests on a
     /// kept-alive connection, to start the next).
-    pub header_timeout: Duration,
+    pub(super) header_timeout: Duration,
     /// Connections open at once.
-    pub max_connections: usize,
+    pub(super) max_connections: usize,
 }
 
 /// Serves `router` on `listener` within `limits` until `shutdown`, then finishes the requests
 /// under way (connections are told to close after their current request).
-pub async fn serve(
+pub(super) async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ConnectionLimits,

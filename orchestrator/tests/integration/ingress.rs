@@ -109,6 +109,12 @@ async fn start(config: IngressConfig) -> Server {
 }
 
 impl Server {
+    /// The server's `host:port`.
+    fn addr(&self) -> String {
+        let rest = self.url.trim_start_matches("http://");
+        rest.split('/').next().expect("address").to_owned()
+    }
+
     async fn post(&self, headers: &[(&str, &str)], body: Vec<u8>) -> (StatusCode, Value) {
         let (status, json, _) = self.post_with_retry_after(headers, body).await;
         (status, json)
@@ -406,13 +412,7 @@ async fn stalling_clients_are_cut_off_and_a_real_push_gets_through() {
         ..IngressConfig::default()
     })
     .await;
-    let addr = s
-        .url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .expect("address")
-        .to_owned();
+    let addr = s.addr();
     let mut stalled = Vec::new();
     for i in 0..300 {
         let mut c = tokio::net::TcpStream::connect(&addr)
@@ -487,15 +487,9 @@ async fn a_large_push_is_accepted_at_the_tenants_own_url() {
 /// 20 MB gets its 401 without sending a byte of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_is_refused_before_the_body_is_read() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let s = start(IngressConfig::default()).await;
-    let addr = s
-        .url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .expect("address")
-        .to_owned();
+    let addr = s.addr();
     let mut c = tokio::net::TcpStream::connect(&addr)
         .await
         .expect("connect");
@@ -505,31 +499,32 @@ async fn a_wrong_token_is_refused_before_the_body_is_read() {
     )
     .await
     .expect("headers only");
-    let mut answer = vec![0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut answer))
-        .await
-        .expect("answered without the body")
-        .expect("read");
-    let text = String::from_utf8_lossy(&answer[..n]);
+    let text = first_answer(&mut c, Duration::from_secs(5), "answered without the body").await;
     assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+}
+
+/// The start of the server's first answer on `c`, read within `within` (else panics with
+/// `why`).
+async fn first_answer(c: &mut tokio::net::TcpStream, within: Duration, why: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(within, c.read(&mut answer))
+        .await
+        .expect(why)
+        .expect("read");
+    String::from_utf8_lossy(&answer[..n]).into_owned()
 }
 
 /// A body that stops arriving is answered 408 after the body timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_stops_arriving_gets_408() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let s = start(IngressConfig {
         body_timeout: Duration::from_millis(300),
         ..IngressConfig::default()
     })
     .await;
-    let addr = s
-        .url
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .expect("address")
-        .to_owned();
+    let addr = s.addr();
     let mut c = tokio::net::TcpStream::connect(&addr)
         .await
         .expect("connect");
@@ -539,12 +534,12 @@ async fn a_body_that_stops_arriving_gets_408() {
     c.write_all(head.as_bytes())
         .await
         .expect("headers and a little body");
-    let mut answer = vec![0u8; 512];
-    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut answer))
-        .await
-        .expect("answered before the test gives up")
-        .expect("read");
-    let text = String::from_utf8_lossy(&answer[..n]);
+    let text = first_answer(
+        &mut c,
+        Duration::from_secs(10),
+        "answered before the test gives up",
+    )
+    .await;
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
 }
 
