@@ -378,6 +378,7 @@ mod tests {
             event_id: p.event_id.clone(),
             repo: p.repo,
             sha: p.sha.clone(),
+            before: None,
             git_ref: "refs/heads/dev".into(),
             author: "load".into(),
             message: "m".into(),

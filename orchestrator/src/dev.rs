@@ -47,6 +47,7 @@ pub async fn start_demo<S: Store, Q: Queue>(
                 .map_err(|e| Error::invalid_by("a demo event id", e))?,
             repo,
             sha: sha.clone(),
+            before: None,
             git_ref: "refs/heads/dev".into(),
             author: "demo".into(),
             message: format!("demo {repo} push"),

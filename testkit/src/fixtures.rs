@@ -29,6 +29,7 @@ pub fn push(id: &str, repo: RepoKind, n: u32, now: Timestamp) -> Event {
         event_id: EventId::new(id).expect("event id"),
         repo,
         sha: GitSha::new(format!("{n:040x}")).expect("sha"),
+        before: None,
         git_ref: "refs/heads/main".into(),
         author: "jane".into(),
         message: format!("commit {n}"),

@@ -76,6 +76,7 @@ pub async fn pushes_reach_live<B: Queue + Store + Journal>(stack: Arc<B>) -> u64
                 event_id: EventId::new(format!("p{i}-{n}")).expect("id"),
                 repo,
                 sha: GitSha::new(format!("{n:040x}")).expect("sha"),
+                before: None,
                 git_ref: "refs/heads/main".into(),
                 author: "jane".into(),
                 message: "m".into(),

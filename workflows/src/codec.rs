@@ -12,8 +12,15 @@ pub trait Persisted: Serialize + DeserializeOwned {
     const KIND: &'static str;
     /// The version this code writes (and the newest it reads).
     const SCHEMA_VERSION: u32;
+    /// The oldest version this code reads. Fields added since then are optional, so an older
+    /// document decodes with them at their defaults and [`Persisted::upgrade`] finishes the
+    /// migration.
+    const OLDEST_SCHEMA_VERSION: u32 = Self::SCHEMA_VERSION;
     /// The version a decoded value says it has.
     fn schema_version(&self) -> u32;
+    /// Brings a value decoded from an older version to [`Persisted::SCHEMA_VERSION`]; what a
+    /// later write stores is then the current shape.
+    fn upgrade(&mut self);
 }
 
 /// Why bytes did not decode.
@@ -62,7 +69,13 @@ impl Error {
 /// Decodes a `T` from JSON bytes.
 pub fn decode<T: Persisted>(bytes: &[u8]) -> Result<T, Error> {
     match serde_json::from_slice::<T>(bytes) {
-        Ok(value) => check_version::<T>(u64::from(value.schema_version())).map(|()| value),
+        Ok(mut value) => {
+            check_version::<T>(u64::from(value.schema_version()))?;
+            if value.schema_version() < T::SCHEMA_VERSION {
+                value.upgrade();
+            }
+            Ok(value)
+        }
         // The fast path failed; spend time on a precise error.
         Err(_) => Err(explain::<T>(bytes)),
     }
@@ -81,7 +94,7 @@ fn check_version<T: Persisted>(found: u64) -> Result<(), Error> {
             found: v,
             supported: T::SCHEMA_VERSION,
         }),
-        v if v < u64::from(T::SCHEMA_VERSION) => Err(Error::UnsupportedVersion {
+        v if v < u64::from(T::OLDEST_SCHEMA_VERSION) => Err(Error::UnsupportedVersion {
             kind: T::KIND,
             found: v,
         }),

@@ -45,6 +45,11 @@ pub struct Push {
     pub repo: RepoKind,
     /// The pushed commit (`after`).
     pub sha: GitSha,
+    /// The commit the branch pointed to before the push (GitLab's `before`; all zeros when the
+    /// push created the branch). Absent for pushes an operator tool sent, which are taken as
+    /// sent (see the `lineage` module).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<GitSha>,
     /// The full ref, for example `refs/heads/main`.
     #[serde(rename = "ref")]
     pub git_ref: String,

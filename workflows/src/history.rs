@@ -43,8 +43,13 @@ pub struct HistoryEntry {
 
 impl Persisted for HistoryEntry {
     const KIND: &'static str = "history entry";
-    const SCHEMA_VERSION: u32 = 1;
+    /// Version 2: a push may carry `before`.
+    const SCHEMA_VERSION: u32 = 2;
+    const OLDEST_SCHEMA_VERSION: u32 = 1;
     fn schema_version(&self) -> u32 {
         self.schema_version
+    }
+    fn upgrade(&mut self) {
+        self.schema_version = Self::SCHEMA_VERSION;
     }
 }

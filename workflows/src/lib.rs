@@ -15,6 +15,7 @@ pub mod envelope;
 pub mod event;
 pub mod history;
 pub mod id;
+pub mod lineage;
 pub mod machine;
 pub mod record;
 pub mod retry;
@@ -30,6 +31,7 @@ pub use envelope::{Body, Envelope};
 pub use event::{Event, Push, RepoKind, Signal, StepOutcome, StepReport, TimerFired};
 pub use history::HistoryEntry;
 pub use id::{Domain, Environment, EventId, GitSha, RunId, TenantId, WorkflowKey};
+pub use lineage::{Heads, LINEAGE_WINDOW, Lineage};
 pub use machine::{
     Deployed, Input, Pending, Run, RunEnd, RunKind, Settings, State, Verdict, Workflow,
 };

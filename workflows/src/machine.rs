@@ -33,6 +33,7 @@ use statig::Outcome::{self, Handled, Transition};
 use crate::command::{Command, StepTask};
 use crate::event::{Push, RepoKind, StepOutcome, StepReport, TimerFired};
 use crate::id::{Environment, EventId, GitSha, RunId, WorkflowKey};
+use crate::lineage::Heads;
 use crate::step::{Release, Resources, StepKind, StepProgress, StepStatus};
 use crate::time::Timestamp;
 
@@ -379,6 +380,10 @@ pub struct Workflow {
     /// Pushes that arrived while the current run was busy.
     #[serde(default, skip_serializing_if = "Pending::is_empty")]
     pub pending: Pending,
+    /// Where each repository's branch is, and which commits it moved past (absent in records
+    /// of schema version 1).
+    #[serde(default, skip_serializing_if = "Heads::is_empty")]
+    pub heads: Heads,
     /// What is serving.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployed: Option<Deployed>,
@@ -411,6 +416,7 @@ impl Workflow {
             desired: Release::default(),
             run: None,
             pending: Pending::default(),
+            heads: Heads::default(),
             deployed: None,
             resources: Resources::default(),
         }

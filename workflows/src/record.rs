@@ -48,9 +48,16 @@ pub struct WorkflowRecord {
 
 impl Persisted for WorkflowRecord {
     const KIND: &'static str = "workflow record";
-    const SCHEMA_VERSION: u32 = 1;
+    /// Version 2: pushes may carry `before`, and the machine keeps each repository's lineage
+    /// (`heads`); a version 1 record starts with none, so its protection against late
+    /// resends begins with the first push after the upgrade.
+    const SCHEMA_VERSION: u32 = 2;
+    const OLDEST_SCHEMA_VERSION: u32 = 1;
     fn schema_version(&self) -> u32 {
         self.schema_version
+    }
+    fn upgrade(&mut self) {
+        self.schema_version = Self::SCHEMA_VERSION;
     }
 }
 

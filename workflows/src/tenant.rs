@@ -77,6 +77,9 @@ impl Persisted for Tenant {
     fn schema_version(&self) -> u32 {
         self.schema_version
     }
+    fn upgrade(&mut self) {
+        self.schema_version = Self::SCHEMA_VERSION;
+    }
 }
 
 impl Tenant {

@@ -169,13 +169,21 @@ impl Driver {
         event_id(&format!("{prefix}-{}", self.next_id))
     }
 
-    /// The push event of commit `n` to `repo`, with a fresh id.
+    /// The push event of commit `n` to `repo`, with a fresh id and no `before` (as an operator
+    /// tool sends it).
     pub fn push_event(&mut self, repo: RepoKind, n: u32) -> Event {
+        self.push_event_from(repo, None, n)
+    }
+
+    /// The push event that moves `repo`'s branch from commit `before` to commit `n`, as GitLab
+    /// sends it, with a fresh id.
+    pub fn push_event_from(&mut self, repo: RepoKind, before: Option<u32>, n: u32) -> Event {
         let event_id = self.fresh_id("push");
         Event::Push(Push {
             event_id,
             repo,
             sha: sha(n),
+            before: before.map(sha),
             git_ref: "refs/heads/main".into(),
             author: "jane".into(),
             message: format!("commit {n}"),

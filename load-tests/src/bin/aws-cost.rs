@@ -170,6 +170,7 @@ async fn run<J: Journal>(
                 event_id: EventId::new(format!("cost-{n}"))?,
                 repo,
                 sha: commit(n)?,
+                before: None,
                 git_ref: "refs/heads/main".into(),
                 author: "bench".into(),
                 message: "bench".into(),

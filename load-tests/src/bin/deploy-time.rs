@@ -52,6 +52,7 @@ fn push(id: String, repo: RepoKind, n: u32, clock: &SharedClock) -> Result<Event
         event_id: EventId::new(id)?,
         repo,
         sha: GitSha::new(format!("{n:040x}"))?,
+        before: None,
         git_ref: "refs/heads/dev".into(),
         author: "deploy-time".into(),
         message: "measure".into(),

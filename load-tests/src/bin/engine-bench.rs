@@ -91,6 +91,7 @@ impl Bench {
             event_id: EventId::new(format!("bench-{n}"))?,
             repo,
             sha: commit(n)?,
+            before: None,
             git_ref: "refs/heads/main".into(),
             author: "bench".into(),
             message: "bench".into(),

@@ -312,6 +312,7 @@ impl<B: Queue> Sender<B> {
                     event_id: id.clone(),
                     repo,
                     sha: sha.clone(),
+                    before: None,
                     git_ref: format!("refs/heads/{}", branch(key.env)),
                     author: "loadgen".into(),
                     message: format!("{repo} load push"),
@@ -332,6 +333,10 @@ impl<B: Queue> Sender<B> {
                 body["project"]["id"] = serde_json::json!(project);
                 body["ref"] = serde_json::json!(format!("refs/heads/{}", branch(key.env)));
                 body["after"] = serde_json::json!(sha.as_str());
+                // Every push as if it created the branch: its commit is new to the workflow's
+                // lineage, so none is taken for a late resend (the template's own `before`
+                // would be, from the second push on).
+                body["before"] = serde_json::json!("0".repeat(40));
                 let request = hyper::Request::post(url.clone())
                     .header("content-type", "application/json")
                     .header("x-gitlab-event", "Push Hook")

@@ -543,6 +543,9 @@ async fn inject_event<S: Store, Q: Queue, J: Journal>(
                 event_id,
                 repo,
                 sha: sha.clone(),
+                // Taken as sent: an operator's push is not screened against the branch's
+                // lineage.
+                before: None,
                 git_ref: git_ref.clone(),
                 author: author.clone(),
                 message: message.clone(),

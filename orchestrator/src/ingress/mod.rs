@@ -573,7 +573,14 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
             Ok(s) => s,
             Err(e) => return Answer::error(StatusCode::BAD_REQUEST, format!("field `after`: {e}")),
         };
-        let event_id = match event_id(headers, project, git_ref, after) {
+        let before = match payload.before.as_deref().map(GitSha::new).transpose() {
+            Ok(b) => b,
+            Err(e) => {
+                return Answer::error(StatusCode::BAD_REQUEST, format!("field `before`: {e}"));
+            }
+        };
+        let before_text = before.as_ref().map_or("", GitSha::as_str);
+        let event_id = match event_id(headers, project, git_ref, before_text, after) {
             Ok(id) => id,
             Err(e) => return Answer::error(StatusCode::BAD_REQUEST, e),
         };
@@ -595,6 +602,7 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
             event_id: event_id.clone(),
             repo,
             sha,
+            before,
             git_ref: git_ref.clone(),
             author: payload.author(),
             message: payload.head_title(),
@@ -629,6 +637,7 @@ pub fn event_id(
     headers: &HeaderMap,
     project: u64,
     git_ref: &str,
+    before: &str,
     after: &str,
 ) -> Result<EventId, String> {
     if let Some(key) = header(headers, "idempotency-key") {
@@ -637,7 +646,9 @@ pub fn event_id(
     if let Some(uuid) = header(headers, "x-gitlab-event-uuid") {
         return caller_chosen(uuid).map_err(|e| format!("X-Gitlab-Event-UUID: {e}"));
     }
-    let digest = Sha256::digest(format!("{project}\n{git_ref}\n{after}").as_bytes());
+    // `before` is part of it so that a push back to a commit seen before (a force push) is a
+    // new event.
+    let digest = Sha256::digest(format!("{project}\n{git_ref}\n{before}\n{after}").as_bytes());
     EventId::new(format!("push:{}", hex::encode(digest))).map_err(|e| e.to_string())
 }
 

@@ -169,6 +169,7 @@ impl World {
             event_id: EventId::new(format!("{key}-{repo}-{sha}")).expect("id"),
             repo,
             sha: sha.clone(),
+            before: None,
             git_ref: "refs/heads/main".into(),
             author: "jane".into(),
             message: "change".into(),

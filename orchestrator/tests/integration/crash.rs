@@ -87,6 +87,7 @@ impl Stream {
             event_id: id.clone(),
             repo,
             sha: sha(n),
+            before: None,
             git_ref: "refs/heads/main".into(),
             author: "crash-test".into(),
             message: format!("push {n}"),

@@ -19,7 +19,8 @@ use orchestrator::stack::{Batched, Sequential};
 use tokio_util::sync::CancellationToken;
 use workflows::testing::output_for;
 use workflows::{
-    Environment, Event, EventId, GitSha, Push, RepoKind, State, StepKind, Timestamp, WorkflowKey,
+    Environment, Event, EventId, GitSha, Push, RepoKind, State, StepKind, Timestamp, Verdict,
+    WorkflowKey,
 };
 
 /// Activities that finish at once with a plausible output, counting invocations.
@@ -201,10 +202,24 @@ impl World {
     }
 
     async fn push(&self, key: &WorkflowKey, repo: RepoKind, n: u32, id: &str) {
+        self.push_from(key, repo, None, n, id).await;
+    }
+
+    /// Queues the push that moves the branch from commit `before` to commit `n`.
+    async fn push_from(
+        &self,
+        key: &WorkflowKey,
+        repo: RepoKind,
+        before: Option<u32>,
+        n: u32,
+        id: &str,
+    ) {
+        let sha = |n: u32| GitSha::new(format!("{n:040x}")).expect("sha");
         let event = Event::Push(Push {
             event_id: EventId::new(id).expect("id"),
             repo,
-            sha: GitSha::new(format!("{n:040x}")).expect("sha"),
+            sha: sha(n),
+            before: before.map(sha),
             git_ref: "refs/heads/main".into(),
             author: "jane".into(),
             message: format!("commit {n}"),
@@ -301,6 +316,55 @@ async fn pushes_travel_to_live_and_the_newest_wins() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_older_push_is_recorded_and_ignored_not_rolled_back_to() {
+    let w = World::new().await;
+    let engine = w.engine(Instant::default(), fast());
+    let (stop, handle) = w.start(&engine);
+    let acme = key("acme", Environment::Staging);
+    w.push_from(&acme, RepoKind::App, Some(0), 1, "gitlab:a")
+        .await;
+    w.until("live at 1", async |w| w.live_at(&acme, None, Some(1)).await)
+        .await;
+    w.push_from(&acme, RepoKind::App, Some(1), 2, "gitlab:b")
+        .await;
+    w.until("live at 2", async |w| w.live_at(&acme, None, Some(2)).await)
+        .await;
+    // The first push again, under an id the record has not seen (a replay outside the
+    // deduplication window, or a resend with a new delivery id).
+    w.push_from(&acme, RepoKind::App, Some(0), 1, "gitlab:a-again")
+        .await;
+    w.until("the replay is applied", async |w| {
+        let history = w.backend.history(&acme, 0, 1000).await.expect("history");
+        history
+            .iter()
+            .any(|e| e.event.id().as_str() == "gitlab:a-again")
+    })
+    .await;
+    stop.cancel();
+    handle.await.expect("engine stops");
+    let history = w.backend.history(&acme, 0, 1000).await.expect("history");
+    let replay = history
+        .iter()
+        .find(|e| e.event.id().as_str() == "gitlab:a-again")
+        .expect("recorded");
+    match &replay.verdict {
+        Verdict::Ignored(reason) => assert!(reason.contains("late or replayed"), "{reason}"),
+        other => panic!("the replay was {other:?}"),
+    }
+    assert!(
+        w.live_at(&acme, None, Some(2)).await,
+        "still at the newest commit"
+    );
+    let record = w
+        .backend
+        .workflow(&acme)
+        .await
+        .expect("read")
+        .expect("record");
+    assert_eq!(record.workflow().run.as_ref().map(|r| r.id.get()), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_unknown_tenants_and_corrupt_records_stop_only_themselves() {
     let w = World::new().await;
     // Garbage on the events queue.
@@ -383,6 +447,7 @@ async fn a_redelivered_event_applies_once_and_its_commands_are_sent_again() {
         event_id: EventId::new("push-crash").expect("id"),
         repo: RepoKind::App,
         sha: GitSha::new("a".repeat(40)).expect("sha"),
+        before: None,
         git_ref: "refs/heads/dev".into(),
         author: "jane".into(),
         message: "m".into(),

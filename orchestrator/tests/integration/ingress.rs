@@ -248,6 +248,11 @@ async fn a_push_to_a_mapped_branch_is_queued_as_a_small_typed_event() {
     assert_eq!(p.repo, RepoKind::Infra);
     assert_eq!(p.sha.as_str(), "da1560886d4f094c3e6c9ef40349f7d38b5d27d7");
     assert_eq!(p.git_ref, "refs/heads/master");
+    assert_eq!(
+        p.before.as_ref().map(workflows::GitSha::as_str),
+        Some("95790bf891e76fee5e1747ab589903a6a1f80f22"),
+        "where the branch was, for rollback protection"
+    );
     assert_eq!(p.author, "jsmith");
     assert!(!p.message.is_empty() && !p.message.contains('\n'));
     // Small: no raw payload travels.
@@ -610,7 +615,13 @@ async fn without_headers_the_event_uuid_then_a_digest_deduplicates() {
     let digest = third["event_id"].as_str().expect("id");
     assert!(digest.starts_with("push:"), "{digest}");
     assert_eq!(third["event_id"], fourth["event_id"]);
-    assert_eq!(s.queued().await.len(), 2, "one per event id");
+    // A force push back to the same commit moves the branch from elsewhere: a new event.
+    let mut back = body.clone();
+    back["before"] = json!("1111111111111111111111111111111111111111");
+    let (e, fifth) = s.push(GLOBEX_TOKEN, &back, &[]).await;
+    assert_eq!(e, StatusCode::ACCEPTED);
+    assert_ne!(fifth["event_id"], third["event_id"]);
+    assert_eq!(s.queued().await.len(), 3, "one per event id");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -697,6 +708,17 @@ async fn malformed_bodies_get_400_naming_what_is_wrong() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(
         answer["error"].as_str().expect("error").contains("git sha"),
+        "{answer}"
+    );
+    let mut bad_before = with_project(payload("gitlab-docs_push"), ACME_INFRA);
+    bad_before["before"] = json!("HEAD~1");
+    let (status, answer) = s.push(ACME_TOKEN, &bad_before, &[]).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        answer["error"]
+            .as_str()
+            .expect("error")
+            .contains("`before`"),
         "{answer}"
     );
     let mut wrong_type = with_project(payload("gitlab-docs_push"), ACME_INFRA);

@@ -19,8 +19,8 @@ use workflows::{
     Body, Command, DatabaseOutput, DeploymentOutput, Domain, Envelope, Environment, Event, EventId,
     GitSha, HistoryEntry, ImageOutput, Input, NetworkOutput, Persisted, Push, RepoKind,
     RoutingOutput, Settings, Signal, SourceOutput, State, StepKind, StepOutcome, StepOutput,
-    StepReport, StepTask, Tenant, TenantId, TimerFired, Timestamp, WebhookAuth, WorkflowKey,
-    WorkflowRecord,
+    StepReport, StepTask, Tenant, TenantId, TimerFired, Timestamp, Verdict, WebhookAuth,
+    WorkflowKey, WorkflowRecord,
 };
 
 /// 2025-06-03T09:14:07Z, when the staging story starts.
@@ -193,9 +193,13 @@ fn id(value: &str) -> anyhow::Result<EventId> {
     Ok(EventId::new(value)?)
 }
 
+/// GitLab's `before` of a push that creates the branch.
+const CREATED: &str = "0000000000000000000000000000000000000000";
+
 fn push(
     event_id: &str,
     repo: RepoKind,
+    before: &str,
     hex: &str,
     author: &str,
     message: &str,
@@ -205,6 +209,7 @@ fn push(
         event_id: id(event_id)?,
         repo,
         sha: sha(hex)?,
+        before: Some(sha(before)?),
         git_ref: "refs/heads/main".into(),
         author: author.into(),
         message: message.into(),
@@ -315,6 +320,7 @@ fn staging(out: &mut Fixtures) -> anyhow::Result<()> {
     let first = push(
         "7080c3ee-2ca6-4ea2-8a22-52886247ca21",
         RepoKind::Infra,
+        CREATED,
         INFRA_1,
         "mvasquez",
         "Install PHP 8.3 and the imagick extension",
@@ -353,6 +359,7 @@ fn staging(out: &mut Fixtures) -> anyhow::Result<()> {
     let app_0 = push(
         "1e70ab31-222a-47a2-9b4b-41482bdeec2c",
         RepoKind::App,
+        CREATED,
         APP_0,
         "jdoe",
         "Add the order export page",
@@ -364,6 +371,7 @@ fn staging(out: &mut Fixtures) -> anyhow::Result<()> {
     let app_1 = push(
         "c91681c4-b666-419f-aeaa-dbddb14fb46a",
         RepoKind::App,
+        APP_0,
         APP_1,
         "jdoe",
         "Fix the CSV header of the order export",
@@ -409,12 +417,30 @@ fn staging(out: &mut Fixtures) -> anyhow::Result<()> {
     let again = push(
         "8d6c1b9e-ebb2-4328-9f9a-82145d964459",
         RepoKind::App,
+        APP_0,
         APP_1,
         "jdoe",
         "Fix the CSV header of the order export",
         d.now,
     )?;
     out.add(HISTORY_ENTRY, "ignored-push", &d.apply(again))?;
+    // A late resend of the first app push (outside the deduplication window, with a new id):
+    // the branch has moved past its commit, so it is ignored rather than rolled back to.
+    d.wait(60);
+    let late = push(
+        "0d5a9e64-7c1f-4d0b-9d43-6a3f0f6f2b51",
+        RepoKind::App,
+        CREATED,
+        APP_0,
+        "jdoe",
+        "Add the order export page",
+        d.now,
+    )?;
+    let entry = d.apply(late);
+    if !matches!(&entry.verdict, Verdict::Ignored(r) if r.contains("late or replayed")) {
+        bail!("a late resend should be ignored, was {:?}", entry.verdict);
+    }
+    out.add(HISTORY_ENTRY, "ignored-late-push", &entry)?;
     d.wait(30);
     out.add(
         HISTORY_ENTRY,
@@ -431,6 +457,7 @@ fn staging(out: &mut Fixtures) -> anyhow::Result<()> {
     let infra_2 = push(
         "bee97f8c-5462-4e6e-b80b-437ae2263892",
         RepoKind::Infra,
+        INFRA_1,
         INFRA_2,
         "mvasquez",
         "Switch the base image to Amazon Linux 2023",

@@ -55,20 +55,22 @@ fn a_newer_schema_version_is_named_for_every_shape() {
         (HISTORY_ENTRY, "accepted-push", "history entry"),
         (TENANT_RECORD, "token-only", "tenant record"),
     ] {
+        let supported = current_version(stem);
+        let newer = u64::from(supported) + 1;
         let mut doc = base(stem, name);
-        doc["schema_version"] = json!(2);
+        doc["schema_version"] = json!(newer);
         let error = decode_error(stem, &doc);
         assert_eq!(
             error,
             Error::NewerVersion {
                 kind,
-                found: 2,
-                supported: 1
+                found: newer,
+                supported
             },
             "{stem}"
         );
         let text = error.to_string();
-        assert!(text.contains("schema_version 2"), "{text}");
+        assert!(text.contains(&format!("schema_version {newer}")), "{text}");
         assert!(text.contains("upgrade the workers"), "{text}");
         assert!(!error.is_retryable());
         assert_schema_rejects(stem, &doc, "/schema_version");
@@ -76,14 +78,30 @@ fn a_newer_schema_version_is_named_for_every_shape() {
 }
 
 #[test]
+fn a_version_older_than_any_this_code_reads_is_named() {
+    for (stem, name) in [(WORKFLOW_RECORD, "live"), (TENANT_RECORD, "token-only")] {
+        let mut doc = base(stem, name);
+        doc["schema_version"] = json!(0);
+        assert!(
+            matches!(
+                decode_error(stem, &doc),
+                Error::UnsupportedVersion { found: 0, .. }
+            ),
+            "{stem}"
+        );
+    }
+}
+
+#[test]
 fn a_newer_version_is_reported_even_when_its_fields_do_not_decode() {
     let mut doc = base(WORKFLOW_RECORD, "live");
-    doc["schema_version"] = json!(2);
+    let newer = u64::from(current_version(WORKFLOW_RECORD)) + 1;
+    doc["schema_version"] = json!(newer);
     doc["machine"]["state"] = json!("sleeping");
     doc.as_object_mut().expect("object").remove("key");
     assert!(matches!(
         decode_error(WORKFLOW_RECORD, &doc),
-        Error::NewerVersion { found: 2, .. }
+        Error::NewerVersion { found, .. } if found == newer
     ));
 }
 

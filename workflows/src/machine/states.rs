@@ -48,10 +48,13 @@ impl Workflow {
     #[state(superstate = "workflow")]
     fn unprovisioned(&mut self, context: &mut Ctx, event: &Event) -> Outcome<State> {
         match event {
-            Event::Push(push) => {
-                set_release_sha(&mut self.desired, push.repo, push.sha.clone());
-                self.start_run(RunKind::Deploy, &push.event_id, context)
-            }
+            Event::Push(push) => match self.heads.admit(push) {
+                Err(reason) => context.ignore(reason),
+                Ok(()) => {
+                    set_release_sha(&mut self.desired, push.repo, push.sha.clone());
+                    self.start_run(RunKind::Deploy, &push.event_id, context)
+                }
+            },
             Event::Provision { event_id } => self.start_run(RunKind::Deploy, event_id, context),
             _ => Super,
         }
@@ -61,7 +64,10 @@ impl Workflow {
     #[superstate(superstate = "workflow")]
     fn deploying(&mut self, context: &mut Ctx, event: &Event) -> Outcome<State> {
         match event {
-            Event::Push(push) => self.keep_pending(push, context),
+            Event::Push(push) => match self.heads.admit(push) {
+                Err(reason) => context.ignore(reason),
+                Ok(()) => self.keep_pending(push, context),
+            },
             Event::Signal {
                 event_id,
                 signal: Signal::Cancel,
@@ -103,6 +109,9 @@ impl Workflow {
     fn live(&mut self, context: &mut Ctx, event: &Event) -> Outcome<State> {
         match event {
             Event::Push(push) => {
+                if let Err(reason) = self.heads.admit(push) {
+                    return context.ignore(reason);
+                }
                 if release_sha(&self.desired, push.repo) == Some(&push.sha) {
                     return context.ignore(format!("{} {} is already live", push.repo, push.sha));
                 }
@@ -140,10 +149,13 @@ impl Workflow {
                 )),
                 _ => Super,
             },
-            Event::Push(push) => {
-                set_release_sha(&mut self.desired, push.repo, push.sha.clone());
-                self.start_run(RunKind::Deploy, &push.event_id, context)
-            }
+            Event::Push(push) => match self.heads.admit(push) {
+                Err(reason) => context.ignore(reason),
+                Ok(()) => {
+                    set_release_sha(&mut self.desired, push.repo, push.sha.clone());
+                    self.start_run(RunKind::Deploy, &push.event_id, context)
+                }
+            },
             Event::Signal {
                 event_id,
                 signal: Signal::Cancel,
