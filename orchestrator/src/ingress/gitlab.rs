@@ -10,9 +10,13 @@
 
 use serde::Deserialize;
 
+use super::scan::Scanner;
+
 /// The fields of a webhook body the ingress reads; all optional so that a missing one is
-/// reported by name rather than as a parse error.
-#[derive(Debug, Default, Deserialize)]
+/// reported by name rather than as a parse error. Made by the [`Scanner`], which cuts free
+/// text to [`MAX_TEXT_CHARS`] characters (a message to its first line) and keeps the newest 20
+/// commits; `Deserialize` is the reference the scanner is tested against.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Payload {
     /// `push`, `tag_push`, `merge_request`, ...
     pub object_kind: Option<String>,
@@ -41,21 +45,21 @@ pub struct Payload {
 }
 
 /// `project` of a payload.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Project {
     /// The project id.
     pub id: Option<u64>,
 }
 
 /// One entry of `commits`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct Commit {
     /// The commit id.
     #[serde(default)]
     pub id: String,
     /// The first line of the message (newer GitLab versions only).
     pub title: Option<String>,
-    /// The full message.
+    /// The message (its first line, as the scanner keeps it).
     pub message: Option<String>,
 }
 
@@ -65,7 +69,7 @@ pub struct Commit {
 pub const MAX_TEXT_CHARS: usize = 200;
 
 /// `text` cut to [`MAX_TEXT_CHARS`] characters.
-fn cut(text: &str) -> String {
+pub(crate) fn cut(text: &str) -> String {
     text.chars().take(MAX_TEXT_CHARS).collect()
 }
 
@@ -73,19 +77,11 @@ fn cut(text: &str) -> String {
 pub const NO_COMMIT: &str = "0000000000000000000000000000000000000000";
 
 impl Payload {
-    /// Parses a webhook body. The error names the place in the document that is wrong.
+    /// Parses a whole webhook body. The error names the place in the document that is wrong.
     pub fn parse(body: &[u8]) -> Result<Self, String> {
-        let de = &mut serde_json::Deserializer::from_slice(body);
-        let payload: Payload = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            if path == "." || path == "?" {
-                format!("malformed JSON: {inner}")
-            } else {
-                format!("malformed JSON at {path}: {inner}")
-            }
-        })?;
-        Ok(payload)
+        let mut scanner = Scanner::new();
+        scanner.feed(body)?;
+        scanner.finish()
     }
 
     /// The project the hook is about.

@@ -13,16 +13,15 @@
 //! | more failed authentications from the source address than `auth_failure_rate` allows | `429` with `Retry-After`, before anything is read |
 //! | more accepted pushes of the tenant than `push_rate` allows | `429` with `Retry-After`, nothing queued |
 //! | malformed JSON or missing fields | `400` naming what is wrong |
-//! | body over `max_body_bytes` | `413` |
+//! | body over `max_body_bytes` (`tenant_max_body_bytes` at `/hooks/gitlab/{tenant}`) | `413`, before it is read when its `Content-Length` says so |
 //! | queue unavailable | `503` (nothing was accepted; GitLab shows it and can resend) |
 //!
 //! The event id is `gitlab:` and the `Idempotency-Key` header when present (GitLab 17.4+,
 //! stable across its retries and manual resends: a retried delivery is queued once within the
 //! queue's deduplication window and applied once by the workflow's dedup after it), else
 //! `gitlab:` and `X-Gitlab-Event-UUID` (stable across GitLab's automatic retries of one event),
-//! else `push:` and a digest of project, ref and `after` (the same commit pushed to the same
-//! branch of the same project is one event, so a resend without headers is deduplicated too,
-//! and a re-push of the same commit within the window is dropped). A header value too long for
+//! else `push:` and a digest of project, ref, `before` and `after` (the same push sent twice
+//! is one event, so a resend without headers is deduplicated too). A header value too long for
 //! the prefix is replaced by its digest. The prefix keeps what a caller chooses apart from the
 //! ids the system makes (`rearm:`, `signal:`, …), and the queue's deduplication id includes the
 //! workflow key, so one tenant's key never suppresses another tenant's push.
@@ -32,7 +31,9 @@
 
 pub mod gitlab;
 pub mod limits;
+pub mod scan;
 mod server;
+mod signature;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -58,6 +59,8 @@ use crate::ports::{Queue, Store};
 use gitlab::{NO_COMMIT, Payload};
 use limits::Buckets;
 pub use limits::Rate;
+use scan::Scanner;
+use signature::Signature;
 use tracing::Instrument as _;
 
 /// How the ingress runs.
@@ -391,12 +394,19 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
                 ),
             );
         }
-        self.authenticated(source, &tenant, project, headers, &payload, body, now)
+        let signed = match &tenant.webhook.signing_secret {
+            None => Ok(()),
+            Some(secret) => Signature::start(secret, headers, now).and_then(|mut s| {
+                s.update(body);
+                s.verify()
+            }),
+        };
+        self.authenticated(source, &tenant, project, headers, &payload, signed, now)
             .await
     }
 
     /// The rest of a delivery whose token is `tenant`'s (and whose project is one of its
-    /// projects): its signature, if the tenant signs, then what it is.
+    /// projects): the outcome of its signature check, if the tenant signs, then what it is.
     #[allow(clippy::too_many_arguments)]
     async fn authenticated(
         &self,
@@ -405,24 +415,17 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
         project: u64,
         headers: &HeaderMap,
         payload: &Payload,
-        body: &[u8],
+        signed: Result<(), String>,
         now: Timestamp,
     ) -> Answer {
-        if let Some(secret) = &tenant.webhook.signing_secret {
-            let verified = signature_time(headers, now).and_then(|()| {
-                standardwebhooks::Webhook::new(secret)
-                    .map_err(|e| e.to_string())
-                    .and_then(|w| w.verify(body, headers).map_err(|e| e.to_string()))
-            });
-            if let Err(e) = verified {
-                return self.unauthenticated(
-                    source,
-                    format_args!(
-                        "Standard Webhooks signature of project {project} of tenant {}: {e}",
-                        tenant.id
-                    ),
-                );
-            }
+        if let Err(e) = signed {
+            return self.unauthenticated(
+                source,
+                format_args!(
+                    "Standard Webhooks signature of project {project} of tenant {}: {e}",
+                    tenant.id
+                ),
+            );
         }
         let kind = header(headers, "x-gitlab-event").unwrap_or_default();
         let object_kind = payload.object_kind.as_deref().unwrap_or_default();
@@ -475,21 +478,16 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
         Ok(tenant)
     }
 
-    /// Handles a delivery to `/hooks/gitlab/{tenant}` whose headers authenticated `tenant`.
+    /// Handles a delivery to `/hooks/gitlab/{tenant}` whose headers authenticated `tenant`,
+    /// once its body was scanned (and its signature checked, if the tenant signs).
     async fn handle_for(
         &self,
         tenant: &Tenant,
         source: Option<IpAddr>,
         headers: &HeaderMap,
-        body: &[u8],
+        payload: &Payload,
+        signed: Result<(), String>,
     ) -> Answer {
-        let payload = match Payload::parse(body) {
-            Ok(p) => p,
-            Err(e) => {
-                self.log_refusal("malformed", format_args!("tenant {}: {e}", tenant.id));
-                return Answer::error(StatusCode::BAD_REQUEST, e);
-            }
-        };
         let Some(project) = payload.project_id() else {
             return Answer::error(
                 StatusCode::BAD_REQUEST,
@@ -510,7 +508,7 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
             );
         }
         let now = self.clock.now();
-        self.authenticated(source, tenant, project, headers, &payload, body, now)
+        self.authenticated(source, tenant, project, headers, payload, signed, now)
             .await
     }
 
@@ -652,29 +650,6 @@ pub fn event_id(
     EventId::new(format!("push:{}", hex::encode(digest))).map_err(|e| e.to_string())
 }
 
-/// How far a Standard Webhooks `webhook-timestamp` may be from now, either way (the
-/// specification's five minutes).
-const SIGNATURE_TOLERANCE_SECS: i64 = 5 * 60;
-
-/// Checks the `webhook-timestamp` header against `now` before the signature library sees it,
-/// in checked arithmetic: the library subtracts it from its own clock, which overflows (a
-/// panic, or in a release build a wrap that passes) on a timestamp near `i64::MIN`.
-fn signature_time(headers: &HeaderMap, now: workflows::Timestamp) -> Result<(), String> {
-    let Some(text) = header(headers, standardwebhooks::HEADER_WEBHOOK_TIMESTAMP) else {
-        return Err("missing header webhook-timestamp".to_owned());
-    };
-    let ts: i64 = text
-        .parse()
-        .map_err(|_| "webhook-timestamp is not a number of seconds".to_owned())?;
-    let now = now.as_unix_millis() / 1000;
-    match now.checked_sub(ts).and_then(i64::checked_abs) {
-        Some(skew) if skew <= SIGNATURE_TOLERANCE_SECS => Ok(()),
-        _ => Err(format!(
-            "webhook-timestamp {ts} is more than {SIGNATURE_TOLERANCE_SECS} s from now"
-        )),
-    }
-}
-
 /// The prefix of event ids chosen by the sender of a webhook.
 pub const CALLER_PREFIX: &str = "gitlab:";
 
@@ -691,8 +666,10 @@ fn caller_chosen(value: &str) -> Result<EventId, String> {
     EventId::new(format!("{CALLER_PREFIX}sha256:{digest}")).map_err(|e| e.to_string())
 }
 
-/// `POST /hooks/gitlab/{tenant}`: the token is checked from the headers before the body is
-/// read, so the body may be as large as GitLab's largest pushes (`tenant_max_body_bytes`).
+/// `POST /hooks/gitlab/{tenant}`: the token (and a signature's headers) are checked before
+/// the body is read, and the body is scanned as it arrives, keeping only what the event needs:
+/// so it may be as large as GitLab's largest pushes (`tenant_max_body_bytes`) at the cost of
+/// a small one in memory.
 async fn receive_for<S: Store, Q: Queue>(
     State(ingress): State<Arc<Ingress<S, Q>>>,
     Path(tenant): Path<String>,
@@ -710,12 +687,102 @@ async fn receive_for<S: Store, Q: Queue>(
             Ok(t) => t,
             Err(answer) => return answer,
         };
-        match read_body(body, config.tenant_max_body_bytes, config.body_timeout).await {
-            Ok(bytes) => ingress.handle_for(&tenant, source, &headers, &bytes).await,
-            Err(answer) => answer,
-        }
+        let mut signature = match &tenant.webhook.signing_secret {
+            None => None,
+            Some(secret) => match Signature::start(secret, &headers, ingress.clock.now()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    return ingress.unauthenticated(
+                        source,
+                        format_args!("Standard Webhooks signature for tenant {}: {e}", tenant.id),
+                    );
+                }
+            },
+        };
+        let scanned = scan_body(
+            body,
+            config.tenant_max_body_bytes,
+            config.body_timeout,
+            signature.as_mut(),
+        )
+        .await;
+        let payload = match scanned {
+            Ok(p) => p,
+            Err(Refused::Malformed(e)) => {
+                ingress.log_refusal("malformed", format_args!("tenant {}: {e}", tenant.id));
+                return Answer::error(StatusCode::BAD_REQUEST, e);
+            }
+            Err(Refused::Answer(answer)) => return answer,
+        };
+        let signed = signature.map_or(Ok(()), Signature::verify);
+        ingress
+            .handle_for(&tenant, source, &headers, &payload, signed)
+            .await
     };
     traced("/hooks/gitlab/{tenant}", config.request_timeout, handled).await
+}
+
+/// Why a streamed body was not scanned to the end.
+enum Refused {
+    /// It is not a JSON document, or a field is of the wrong type (the message says where).
+    Malformed(String),
+    /// Too large, too slow, or cut off: the answer says so.
+    Answer(Answer),
+}
+
+/// Reads `body` chunk by chunk, up to `limit` bytes within `timeout`, feeding each chunk to
+/// the scanner and to `signature`; a malformed document stops the reading at once. Only the
+/// scanner's kept fields and the current chunk are held.
+async fn scan_body(
+    mut body: axum::body::Body,
+    limit: usize,
+    timeout: Duration,
+    mut signature: Option<&mut Signature>,
+) -> Result<Payload, Refused> {
+    use http_body_util::BodyExt as _;
+    let too_large = || {
+        Refused::Answer(Answer::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {limit} bytes"),
+        ))
+    };
+    if announced_over(&body, limit) {
+        return Err(too_large());
+    }
+    let read = async {
+        let mut scanner = Scanner::new();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                Refused::Answer(Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body could not be read: {e}"),
+                ))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            total = total.saturating_add(data.len());
+            if total > limit {
+                return Err(too_large());
+            }
+            if let Some(s) = signature.as_deref_mut() {
+                s.update(&data);
+            }
+            scanner.feed(&data).map_err(Refused::Malformed)?;
+        }
+        scanner.finish().map_err(Refused::Malformed)
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Err(Refused::Answer(Answer::error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body took longer than {} s to arrive",
+                timeout.as_secs()
+            ),
+        ))),
+    }
 }
 
 /// `handled`'s answer, in the request's span for `route`, or `503` when it takes longer
@@ -746,12 +813,25 @@ async fn traced(
     answer
 }
 
+/// Whether `body` says (by its Content-Length) that it is larger than `limit`: then it is
+/// refused before any of it is read.
+fn announced_over(body: &axum::body::Body, limit: usize) -> bool {
+    let announced = axum::body::HttpBody::size_hint(body).lower();
+    usize::try_from(announced).map_or(true, |n| n > limit)
+}
+
 /// Reads `body` up to `limit` bytes within `timeout`.
 async fn read_body(
     body: axum::body::Body,
     limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, Answer> {
+    if announced_over(&body, limit) {
+        return Err(Answer::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {limit} bytes"),
+        ));
+    }
     let limited = http_body_util::Limited::new(body, limit);
     match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(limited)).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
@@ -792,36 +872,6 @@ async fn receive<S: Store, Q: Queue>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
-
-    fn with_timestamp(value: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(
-            standardwebhooks::HEADER_WEBHOOK_TIMESTAMP,
-            HeaderValue::from_str(value).expect("header"),
-        );
-        h
-    }
-
-    #[test]
-    fn signature_times_far_from_now_are_refused_without_overflow() {
-        let now = workflows::Timestamp::from_unix_millis(1_800_000_000_000);
-        assert!(signature_time(&with_timestamp("1800000000"), now).is_ok());
-        assert!(signature_time(&with_timestamp("1800000300"), now).is_ok());
-        assert!(signature_time(&with_timestamp("1799999700"), now).is_ok());
-        for bad in [
-            "1800000301",
-            "1799999699",
-            &i64::MIN.to_string(),
-            &i64::MAX.to_string(),
-            "-1",
-            "12x",
-            "99999999999999999999999",
-        ] {
-            assert!(signature_time(&with_timestamp(bad), now).is_err(), "{bad}");
-        }
-        assert!(signature_time(&HeaderMap::new(), now).is_err());
-    }
 
     #[test]
     fn caller_chosen_ids_are_namespaced_and_fit() {

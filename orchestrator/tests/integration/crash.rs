@@ -284,9 +284,23 @@ async fn crash<B: Queue + Store>(backend: &B, env: &WorkerEnv, kills: usize, wor
             for q in QueueKind::ALL {
                 report.push(format!("{q}: {:?}", backend.stats(q).await));
             }
-            if let Some(k) = workflows.first() {
+            // The history of every workflow that is not where it should be (else the first).
+            let mut behind = Vec::new();
+            for k in &workflows {
+                let r = backend.workflow(k).await.expect("read");
+                let deployed = r
+                    .as_ref()
+                    .and_then(|r| r.workflow().deployed.as_ref().map(|d| d.release.clone()));
+                if deployed.as_ref() != stream.newest.get(k) {
+                    behind.push(k.clone());
+                }
+            }
+            if behind.is_empty() {
+                behind.extend(workflows.first().cloned());
+            }
+            for k in &behind {
                 let h = backend.history(k, 0, 1000).await.expect("history");
-                for e in h.iter().rev().take(6).rev() {
+                for e in h.iter().rev().take(12).rev() {
                     report.push(format!(
                         "  {k} v{} {:?} {:?} -> {} commands {:?}",
                         e.version,
