@@ -141,13 +141,17 @@ const REFUSAL_LOG_RATE: Rate = Rate {
     burst: 20,
 };
 
+/// Tenants as last read, by how they were looked up, with when: shared by the requests that
+/// use them (no tenant is copied per request), absent ones cached too.
+type TenantCache = Mutex<HashMap<Lookup, (Option<Arc<Tenant>>, Timestamp)>>;
+
 /// The ingress's shared state.
 pub struct Ingress<S, Q> {
     store: Arc<S>,
     queue: Arc<Q>,
     clock: SharedClock,
     config: IngressConfig,
-    tenants: Mutex<HashMap<Lookup, (Option<Tenant>, Timestamp)>>,
+    tenants: TenantCache,
     pushes: Buckets<TenantId>,
     auth_failures: Buckets<IpAddr>,
     refusal_logs: Buckets<&'static str>,
@@ -312,7 +316,7 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
     }
 
     /// The tenant `lookup` names, cached for `tenant_ttl`.
-    async fn tenant(&self, lookup: Lookup) -> Result<Option<Tenant>, crate::ports::Error> {
+    async fn tenant(&self, lookup: Lookup) -> Result<Option<Arc<Tenant>>, crate::ports::Error> {
         let now = self.clock.now();
         if let Ok(cache) = self.tenants.lock()
             && let Some((t, at)) = cache.get(&lookup)
@@ -323,7 +327,8 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
         let tenant = match &lookup {
             Lookup::Project(project) => self.store.tenant_by_project(*project).await?,
             Lookup::Id(id) => self.store.tenant(id).await?,
-        };
+        }
+        .map(Arc::new);
         if let Ok(mut cache) = self.tenants.lock() {
             if cache.len() > 100_000 {
                 cache.clear();
@@ -449,7 +454,7 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
         id: &str,
         source: Option<IpAddr>,
         headers: &HeaderMap,
-    ) -> Result<Tenant, Answer> {
+    ) -> Result<Arc<Tenant>, Answer> {
         self.source_allowed(source)?;
         let Some(token) = header(headers, "x-gitlab-token") else {
             return Err(self.unauthenticated(source, format_args!("no X-Gitlab-Token")));

@@ -247,6 +247,10 @@ pub struct Scanner {
     too_long: bool,
     /// A first line ended at a line feed (so a carriage return before it is not kept).
     line_ended: bool,
+    /// The current string's caps: bytes, characters, and whether only its first line is kept.
+    cap_bytes: usize,
+    cap_chars: usize,
+    cap_first_line: bool,
     /// The current number's text, when it is kept.
     number: Vec<u8>,
     payload: Payload,
@@ -276,6 +280,9 @@ impl Scanner {
             stopped: false,
             too_long: false,
             line_ended: false,
+            cap_bytes: 0,
+            cap_chars: 0,
+            cap_first_line: false,
             number: Vec::new(),
             payload: Payload::default(),
             seen: 0,
@@ -628,6 +635,16 @@ impl Scanner {
         self.stopped = false;
         self.too_long = false;
         self.line_ended = false;
+        (self.cap_bytes, self.cap_chars, self.cap_first_line) = match (key, slot) {
+            (true, _) => (MAX_KEY_BYTES, usize::MAX, false),
+            (false, Slot::Field(f)) => match f.kind() {
+                Kind::Id => (MAX_ID_BYTES, usize::MAX, false),
+                Kind::Text => (usize::MAX, MAX_TEXT_CHARS, false),
+                Kind::FirstLine => (usize::MAX, MAX_TEXT_CHARS, true),
+                Kind::U64 | Kind::Bool => (0, 0, false),
+            },
+            (false, _) => (0, 0, false),
+        };
         self.token = Token::Str {
             key,
             slot,
@@ -638,34 +655,24 @@ impl Scanner {
         };
     }
 
-    /// Keeps one byte of the current string's decoded text, within its field's cap.
-    fn keep(&mut self, key: bool, slot: Slot, b: u8) {
+    /// Keeps one byte of the current string's decoded text, within its caps.
+    fn keep(&mut self, b: u8) {
         if self.stopped {
             return;
         }
-        let (max_bytes, max_chars, first_line) = match (key, slot) {
-            (true, _) => (MAX_KEY_BYTES, usize::MAX, false),
-            (false, Slot::Field(f)) => match f.kind() {
-                Kind::Id => (MAX_ID_BYTES, usize::MAX, false),
-                Kind::Text => (usize::MAX, MAX_TEXT_CHARS, false),
-                Kind::FirstLine => (usize::MAX, MAX_TEXT_CHARS, true),
-                Kind::U64 | Kind::Bool => return,
-            },
-            (false, _) => return,
-        };
-        if first_line && b == b'\n' {
+        if self.cap_first_line && b == b'\n' {
             self.stopped = true;
             self.line_ended = true;
             return;
         }
         if b & 0xC0 != 0x80 {
-            if self.chars == max_chars {
+            if self.chars == self.cap_chars {
                 self.stopped = true;
                 return;
             }
             self.chars += 1;
         }
-        if self.text.len() == max_bytes {
+        if self.text.len() == self.cap_bytes {
             self.stopped = true;
             self.too_long = true;
             return;
@@ -673,10 +680,26 @@ impl Scanner {
         self.text.push(b);
     }
 
-    fn keep_char(&mut self, key: bool, slot: Slot, c: char) {
+    /// Keeps a run of printable ASCII (one character per byte, no line feed), within the caps.
+    fn keep_ascii(&mut self, run: &[u8]) {
+        if self.stopped || run.is_empty() {
+            return;
+        }
+        let room_chars = self.cap_chars - self.chars;
+        let room_bytes = self.cap_bytes - self.text.len();
+        let n = run.len().min(room_chars).min(room_bytes);
+        self.text.extend_from_slice(&run[..n]);
+        self.chars += n;
+        if n < run.len() {
+            self.stopped = true;
+            self.too_long = n == room_bytes && room_bytes < room_chars;
+        }
+    }
+
+    fn keep_char(&mut self, c: char) {
         let mut buf = [0u8; 4];
         for &b in c.encode_utf8(&mut buf).as_bytes() {
-            self.keep(key, slot, b);
+            self.keep(b);
         }
     }
 
@@ -694,10 +717,25 @@ impl Scanner {
         else {
             return Ok(0);
         };
-        let keeping = key || slot != Slot::Skip;
+        let keeping = self.cap_bytes > 0;
         let mut used = 0;
         let mut ended = false;
-        for &b in bytes {
+        while used < bytes.len() {
+            if need == 0 && escape == Escape::None {
+                // The common case, in one pass: printable ASCII up to a quote or backslash.
+                let run = bytes[used..]
+                    .iter()
+                    .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b))
+                    .unwrap_or(bytes.len() - used);
+                if keeping {
+                    self.keep_ascii(&bytes[used..used + run]);
+                }
+                used += run;
+                if used == bytes.len() {
+                    break;
+                }
+            }
+            let b = bytes[used];
             used += 1;
             if need > 0 {
                 if b < lo || b > hi {
@@ -706,7 +744,7 @@ impl Scanner {
                 need -= 1;
                 (lo, hi) = (0x80, 0xBF);
                 if keeping {
-                    self.keep(key, slot, b);
+                    self.keep(b);
                 }
                 continue;
             }
@@ -722,7 +760,7 @@ impl Scanner {
                     }
                     0x20..=0x7F => {
                         if keeping {
-                            self.keep(key, slot, b);
+                            self.keep(b);
                         }
                     }
                     _ => {
@@ -739,11 +777,11 @@ impl Scanner {
                             }
                         };
                         if keeping {
-                            self.keep(key, slot, b);
+                            self.keep(b);
                         }
                     }
                 },
-                other => escape = self.escaped(key, slot, keeping, other, b, used - 1)?,
+                other => escape = self.escaped(keeping, other, b, used - 1)?,
             }
         }
         if !ended {
@@ -770,8 +808,6 @@ impl Scanner {
     /// character is kept, when `keeping`). `at` is the byte's position in the chunk.
     fn escaped(
         &mut self,
-        key: bool,
-        slot: Slot,
         keeping: bool,
         escape: Escape,
         b: u8,
@@ -827,7 +863,7 @@ impl Scanner {
             }
         };
         if keeping {
-            self.keep_char(key, slot, c);
+            self.keep_char(c);
         }
         Ok(Escape::None)
     }

@@ -39,6 +39,8 @@ CREATE TABLE IF NOT EXISTS dedup (
     expires_at INTEGER NOT NULL,
     PRIMARY KEY (queue, dedup_id)
 ) WITHOUT ROWID;
+-- Expired ids are forgotten oldest first; expiry times only grow, so this index is appended to.
+CREATE INDEX IF NOT EXISTS dedup_by_expiry ON dedup (expires_at);
 
 CREATE TABLE IF NOT EXISTS dead_letters (
     id            INTEGER PRIMARY KEY,

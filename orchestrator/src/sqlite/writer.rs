@@ -222,8 +222,11 @@ fn round(conn: &Connection, ops: Vec<Op>, now: i64, config: &SqliteConfig, round
         .map(|op| execute(conn, op, now, config))
         .collect();
     if rounds.is_multiple_of(256) {
-        // Forget expired deduplication ids now and then, not on every round.
-        let _ = conn.execute("DELETE FROM dedup WHERE expires_at <= ?1", [now]);
+        // Forget expired deduplication ids now and then, not on every round (by the expiry
+        // index: the oldest first, never a scan of the window).
+        let _ = conn
+            .prepare_cached("DELETE FROM dedup WHERE expires_at <= ?1")
+            .and_then(|mut s| s.execute([now]));
     }
     let committed = conn.execute_batch("COMMIT").map_err(sql);
     if let Err(e) = &committed {
@@ -244,12 +247,17 @@ fn savepoint<T, E>(
 where
     E: From<Error>,
 {
-    conn.execute_batch(&format!("SAVEPOINT {name}"))
-        .map_err(|e| E::from(sql(e)))?;
+    // Prepared once per name: a round opens one savepoint per request.
+    let run = |statement: &str| {
+        conn.prepare_cached(statement)
+            .and_then(|mut s| s.execute([]))
+            .map(|_| ())
+            .map_err(|e| E::from(sql(e)))
+    };
+    run(&format!("SAVEPOINT {name}"))?;
     match f(conn) {
         Ok(v) => {
-            conn.execute_batch(&format!("RELEASE {name}"))
-                .map_err(|e| E::from(sql(e)))?;
+            run(&format!("RELEASE {name}"))?;
             Ok(v)
         }
         Err(e) => {
@@ -727,21 +735,20 @@ fn insert_message(
         });
     }
     if let Some(dedup) = &m.dedup_id {
-        conn.prepare_cached(
-            "DELETE FROM dedup WHERE queue = ?1 AND dedup_id = ?2 AND expires_at <= ?3",
-        )
-        .map_err(sql)?
-        .execute(params![m.queue.as_str(), dedup, now])
-        .map_err(sql)?;
+        // One statement: a new id is inserted, an expired one renewed, a live one left as it
+        // is (no row changes), which means seen within the window.
         let fresh = conn
             .prepare_cached(
-                "INSERT OR IGNORE INTO dedup (queue, dedup_id, expires_at) VALUES (?1, ?2, ?3)",
+                "INSERT INTO dedup (queue, dedup_id, expires_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (queue, dedup_id) DO UPDATE SET expires_at = excluded.expires_at \
+                 WHERE dedup.expires_at <= ?4",
             )
             .map_err(sql)?
             .execute(params![
                 m.queue.as_str(),
                 dedup,
-                now + millis(config.dedup_window)
+                now + millis(config.dedup_window),
+                now
             ])
             .map_err(sql)?;
         if fresh == 0 {
