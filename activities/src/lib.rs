@@ -20,6 +20,7 @@ use std::time::Duration;
 use workflows::{Domain, RetryPolicy, StepKind, StepOutput, StepTask, WorkflowKey};
 
 #[cfg(feature = "aws")]
+pub mod app_env;
 pub mod aws;
 pub mod clock;
 pub mod gate;

@@ -139,6 +139,7 @@ async fn create(
         .db_instance_class(&infra.db_instance_class)
         .allocated_storage(infra.db_allocated_storage_gib)
         .master_username("admin")
+        .db_name(crate::app_env::DATABASE_NAME)
         .manage_master_user_password(true)
         .set_master_user_secret_kms_key_id(infra.kms_key_id.clone())
         .storage_encrypted(true)

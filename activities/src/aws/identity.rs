@@ -1,10 +1,11 @@
 //! The environment's instance identity: an IAM role and an instance profile `<t>-<e>` under
-//! the path [`IAM_PATH`], made by the `network` step and deleted by `decommission`.
+//! the path [`IAM_PATH`], made by the `network` step and deleted by `decommission`. Its policy
+//! reads the environment's artifacts and, once it has one, the environment's database secret.
 //!
 //! Builders run the tenant's provisioning scripts and instances run the tenant's app, so what
 //! their credentials allow is what tenant code (or an SSRF in a tenant app) can do. The role of
 //! one environment may only read that environment's artifacts (`<tenant>/<env>/…` of the
-//! artifact bucket); no two environments share a role, and the instances require IMDSv2 with a
+//! artifact bucket) and its own database's master-user secret; no two environments share a role, and the instances require IMDSv2 with a
 //! hop limit of 1 (see the launch settings in `image` and `rollout`), so a container or a
 //! forwarded request on the instance cannot reach the credentials either.
 //!
@@ -21,26 +22,33 @@ use super::{AwsCloud, Error, Names, ownership, tags};
 /// permissions can be limited to them (`arn:aws:iam::<account>:role/tenant-host/*`).
 pub const IAM_PATH: &str = "/tenant-host/";
 
-/// The name of the role's inline policy.
+/// The name of the role's inline policy (named when it held only the artifacts; kept so that
+/// the next write replaces the policy of roles made before).
 const POLICY_NAME: &str = "environment-artifacts";
 
 /// EC2 may assume the role (for instances launched with the profile).
 const TRUST_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
 
-/// The inline policy of `names`' role: read the environment's artifacts in `bucket`, nothing
-/// else. `partition` is that of the account (`aws`, `aws-cn`, `aws-us-gov`).
-pub(super) fn policy(names: &Names, partition: &str, bucket: &str) -> String {
+/// The inline policy of `names`' role: read the environment's artifacts in `bucket` and, once
+/// the environment has a database, its master-user secret (`secret`, from the database step's
+/// output), nothing else. `partition` is that of the account (`aws`, `aws-cn`, `aws-us-gov`).
+pub(super) fn policy(names: &Names, partition: &str, bucket: &str, secret: Option<&str>) -> String {
     let prefix = names.artifact_prefix();
-    serde_json::json!({
-        "Version": "2012-10-17",
-        "Statement": [{
-            "Sid": "ReadTheEnvironmentsArtifacts",
+    let mut statements = vec![serde_json::json!({
+        "Sid": "ReadTheEnvironmentsArtifacts",
+        "Effect": "Allow",
+        "Action": "s3:GetObject",
+        "Resource": format!("arn:{partition}:s3:::{bucket}/{prefix}*"),
+    })];
+    if let Some(secret) = secret {
+        statements.push(serde_json::json!({
+            "Sid": "ReadTheEnvironmentsDatabaseSecret",
             "Effect": "Allow",
-            "Action": "s3:GetObject",
-            "Resource": format!("arn:{partition}:s3:::{bucket}/{prefix}*"),
-        }],
-    })
-    .to_string()
+            "Action": ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"],
+            "Resource": secret,
+        }));
+    }
+    serde_json::json!({ "Version": "2012-10-17", "Statement": statements }).to_string()
 }
 
 /// The partition of the account, from an ARN of the shared infrastructure.
@@ -91,11 +99,15 @@ async fn profile(cloud: &AwsCloud, name: &str) -> Result<Option<InstanceProfile>
     }
 }
 
-/// Makes (or finds) the environment's role, its policy and its instance profile.
+/// Makes (or finds) the environment's role, its policy and its instance profile. The policy
+/// names the database secret of `resources` when there is one: every step that writes it
+/// passes what it was dispatched with, so a later image build does not take the secret away
+/// from instances that serve.
 pub(super) async fn ensure(
     cloud: &AwsCloud,
     names: &Names,
     run: workflows::RunId,
+    resources: &workflows::Resources,
 ) -> Result<(), Error> {
     let name = names.instance_role();
     let iam = &cloud.clients.iam;
@@ -118,7 +130,13 @@ pub(super) async fn ensure(
             Err(e) => return Err(classify("iam:CreateRole", &name, &e)),
         }
     }
-    let document = policy(names, partition(cloud), &cloud.infra.artifact_bucket);
+    let secret = resources.database.as_ref().map(|d| d.secret_arn.as_str());
+    let document = policy(
+        names,
+        partition(cloud),
+        &cloud.infra.artifact_bucket,
+        secret,
+    );
     iam.put_role_policy()
         .role_name(&name)
         .policy_name(POLICY_NAME)
@@ -237,19 +255,48 @@ mod tests {
     #[test]
     fn a_policy_reads_only_its_environments_artifacts() {
         let names = |t: &str, e| Names::new(&WorkflowKey::new(TenantId::new(t).expect("id"), e));
-        let acme = policy(&names("acme", Environment::Dev), "aws", "bucket");
+        let acme = policy(&names("acme", Environment::Dev), "aws", "bucket", None);
         let v: serde_json::Value = serde_json::from_str(&acme).expect("json");
         let statements = v["Statement"].as_array().expect("statements");
         assert_eq!(statements.len(), 1);
         assert_eq!(statements[0]["Action"], "s3:GetObject");
         assert_eq!(statements[0]["Resource"], "arn:aws:s3:::bucket/acme/dev/*");
-        let prod = policy(&names("acme", Environment::Production), "aws-cn", "bucket");
+        let prod = policy(
+            &names("acme", Environment::Production),
+            "aws-cn",
+            "bucket",
+            None,
+        );
         assert!(
             prod.contains("arn:aws-cn:s3:::bucket/acme/production/*"),
             "{prod}"
         );
         // A tenant whose id starts like another's cannot read the other's prefix.
-        let short = policy(&names("acm", Environment::Dev), "aws", "bucket");
+        let short = policy(&names("acm", Environment::Dev), "aws", "bucket", None);
         assert!(short.contains("bucket/acm/dev/*"), "{short}");
+    }
+
+    #[test]
+    fn once_there_is_a_database_the_policy_reads_its_secret_and_no_other() {
+        let names = Names::new(&WorkflowKey::new(
+            TenantId::new("acme").expect("id"),
+            Environment::Staging,
+        ));
+        let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:rds!db-acme-AbC123";
+        let doc = policy(&names, "aws", "bucket", Some(arn));
+        let v: serde_json::Value = serde_json::from_str(&doc).expect("json");
+        let statements = v["Statement"].as_array().expect("statements");
+        assert_eq!(statements.len(), 2);
+        assert_eq!(
+            statements[1]["Resource"], arn,
+            "exactly this secret, no wildcard"
+        );
+        assert_eq!(
+            statements[1]["Action"],
+            serde_json::json!([
+                "secretsmanager:GetSecretValue",
+                "secretsmanager:DescribeSecret"
+            ])
+        );
     }
 }

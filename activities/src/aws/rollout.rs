@@ -183,13 +183,23 @@ pub(super) async fn managed_groups(
         .collect())
 }
 
-/// The app install user data: fetch the app artifact, unpack it, run its `install.sh`.
-pub(super) fn app_user_data(bucket: &str, key: Option<&str>) -> String {
-    let mut script = String::from(
+/// The app instance's user data: write the environment file (`app_env`, base64 in the script
+/// so that no value can end it early), then fetch the app artifact, unpack it and run its
+/// `install.sh` with the file's variables exported.
+pub(super) fn app_user_data(bucket: &str, key: Option<&str>, env_file: &str) -> String {
+    use crate::app_env::{APP_USER, ENV_FILE};
+    let encoded = base64::engine::general_purpose::STANDARD.encode(env_file);
+    let mut script = format!(
         "#!/bin/bash\n\
-         # Written by the tenant-host orchestrator: installs the application release.\n\
+         # Written by the tenant-host orchestrator: the environment file, then the release.\n\
          set -euo pipefail\n\
-         exec >/var/log/tenant-app-install.log 2>&1\n",
+         exec >/var/log/tenant-app-install.log 2>&1\n\
+         id -u {APP_USER} >/dev/null 2>&1 || useradd --system --user-group --no-create-home --shell /sbin/nologin {APP_USER}\n\
+         install -d -m 0755 \"$(dirname {ENV_FILE})\"\n\
+         (umask 077; echo '{encoded}' | base64 -d > {ENV_FILE})\n\
+         chown {APP_USER}:{APP_USER} {ENV_FILE}\n\
+         chmod 0600 {ENV_FILE}\n\
+         set -a; . {ENV_FILE}; set +a\n"
     );
     if let Some(key) = key {
         script.push_str(&format!(
@@ -217,7 +227,13 @@ async fn ensure_template(
     }
     // The environment's profile, made here too for environments whose network step ran
     // before there were per-environment roles.
-    identity::ensure(cloud, names, invocation.task.run).await?;
+    identity::ensure(
+        cloud,
+        names,
+        invocation.task.run,
+        &invocation.task.resources,
+    )
+    .await?;
     let app_key = match &invocation.task.release.app {
         Some(sha) => {
             let recorded = invocation.task.resources.app_source.as_ref();
@@ -316,7 +332,18 @@ fn template_data(
     let network = task.resources.network.as_ref().ok_or_else(|| {
         Error::Terminal("the rollout needs the network step's security group".to_owned())
     })?;
-    let user_data = app_user_data(&cloud.infra.artifact_bucket, app_key);
+    let region = cloud
+        .infra
+        .listener_arn
+        .split(':')
+        .nth(3)
+        .filter(|r| !r.is_empty());
+    let env_file = crate::app_env::render(&crate::app_env::variables(
+        names.key(),
+        &task.resources,
+        region,
+    ));
+    let user_data = app_user_data(&cloud.infra.artifact_bucket, app_key, &env_file);
     let group = names.group(task.run);
     Ok(RequestLaunchTemplateData::builder()
         .image_id(image_id)
@@ -533,5 +560,28 @@ pub(super) async fn delete_group(cloud: &AwsCloud, name: &str) -> Result<(), Err
         Ok(_) => Ok(()),
         Err(e) if is_gone(code(&e)) || code(&e) == Some("ScalingActivityInProgress") => Ok(()),
         Err(e) => Err(classify("autoscaling:DeleteAutoScalingGroup", name, &e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_file_is_written_private_and_sourced_before_install() {
+        let env_file = "DB_SECRET_ARN='arn:aws:secretsmanager:eu-west-1:1:secret:x'\n";
+        let script = app_user_data("bucket", Some("acme/dev/app/1.tar.gz"), env_file);
+        let encoded = base64::engine::general_purpose::STANDARD.encode(env_file);
+        let at = |needle: &str| {
+            script
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle} in\n{script}"))
+        };
+        assert!(at(&encoded) < at("chmod 0600 /etc/tenant/app.env"));
+        assert!(at("chown app:app /etc/tenant/app.env") < at("set -a; . /etc/tenant/app.env"));
+        assert!(at("set -a; . /etc/tenant/app.env") < at("./install.sh"));
+        // Without an app release the file is still written.
+        let bare = app_user_data("bucket", None, env_file);
+        assert!(bare.contains(&encoded) && !bare.contains("install.sh"));
     }
 }

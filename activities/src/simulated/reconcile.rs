@@ -136,6 +136,10 @@ struct GroupAttrs {
     release: Release,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     target_group_arn: Option<String>,
+    /// The environment file its instances are given (`crate::app_env`); empty for groups
+    /// of a simulation file from before there was one.
+    #[serde(default)]
+    env_file: String,
 }
 
 /// Runs the reconciler of `cx.task.step` once.
@@ -476,6 +480,11 @@ fn rollout(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
                     .routing
                     .as_ref()
                     .map(|r| r.target_group_arn.clone()),
+                env_file: crate::app_env::render(&crate::app_env::variables(
+                    cx.key,
+                    &cx.task.resources,
+                    None,
+                )),
             };
             let row = store::create(
                 conn,

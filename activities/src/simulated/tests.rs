@@ -1227,3 +1227,34 @@ async fn abandoning_fails_retryably_under_faults_and_ignores_other_steps() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_group_records_the_environment_file_its_instances_get() {
+    let s = sim(SimConfig::instant());
+    let key = staging();
+    let resources = Resources {
+        database: Some(workflows::DatabaseOutput {
+            instance_id: "acme-staging".into(),
+            endpoint: "db.sim:3306".into(),
+            secret_arn: "arn:sim:secretsmanager:acme-staging".into(),
+        }),
+        ..Resources::default()
+    };
+    let rollout = task(StepKind::Rollout, 1, release(None, Some(1)), resources);
+    s.until_done(&key, &rollout).await;
+    let group = s
+        .cloud
+        .resources_of(&key)
+        .expect("resources")
+        .into_iter()
+        .find(|r| r.kind == ResourceKind::AutoScalingGroup)
+        .expect("the group");
+    let env_file = group.attributes["env_file"].as_str().expect("env_file");
+    for line in [
+        "TENANT_ENV='staging'",
+        "DB_HOST='db.sim'",
+        "DB_SECRET_ARN='arn:sim:secretsmanager:acme-staging'",
+    ] {
+        assert!(env_file.lines().any(|l| l == line), "{line} in {env_file}");
+    }
+}

@@ -366,7 +366,8 @@ async fn same_named_resources_of_someone_else_are_refused_and_left_alone() {
 }
 
 /// Each environment's instances run with an IAM role of their own that reads only the
-/// environment's artifacts, require IMDSv2 with one hop, and lose the role when decommissioned.
+/// environment's artifacts and database secret, are told where that database is and which
+/// secret it is, require IMDSv2 with one hop, and lose the role when decommissioned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_environment_has_a_role_of_its_own() {
     let s = Sandbox::new().await;
@@ -386,9 +387,31 @@ async fn each_environment_has_a_role_of_its_own() {
         let Outcome::Done(StepOutput::Routing(routing)) = routing else {
             panic!("{tenant}'s routing: {routing:?}");
         };
+        // The database, as the database step makes it (moto has it available at once or
+        // after a recheck).
+        let with_network = Resources {
+            network: Some(network.clone()),
+            ..Resources::default()
+        };
+        let mut database = None;
+        for _ in 0..5 {
+            match s
+                .invoke(tenant, &domain, StepKind::Database, 1, with_network.clone())
+                .await
+            {
+                Outcome::Done(StepOutput::Database(d)) => {
+                    database = Some(d);
+                    break;
+                }
+                Outcome::Progress { .. } => {}
+                other => panic!("{tenant}'s database: {other:?}"),
+            }
+        }
+        let database = database.expect("the database is available");
         let resources = Resources {
             network: Some(network),
             routing: Some(routing),
+            database: Some(database.clone()),
             ..Resources::default()
         };
         let rollout = s
@@ -422,7 +445,7 @@ async fn each_environment_has_a_role_of_its_own() {
             document.contains(&format!("{}/{tenant}/dev/*", s.infra.artifact_bucket)),
             "{document}"
         );
-        policies.push((tenant, document));
+        assert!(document.contains(&database.secret_arn), "{document}");
 
         let versions = s
             .clients
@@ -442,12 +465,50 @@ async fn each_environment_has_a_role_of_its_own() {
         let metadata = data.metadata_options().expect("metadata options");
         assert_eq!(metadata.http_tokens().map(|t| t.as_str()), Some("required"));
         assert_eq!(metadata.http_put_response_hop_limit(), Some(1));
+
+        // The instances are told where their database is, and which secret holds its
+        // credentials, in the environment file their user data writes.
+        let script = decode_base64(data.user_data().expect("user data"));
+        let env_file = script
+            .split_whitespace()
+            .filter_map(|word| word.strip_prefix('\'').and_then(|w| w.strip_suffix('\'')))
+            .map(decode_base64)
+            .find(|text| text.contains("DB_SECRET_ARN="))
+            .unwrap_or_else(|| panic!("no environment file in\n{script}"));
+        let (host, port) = database.endpoint.rsplit_once(':').expect("host:port");
+        for line in [
+            format!("TENANT_ID='{tenant}'"),
+            format!("DB_HOST='{host}'"),
+            format!("DB_PORT='{port}'"),
+            "DB_NAME='app'".to_owned(),
+            format!("DB_SECRET_ARN='{}'", database.secret_arn),
+        ] {
+            assert!(env_file.lines().any(|l| l == line), "{line} in\n{env_file}");
+        }
+        policies.push((tenant, document, env_file, database.secret_arn));
     }
-    let (acme, globex) = (&policies[0].1, &policies[1].1);
+    let (acme, globex) = (&policies[0], &policies[1]);
+    assert_ne!(acme.3, globex.3, "each environment has its own secret");
     assert!(
-        !acme.contains("globex") && !globex.contains("acme/"),
-        "{acme}\n{globex}"
+        !acme.1.contains("globex") && !globex.1.contains("acme/"),
+        "{}\n{}",
+        acme.1,
+        globex.1
     );
+    for (mine, other) in [(acme, globex), (globex, acme)] {
+        assert!(
+            !mine.1.contains(&other.3),
+            "{}'s policy names {}'s secret",
+            mine.0,
+            other.0
+        );
+        assert!(
+            !mine.2.contains(&other.3),
+            "{}'s instances are told {}'s secret",
+            mine.0,
+            other.0
+        );
+    }
 
     s.decommission("acme", "acme.example").await;
     let gone = iam.get_role().role_name("acme-dev-instances").send().await;
@@ -477,4 +538,13 @@ fn urlencoding_free(document: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Standard base64 `text` decoded, as UTF-8.
+fn decode_base64(text: &str) -> String {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap_or_else(|e| panic!("{text:?} is not base64: {e}"));
+    String::from_utf8(bytes).expect("UTF-8")
 }
