@@ -54,7 +54,16 @@ pub struct Invocation<'a> {
     pub domain: &'a Domain,
     /// The step message: run, step, attempt, release, resources.
     pub task: &'a StepTask,
+    /// The environment's config vars as the tenant record holds them now (the rollout gives
+    /// them to the app; [`NO_CONFIG`] when there are none).
+    pub config: &'a workflows::EnvConfig,
 }
+
+/// An environment that has no config vars.
+pub static NO_CONFIG: workflows::EnvConfig = workflows::EnvConfig {
+    version: 0,
+    vars: std::collections::BTreeMap::new(),
+};
 
 /// The reconcilers of every activity kind.
 pub trait Activities: Send + Sync + 'static {

@@ -113,6 +113,7 @@ struct Job {
     key: WorkflowKey,
     domain: Domain,
     task: StepTask,
+    env_config: workflows::EnvConfig,
 }
 
 /// A fault drawn for one invocation.
@@ -254,6 +255,7 @@ impl SimulatedCloud {
             key: invocation.key.clone(),
             domain: invocation.domain.clone(),
             task: invocation.task.clone(),
+            env_config: invocation.config.clone(),
         };
         let inner = Arc::clone(&self.inner);
         let span = tracing::Span::current();
@@ -351,6 +353,7 @@ impl Inner {
                 task: &job.task,
                 now_ms: self.clock.now().as_unix_millis(),
                 config: &self.config,
+                env_config: &job.env_config,
             };
             let result = conn
                 .execute_batch("SAVEPOINT invocation")

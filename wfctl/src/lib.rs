@@ -10,6 +10,7 @@
 //! the backend cannot be reached.
 
 pub mod backend;
+pub mod config;
 pub mod dlq;
 pub mod error;
 pub mod output;

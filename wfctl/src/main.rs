@@ -9,6 +9,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 use orchestrator::clock::{Clock, SystemClock};
 use orchestrator::config::Backend;
 use orchestrator::ports::{Queue, QueueKind, Store};
+use wfctl::config::Change;
 use wfctl::dlq::{self, Selection};
 use wfctl::output::{Format, Printer, color_enabled};
 use wfctl::signal::SignalRequest;
@@ -17,7 +18,7 @@ use wfctl::workflow::{HistoryRequest, ListRequest};
 use wfctl::{BackendArgs, EXIT_FAILED, EXIT_OK, Error, open_backend, parse_state};
 #[cfg(feature = "aws")]
 use wfctl::{connect_aws_queue, connect_aws_store};
-use workflows::{Domain, Environment, Signal, State, StepKind, TenantId};
+use workflows::{ConfigValue, Domain, Environment, Signal, State, StepKind, TenantId};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -87,6 +88,10 @@ enum Command {
     /// Register tenants, show them, and rotate or set their webhook secrets.
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// Set, unset or list an environment's config vars, which its app is given in
+    /// /etc/tenant/app.env.
+    #[command(subcommand, after_long_help = CONFIG_HELP)]
+    Config(ConfigCommand),
     /// List workflows (one per tenant and environment) with their state.
     #[command(after_long_help = LIST_JSON)]
     List(ListArgs),
@@ -121,6 +126,69 @@ enum Command {
     #[command(after_long_help = SLOTS_JSON)]
     Slots(SlotsArgs),
 }
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Set config vars: NAME=VALUE, and --secret NAME=ARN for a value kept in Secrets Manager.
+    #[command(group(ArgGroup::new("vars").required(true).multiple(true).args(["values", "secrets"])))]
+    Set(ConfigSetArgs),
+    /// Remove config vars (removing one that is not set is no error).
+    Unset(ConfigUnsetArgs),
+    /// Print an environment's config vars: NAME=VALUE lines, a secret as its ARN.
+    List(ConfigListArgs),
+}
+
+#[derive(Debug, Args)]
+struct ConfigSetArgs {
+    /// The tenant.
+    tenant: TenantId,
+    /// The environment: dev, staging or production.
+    #[arg(long)]
+    env: Environment,
+    /// Vars to set, each NAME=VALUE (the value may be empty and may hold '=').
+    #[arg(value_name = "NAME=VALUE", value_parser = wfctl::config::parse_assignment)]
+    values: Vec<(String, String)>,
+    /// A var whose value is the Secrets Manager secret ARN: the instance reads the secret when
+    /// it starts, with the environment's role; the orchestrator never sees the value.
+    #[arg(long = "secret", value_name = "NAME=ARN", value_parser = wfctl::config::parse_assignment)]
+    secrets: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+struct ConfigUnsetArgs {
+    /// The tenant.
+    tenant: TenantId,
+    /// The environment: dev, staging or production.
+    #[arg(long)]
+    env: Environment,
+    /// The vars to remove.
+    #[arg(value_name = "NAME", required = true)]
+    names: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct ConfigListArgs {
+    /// The tenant.
+    tenant: TenantId,
+    /// The environment: dev, staging or production.
+    #[arg(long)]
+    env: Environment,
+}
+
+const CONFIG_HELP: &str = "\
+Config vars are kept with the tenant, per environment, and versioned: every change makes a new
+version. They are written, with what the platform sets (TENANT_ID, TENANT_ENV, APP_HOST,
+AWS_REGION, DB_HOST, DB_PORT, DB_NAME, DB_SECRET_ARN, names a var cannot take), to
+/etc/tenant/app.env on every instance of the environment's next rollout (a push, or `wfctl
+redeploy`): running instances keep what they started with. A NAME is an environment variable
+name (letters, digits and '_', not starting with a digit); a value is at most 4096 bytes. A var
+set with --secret holds a Secrets Manager secret ARN: the instance reads the secret's value when
+it starts, and the environment's role may read exactly the secrets its vars name.
+
+JSON output (-o json): an object
+  tenant, env
+  version   the config's version (0: never set)
+  vars      NAME: {\"value\": ...} or {\"secret_arn\": ...}";
 
 #[derive(Debug, Args)]
 struct SlotsArgs {
@@ -671,6 +739,26 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
             } else {
                 wfctl::tenant::remove_signing_secret(store, &a.id, p).await
             }
+        }
+        Command::Config(ConfigCommand::Set(a)) => {
+            let vars = a
+                .values
+                .iter()
+                .map(|(n, v)| (n.clone(), ConfigValue::Value(v.clone())))
+                .chain(
+                    a.secrets
+                        .iter()
+                        .map(|(n, arn)| (n.clone(), ConfigValue::SecretArn(arn.clone()))),
+                )
+                .collect();
+            wfctl::config::change(store, &a.tenant, a.env, &Change::Set(vars), p).await
+        }
+        Command::Config(ConfigCommand::Unset(a)) => {
+            let change = Change::Unset(a.names.clone());
+            wfctl::config::change(store, &a.tenant, a.env, &change, p).await
+        }
+        Command::Config(ConfigCommand::List(a)) => {
+            wfctl::config::list(store, &a.tenant, a.env, p).await
         }
         Command::List(a) => {
             let req = ListRequest {

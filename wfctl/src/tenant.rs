@@ -139,6 +139,7 @@ pub async fn add<S: Store>(store: &S, req: &AddRequest, p: &mut Printer<'_>) -> 
             previous_valid_until: None,
             signing_secret: None,
         },
+        config: std::collections::BTreeMap::new(),
         created_at: now,
         updated_at: now,
     };

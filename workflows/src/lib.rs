@@ -11,6 +11,7 @@
 
 pub mod codec;
 pub mod command;
+pub mod config;
 pub mod envelope;
 pub mod event;
 pub mod history;
@@ -27,6 +28,7 @@ pub mod time;
 
 pub use codec::{Persisted, decode, encode};
 pub use command::{Command, StepTask};
+pub use config::{ConfigValue, EnvConfig};
 pub use envelope::{Body, Envelope};
 pub use event::{Event, Push, RepoKind, Signal, StepOutcome, StepReport, TimerFired};
 pub use history::HistoryEntry;

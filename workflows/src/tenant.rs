@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::Persisted;
+use crate::config::EnvConfig;
 use crate::event::RepoKind;
 use crate::id::{Domain, Environment, TenantId};
 use crate::machine::Settings;
@@ -65,6 +66,9 @@ pub struct Tenant {
     pub production_approval: bool,
     /// Webhook authentication.
     pub webhook: WebhookAuth,
+    /// Each environment's config vars (absent: none; not in records of schema version 1).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<Environment, EnvConfig>,
     /// When it was registered.
     pub created_at: Timestamp,
     /// When it last changed.
@@ -73,7 +77,9 @@ pub struct Tenant {
 
 impl Persisted for Tenant {
     const KIND: &'static str = "tenant record";
-    const SCHEMA_VERSION: u32 = 1;
+    /// Version 2: each environment's config vars (`config`).
+    const SCHEMA_VERSION: u32 = 2;
+    const OLDEST_SCHEMA_VERSION: u32 = 1;
     fn schema_version(&self) -> u32 {
         self.schema_version
     }
@@ -107,6 +113,7 @@ impl Tenant {
                 previous_valid_until: None,
                 signing_secret: None,
             },
+            config: BTreeMap::new(),
             created_at: now,
             updated_at: now,
         }
@@ -123,6 +130,11 @@ impl Tenant {
         .into_iter()
         .map(|(b, e)| (b.to_owned(), e))
         .collect()
+    }
+
+    /// The config vars of `env` (an empty, version 0 config when it has none).
+    pub fn config_of(&self, env: Environment) -> EnvConfig {
+        self.config.get(&env).cloned().unwrap_or_default()
     }
 
     /// The environment a push to `git_ref` deploys, if the branch is mapped. Tags and other

@@ -29,10 +29,11 @@ const POLICY_NAME: &str = "environment-artifacts";
 /// EC2 may assume the role (for instances launched with the profile).
 const TRUST_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
 
-/// The inline policy of `names`' role: read the environment's artifacts in `bucket` and, once
-/// the environment has a database, its master-user secret (`secret`, from the database step's
-/// output), nothing else. `partition` is that of the account (`aws`, `aws-cn`, `aws-us-gov`).
-pub(super) fn policy(names: &Names, partition: &str, bucket: &str, secret: Option<&str>) -> String {
+/// The inline policy of `names`' role: read the environment's artifacts in `bucket` and the
+/// `secrets` its instances need (the database's master-user secret once there is one, and the
+/// secrets its config vars reference), nothing else. `partition` is that of the account
+/// (`aws`, `aws-cn`, `aws-us-gov`).
+pub(super) fn policy(names: &Names, partition: &str, bucket: &str, secrets: &[&str]) -> String {
     let prefix = names.artifact_prefix();
     let mut statements = vec![serde_json::json!({
         "Sid": "ReadTheEnvironmentsArtifacts",
@@ -40,12 +41,12 @@ pub(super) fn policy(names: &Names, partition: &str, bucket: &str, secret: Optio
         "Action": "s3:GetObject",
         "Resource": format!("arn:{partition}:s3:::{bucket}/{prefix}*"),
     })];
-    if let Some(secret) = secret {
+    if !secrets.is_empty() {
         statements.push(serde_json::json!({
-            "Sid": "ReadTheEnvironmentsDatabaseSecret",
+            "Sid": "ReadTheEnvironmentsSecrets",
             "Effect": "Allow",
             "Action": ["secretsmanager:GetSecretValue", "secretsmanager:DescribeSecret"],
-            "Resource": secret,
+            "Resource": secrets,
         }));
     }
     serde_json::json!({ "Version": "2012-10-17", "Statement": statements }).to_string()
@@ -100,14 +101,15 @@ async fn profile(cloud: &AwsCloud, name: &str) -> Result<Option<InstanceProfile>
 }
 
 /// Makes (or finds) the environment's role, its policy and its instance profile. The policy
-/// names the database secret of `resources` when there is one: every step that writes it
-/// passes what it was dispatched with, so a later image build does not take the secret away
-/// from instances that serve.
+/// names the database secret of `resources` when there is one, and the secrets `config`
+/// references: every step that writes it passes what it was dispatched with, so a later image
+/// build does not take a secret away from instances that serve.
 pub(super) async fn ensure(
     cloud: &AwsCloud,
     names: &Names,
     run: workflows::RunId,
     resources: &workflows::Resources,
+    config: &workflows::EnvConfig,
 ) -> Result<(), Error> {
     let name = names.instance_role();
     let iam = &cloud.clients.iam;
@@ -130,12 +132,20 @@ pub(super) async fn ensure(
             Err(e) => return Err(classify("iam:CreateRole", &name, &e)),
         }
     }
-    let secret = resources.database.as_ref().map(|d| d.secret_arn.as_str());
+    let mut secrets: Vec<&str> = resources
+        .database
+        .as_ref()
+        .map(|d| d.secret_arn.as_str())
+        .into_iter()
+        .chain(config.secret_arns())
+        .collect();
+    secrets.sort_unstable();
+    secrets.dedup();
     let document = policy(
         names,
         partition(cloud),
         &cloud.infra.artifact_bucket,
-        secret,
+        &secrets,
     );
     iam.put_role_policy()
         .role_name(&name)
@@ -255,7 +265,7 @@ mod tests {
     #[test]
     fn a_policy_reads_only_its_environments_artifacts() {
         let names = |t: &str, e| Names::new(&WorkflowKey::new(TenantId::new(t).expect("id"), e));
-        let acme = policy(&names("acme", Environment::Dev), "aws", "bucket", None);
+        let acme = policy(&names("acme", Environment::Dev), "aws", "bucket", &[]);
         let v: serde_json::Value = serde_json::from_str(&acme).expect("json");
         let statements = v["Statement"].as_array().expect("statements");
         assert_eq!(statements.len(), 1);
@@ -265,30 +275,31 @@ mod tests {
             &names("acme", Environment::Production),
             "aws-cn",
             "bucket",
-            None,
+            &[],
         );
         assert!(
             prod.contains("arn:aws-cn:s3:::bucket/acme/production/*"),
             "{prod}"
         );
         // A tenant whose id starts like another's cannot read the other's prefix.
-        let short = policy(&names("acm", Environment::Dev), "aws", "bucket", None);
+        let short = policy(&names("acm", Environment::Dev), "aws", "bucket", &[]);
         assert!(short.contains("bucket/acm/dev/*"), "{short}");
     }
 
     #[test]
-    fn once_there_is_a_database_the_policy_reads_its_secret_and_no_other() {
+    fn the_policy_reads_exactly_the_secrets_it_is_given() {
         let names = Names::new(&WorkflowKey::new(
             TenantId::new("acme").expect("id"),
             Environment::Staging,
         ));
         let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:rds!db-acme-AbC123";
-        let doc = policy(&names, "aws", "bucket", Some(arn));
+        let doc = policy(&names, "aws", "bucket", &[arn]);
         let v: serde_json::Value = serde_json::from_str(&doc).expect("json");
         let statements = v["Statement"].as_array().expect("statements");
         assert_eq!(statements.len(), 2);
         assert_eq!(
-            statements[1]["Resource"], arn,
+            statements[1]["Resource"],
+            serde_json::json!([arn]),
             "exactly this secret, no wildcard"
         );
         assert_eq!(

@@ -243,6 +243,7 @@ async fn launch_builder(
         names,
         invocation.task.run,
         &invocation.task.resources,
+        invocation.config,
     )
     .await?;
     let recorded = invocation.task.resources.infra_source.as_ref();
@@ -430,6 +431,7 @@ mod tests {
                     key: &key,
                     domain: &domain,
                     task,
+                    config: &crate::NO_CONFIG,
                 },
                 &sha,
             )

@@ -186,9 +186,15 @@ pub(super) async fn managed_groups(
 /// The app instance's user data: write the environment file (`app_env`, base64 in the script
 /// so that no value can end it early), then fetch the app artifact, unpack it and run its
 /// `install.sh` with the file's variables exported.
-pub(super) fn app_user_data(bucket: &str, key: Option<&str>, env_file: &str) -> String {
-    use crate::app_env::{APP_USER, ENV_FILE};
+pub(super) fn app_user_data(
+    bucket: &str,
+    key: Option<&str>,
+    env_file: &str,
+    secrets: &[(&str, &str)],
+) -> String {
+    use crate::app_env::{APP_USER, ENV_FILE, secret_script};
     let encoded = base64::engine::general_purpose::STANDARD.encode(env_file);
+    let resolved = secret_script(secrets, ENV_FILE);
     let mut script = format!(
         "#!/bin/bash\n\
          # Written by the tenant-host orchestrator: the environment file, then the release.\n\
@@ -196,7 +202,10 @@ pub(super) fn app_user_data(bucket: &str, key: Option<&str>, env_file: &str) -> 
          exec >/var/log/tenant-app-install.log 2>&1\n\
          id -u {APP_USER} >/dev/null 2>&1 || useradd --system --user-group --no-create-home --shell /sbin/nologin {APP_USER}\n\
          install -d -m 0755 \"$(dirname {ENV_FILE})\"\n\
-         (umask 077; echo '{encoded}' | base64 -d > {ENV_FILE})\n\
+         umask 077\n\
+         echo '{encoded}' | base64 -d > {ENV_FILE}\n\
+         {resolved}\
+         umask 022\n\
          chown {APP_USER}:{APP_USER} {ENV_FILE}\n\
          chmod 0600 {ENV_FILE}\n\
          set -a; . {ENV_FILE}; set +a\n"
@@ -232,6 +241,7 @@ async fn ensure_template(
         names,
         invocation.task.run,
         &invocation.task.resources,
+        invocation.config,
     )
     .await?;
     let app_key = match &invocation.task.release.app {
@@ -342,8 +352,10 @@ fn template_data(
         names.key(),
         &task.resources,
         region,
+        invocation.config,
     ));
-    let user_data = app_user_data(&cloud.infra.artifact_bucket, app_key, &env_file);
+    let secrets = crate::app_env::secret_refs(invocation.config);
+    let user_data = app_user_data(&cloud.infra.artifact_bucket, app_key, &env_file, &secrets);
     let group = names.group(task.run);
     Ok(RequestLaunchTemplateData::builder()
         .image_id(image_id)
@@ -570,18 +582,24 @@ mod tests {
     #[test]
     fn the_environment_file_is_written_private_and_sourced_before_install() {
         let env_file = "DB_SECRET_ARN='arn:aws:secretsmanager:eu-west-1:1:secret:x'\n";
-        let script = app_user_data("bucket", Some("acme/dev/app/1.tar.gz"), env_file);
+        let secret = (
+            "STRIPE_KEY",
+            "arn:aws:secretsmanager:eu-west-1:123456789012:secret:s",
+        );
+        let script = app_user_data("bucket", Some("acme/dev/app/1.tar.gz"), env_file, &[secret]);
         let encoded = base64::engine::general_purpose::STANDARD.encode(env_file);
         let at = |needle: &str| {
             script
                 .find(needle)
                 .unwrap_or_else(|| panic!("{needle} in\n{script}"))
         };
-        assert!(at(&encoded) < at("chmod 0600 /etc/tenant/app.env"));
+        assert!(at(&encoded) < at("--secret-id 'arn:aws:secretsmanager"));
+        assert!(at("--secret-id 'arn:aws:secretsmanager") < at("umask 022"));
+        assert!(at("umask 022") < at("chmod 0600 /etc/tenant/app.env"));
         assert!(at("chown app:app /etc/tenant/app.env") < at("set -a; . /etc/tenant/app.env"));
         assert!(at("set -a; . /etc/tenant/app.env") < at("./install.sh"));
         // Without an app release the file is still written.
-        let bare = app_user_data("bucket", None, env_file);
+        let bare = app_user_data("bucket", None, env_file, &[]);
         assert!(bare.contains(&encoded) && !bare.contains("install.sh"));
     }
 }

@@ -152,6 +152,7 @@ async fn invoke(c: &AwsCloud, task: &StepTask) -> Outcome {
         key: &key(),
         domain: &domain(),
         task,
+        config: &crate::NO_CONFIG,
     })
     .await
 }

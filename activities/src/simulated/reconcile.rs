@@ -29,6 +29,8 @@ pub(super) struct Cx<'a> {
     pub(super) task: &'a StepTask,
     pub(super) now_ms: i64,
     pub(super) config: &'a SimConfig,
+    /// The environment's config vars (what its instances are given).
+    pub(super) env_config: &'a workflows::EnvConfig,
 }
 
 impl Cx<'_> {
@@ -484,6 +486,7 @@ fn rollout(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
                     cx.key,
                     &cx.task.resources,
                     None,
+                    cx.env_config,
                 )),
             };
             let row = store::create(

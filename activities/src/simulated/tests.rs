@@ -65,6 +65,7 @@ async fn invoke(cloud: &SimulatedCloud, key: &WorkflowKey, task: &StepTask) -> O
             key,
             domain: &domain,
             task,
+            config: &crate::NO_CONFIG,
         })
         .await
 }
@@ -1030,7 +1031,15 @@ async fn a_workflow_driven_by_the_machine_goes_live_and_is_decommissioned() {
             let message = driver.in_flight.remove(0);
             let outcome = match &message {
                 InFlight::Step(task) => {
-                    let outcome = s.cloud.invoke(Invocation { key, domain, task }).await;
+                    let outcome = s
+                        .cloud
+                        .invoke(Invocation {
+                            key,
+                            domain,
+                            task,
+                            config: &crate::NO_CONFIG,
+                        })
+                        .await;
                     match outcome {
                         Outcome::Done(output) => StepOutcome::Done { output },
                         Outcome::Progress {
@@ -1182,6 +1191,7 @@ async fn an_abandoned_build_loses_its_builder_and_starts_again() {
             key: &k,
             domain: &domain,
             task: &image,
+            config: &crate::NO_CONFIG,
         })
     };
     abandon().await.expect("abandoned");
@@ -1218,6 +1228,7 @@ async fn abandoning_fails_retryably_under_faults_and_ignores_other_steps() {
                 key: &k,
                 domain: &domain,
                 task: &t,
+                config: &crate::NO_CONFIG,
             })
             .await;
         assert_eq!(

@@ -7,8 +7,8 @@ use std::time::Duration;
 use activities::{Activities, Invocation, Outcome};
 use tracing::{Instrument, debug, warn};
 use workflows::{
-    Body, Domain, Event, Run, StepKind, StepOutcome, StepProgress, StepReport, StepStatus,
-    StepTask, Tenant, Timestamp, WorkflowKey, WorkflowRecord,
+    Body, Domain, EnvConfig, Event, Run, StepKind, StepOutcome, StepProgress, StepReport,
+    StepStatus, StepTask, Tenant, Timestamp, WorkflowKey, WorkflowRecord,
 };
 
 use super::{Engine, Handled, bump, event_span, holder_of, message, metrics};
@@ -115,7 +115,8 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         if let SlotTurn::Waiting = turn {
             return Ok(Handled::Done(Vec::new()));
         }
-        let (kind, outcome) = self.invoke(key, &tenant.domain, task).await;
+        let config = tenant.config_of(key.env);
+        let (kind, outcome) = self.invoke(key, &tenant.domain, &config, task).await;
         let event = Event::Step(StepReport {
             run: task.run,
             step: task.step,
@@ -186,7 +187,10 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                 SlotHold::Driven => {}
                 SlotHold::Done => self.release_slot(task.step, &holder).await,
                 SlotHold::Stopped => {
-                    send = self.abandon(key, &tenant.domain, task, &holder).await;
+                    let config = tenant.config_of(key.env);
+                    send = self
+                        .abandon(key, &tenant.domain, &config, task, &holder)
+                        .await;
                 }
             }
         }
@@ -258,13 +262,19 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         &self,
         key: &WorkflowKey,
         domain: &Domain,
+        config: &EnvConfig,
         task: &StepTask,
     ) -> (OutcomeKind, StepOutcome) {
         bump(&self.stats.activities);
         let started = std::time::Instant::now();
         let outcome = self
             .activities
-            .invoke(Invocation { key, domain, task })
+            .invoke(Invocation {
+                key,
+                domain,
+                task,
+                config,
+            })
             .await;
         let kind = OutcomeKind::of(&outcome);
         tracing::Span::current().record("step.outcome", kind.as_str());
@@ -310,10 +320,16 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         &self,
         key: &WorkflowKey,
         domain: &Domain,
+        config: &EnvConfig,
         task: &StepTask,
         holder: &str,
     ) -> Vec<Outgoing> {
-        let invocation = Invocation { key, domain, task };
+        let invocation = Invocation {
+            key,
+            domain,
+            task,
+            config,
+        };
         match self.activities.abandon(invocation).await {
             Ok(()) => {
                 debug!("step abandoned");

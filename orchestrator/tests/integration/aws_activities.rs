@@ -657,6 +657,7 @@ async fn two_tenants_two_environments_on_moto() {
                     key,
                     domain: &domain,
                     task: &task,
+                    config: &activities::NO_CONFIG,
                 })
                 .await;
             let Outcome::Done(output) = outcome else {
@@ -853,6 +854,7 @@ async fn a_deploy_token_is_read_from_secrets_manager() {
             key: &key,
             domain: &domain,
             task: &task,
+            config: &activities::NO_CONFIG,
         })
     };
     match invoke().await {
@@ -962,6 +964,7 @@ async fn an_abandoned_build_has_its_builder_terminated_and_starts_again() {
                 key: &k,
                 domain: &domain,
                 task,
+                config: &activities::NO_CONFIG,
             })
             .await
     };
@@ -991,6 +994,7 @@ async fn an_abandoned_build_has_its_builder_terminated_and_starts_again() {
                 key: &k,
                 domain: &domain,
                 task,
+                config: &activities::NO_CONFIG,
             })
             .await
     };
@@ -1065,6 +1069,7 @@ async fn a_source_over_the_cap_or_from_a_stalled_remote_is_given_up() {
         key: &key,
         domain: &domain,
         task: &task,
+        config: &activities::NO_CONFIG,
     };
     match cloud(&infra).invoke(invocation).await {
         Outcome::Terminal(e) => assert!(e.contains("more than 1 MiB"), "{e}"),

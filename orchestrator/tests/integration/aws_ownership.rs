@@ -59,6 +59,20 @@ impl Sandbox {
         run: u32,
         resources: Resources,
     ) -> Outcome {
+        self.invoke_configured(tenant, domain, step, run, resources, &activities::NO_CONFIG)
+            .await
+    }
+
+    /// Runs `step` as [`Self::invoke`] does, with the environment's config vars `config`.
+    async fn invoke_configured(
+        &self,
+        tenant: &str,
+        domain: &str,
+        step: StepKind,
+        run: u32,
+        resources: Resources,
+        config: &workflows::EnvConfig,
+    ) -> Outcome {
         let key = WorkflowKey::new(TenantId::new(tenant).expect("id"), Environment::Dev);
         let domain = Domain::new(domain).expect("domain");
         let task = StepTask {
@@ -76,6 +90,7 @@ impl Sandbox {
                 key: &key,
                 domain: &domain,
                 task: &task,
+                config,
             })
             .await
     }
@@ -414,8 +429,26 @@ async fn each_environment_has_a_role_of_its_own() {
             database: Some(database.clone()),
             ..Resources::default()
         };
+        // Config vars: a plain value, and a secret only this tenant references.
+        let own_secret =
+            format!("arn:aws:secretsmanager:us-east-1:123456789012:secret:{tenant}/api-key-Xy12Ab");
+        let config = workflows::EnvConfig {
+            version: 2,
+            vars: [
+                (
+                    "LOG_LEVEL".to_owned(),
+                    workflows::ConfigValue::Value(format!("{tenant}-debug")),
+                ),
+                (
+                    "API_KEY".to_owned(),
+                    workflows::ConfigValue::SecretArn(own_secret.clone()),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        };
         let rollout = s
-            .invoke(tenant, &domain, StepKind::Rollout, 1, resources)
+            .invoke_configured(tenant, &domain, StepKind::Rollout, 1, resources, &config)
             .await;
         assert!(
             matches!(rollout, Outcome::Progress { .. }),
@@ -446,6 +479,7 @@ async fn each_environment_has_a_role_of_its_own() {
             "{document}"
         );
         assert!(document.contains(&database.secret_arn), "{document}");
+        assert!(document.contains(&own_secret), "{document}");
 
         let versions = s
             .clients
@@ -476,7 +510,12 @@ async fn each_environment_has_a_role_of_its_own() {
             .find(|text| text.contains("DB_SECRET_ARN="))
             .unwrap_or_else(|| panic!("no environment file in\n{script}"));
         let (host, port) = database.endpoint.rsplit_once(':').expect("host:port");
+        assert!(
+            script.contains(&format!("--secret-id '{own_secret}'")),
+            "the instance resolves its secret reference at start:\n{script}"
+        );
         for line in [
+            format!("LOG_LEVEL='{tenant}-debug'"),
             format!("TENANT_ID='{tenant}'"),
             format!("DB_HOST='{host}'"),
             format!("DB_PORT='{port}'"),
@@ -485,7 +524,13 @@ async fn each_environment_has_a_role_of_its_own() {
         ] {
             assert!(env_file.lines().any(|l| l == line), "{line} in\n{env_file}");
         }
-        policies.push((tenant, document, env_file, database.secret_arn));
+        policies.push((
+            tenant,
+            document,
+            format!("{env_file}{script}"),
+            database.secret_arn,
+            own_secret,
+        ));
     }
     let (acme, globex) = (&policies[0], &policies[1]);
     assert_ne!(acme.3, globex.3, "each environment has its own secret");
@@ -496,18 +541,17 @@ async fn each_environment_has_a_role_of_its_own() {
         globex.1
     );
     for (mine, other) in [(acme, globex), (globex, acme)] {
-        assert!(
-            !mine.1.contains(&other.3),
-            "{}'s policy names {}'s secret",
-            mine.0,
-            other.0
-        );
-        assert!(
-            !mine.2.contains(&other.3),
-            "{}'s instances are told {}'s secret",
-            mine.0,
-            other.0
-        );
+        for secret in [&other.3, &other.4] {
+            let (who, whose) = (mine.0, other.0);
+            assert!(
+                !mine.1.contains(secret.as_str()),
+                "{who}'s policy names {whose}'s secret"
+            );
+            assert!(
+                !mine.2.contains(secret.as_str()),
+                "{who}'s instances are told {whose}'s secret"
+            );
+        }
     }
 
     s.decommission("acme", "acme.example").await;

@@ -16,11 +16,11 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use state_schemas::{HISTORY_ENTRY, QUEUE_ENVELOPE, TENANT_RECORD, WORKFLOW_RECORD};
 use workflows::{
-    Body, Command, DatabaseOutput, DeploymentOutput, Domain, Envelope, Environment, Event, EventId,
-    GitSha, HistoryEntry, ImageOutput, Input, NetworkOutput, Persisted, Push, RepoKind,
-    RoutingOutput, Settings, Signal, SourceOutput, State, StepKind, StepOutcome, StepOutput,
-    StepReport, StepTask, Tenant, TenantId, TimerFired, Timestamp, Verdict, WebhookAuth,
-    WorkflowKey, WorkflowRecord,
+    Body, Command, ConfigValue, DatabaseOutput, DeploymentOutput, Domain, EnvConfig, Envelope,
+    Environment, Event, EventId, GitSha, HistoryEntry, ImageOutput, Input, NetworkOutput,
+    Persisted, Push, RepoKind, RoutingOutput, Settings, Signal, SourceOutput, State, StepKind,
+    StepOutcome, StepOutput, StepReport, StepTask, Tenant, TenantId, TimerFired, Timestamp,
+    Verdict, WebhookAuth, WorkflowKey, WorkflowRecord,
 };
 
 /// 2025-06-03T09:14:07Z, when the staging story starts.
@@ -571,6 +571,7 @@ fn tenants(out: &mut Fixtures) -> anyhow::Result<()> {
             previous_valid_until: Some(rotated.saturating_add(Duration::from_secs(7 * 86_400))),
             signing_secret: Some("whsec_RkbzSCvAYS2T0UMYhgIU4aKq/Zy4pnu2".into()),
         },
+        config: BTreeMap::new(),
         created_at: created,
         updated_at: rotated,
     };
@@ -596,10 +597,48 @@ fn tenants(out: &mut Fixtures) -> anyhow::Result<()> {
             previous_valid_until: None,
             signing_secret: None,
         },
+        config: BTreeMap::new(),
         created_at: created.saturating_add(Duration::from_secs(3 * 86_400 + 4_321)),
         updated_at: created.saturating_add(Duration::from_secs(3 * 86_400 + 4_321)),
     };
     out.add(TENANT_RECORD, "token-only", &northwind)?;
+    // Config vars in two environments: plain values and a secret reference.
+    let configured = Tenant {
+        config: [
+            (
+                Environment::Staging,
+                EnvConfig {
+                    version: 3,
+                    vars: [
+                        ("LOG_LEVEL", ConfigValue::Value("debug".into())),
+                        ("MAIL_FROM", ConfigValue::Value("Northwind <shop@northwind-traders.io>".into())),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+                },
+            ),
+            (
+                Environment::Production,
+                EnvConfig {
+                    version: 1,
+                    vars: [(
+                        "STRIPE_API_KEY".to_owned(),
+                        ConfigValue::SecretArn(format!(
+                            "arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:northwind/stripe-Qm3xT1"
+                        )),
+                    )]
+                    .into_iter()
+                    .collect(),
+                },
+            ),
+        ]
+        .into_iter()
+        .collect(),
+        updated_at: created.saturating_add(Duration::from_secs(9 * 86_400)),
+        ..northwind
+    };
+    out.add(TENANT_RECORD, "configured", &configured)?;
     Ok(())
 }
 

@@ -3,11 +3,12 @@
 //! against the current schema.
 //!
 //! Version 1 to 2 (queue envelope, workflow record, history entry): a push may carry `before`
-//! and a workflow keeps each repository's lineage (`heads`); both are optional, so a version 1
-//! document is the version 2 document with the same fields.
+//! and a workflow keeps each repository's lineage (`heads`); (tenant record): each environment's
+//! config vars (`config`). All are optional, so a version 1 document is the version 2 document
+//! with the same fields.
 
 use serde_json::{Value, json};
-use state_schemas::{HISTORY_ENTRY, QUEUE_ENVELOPE, WORKFLOW_RECORD};
+use state_schemas::{HISTORY_ENTRY, QUEUE_ENVELOPE, TENANT_RECORD, WORKFLOW_RECORD};
 use workflows::{
     Event, GitSha, Input, Push, RepoKind, Settings, State, Timestamp, Verdict, WorkflowRecord,
     decode,
@@ -20,7 +21,12 @@ use crate::common::{
 #[test]
 fn version_1_documents_decode_as_version_2_with_nothing_lost() {
     let mut checked = 0;
-    for stem in [QUEUE_ENVELOPE, WORKFLOW_RECORD, HISTORY_ENTRY] {
+    for stem in [
+        QUEUE_ENVELOPE,
+        WORKFLOW_RECORD,
+        HISTORY_ENTRY,
+        TENANT_RECORD,
+    ] {
         assert_eq!(
             current_version(stem),
             2,
@@ -38,7 +44,7 @@ fn version_1_documents_decode_as_version_2_with_nothing_lost() {
             checked += 1;
         }
     }
-    assert!(checked >= 15, "only {checked} version 1 fixtures");
+    assert!(checked >= 17, "only {checked} version 1 fixtures");
 }
 
 fn sha(n: u32) -> GitSha {

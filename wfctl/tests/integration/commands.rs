@@ -11,8 +11,8 @@ use orchestrator::tenants::{SIGNING_SECRET_PREFIX, TOKEN_PREFIX, token_sha256, v
 use serde_json::Value;
 use workflows::testing::{Driver, event_id};
 use workflows::{
-    Environment, Event, GitSha, Input, Push, RepoKind, Settings, Signal, StepKind, StepOutcome,
-    TenantId, Timestamp, WorkflowKey, WorkflowRecord,
+    ConfigValue, Environment, Event, GitSha, Input, Push, RepoKind, Settings, Signal, StepKind,
+    StepOutcome, TenantId, Timestamp, WorkflowKey, WorkflowRecord,
 };
 
 const WFCTL: &str = env!("CARGO_BIN_EXE_wfctl");
@@ -1865,4 +1865,100 @@ fn slots_lists_holders_and_the_line_and_show_notes_a_waiting_step() {
         "{}",
         show.stdout
     );
+}
+
+#[test]
+fn config_set_unset_and_list_keep_versioned_vars_per_environment() {
+    let f = Fixture::new();
+    f.add_tenant("acme", 11, 12);
+    let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:acme/stripe-AbCdEf";
+    let run = f.wfctl(&[
+        "config",
+        "set",
+        "acme",
+        "--env",
+        "staging",
+        "LOG_LEVEL=debug",
+        "DATABASE_URL_PARAMS=ssl=true&pool=5",
+        "--secret",
+        &format!("STRIPE_KEY={arn}"),
+    ]);
+    run.ok();
+    assert!(run.stderr.contains("version 1"), "{}", run.stderr);
+    assert!(run.stderr.contains("next rollout"), "{}", run.stderr);
+    let stored = f.tenant("acme").config_of(Environment::Staging);
+    assert_eq!(stored.version, 1);
+    assert_eq!(
+        stored.vars.get("DATABASE_URL_PARAMS"),
+        Some(&ConfigValue::Value("ssl=true&pool=5".into()))
+    );
+    assert_eq!(
+        stored.vars.get("STRIPE_KEY"),
+        Some(&ConfigValue::SecretArn(arn.into()))
+    );
+    assert_eq!(
+        f.tenant("acme").config_of(Environment::Production).version,
+        0,
+        "other environments are untouched"
+    );
+
+    let run = f.wfctl(&["config", "list", "acme", "--env", "staging"]);
+    run.ok();
+    assert_eq!(
+        run.stdout.lines().collect::<Vec<_>>(),
+        [
+            "DATABASE_URL_PARAMS=ssl=true&pool=5",
+            "LOG_LEVEL=debug",
+            &format!("STRIPE_KEY from secret {arn}"),
+        ]
+    );
+
+    // Unsetting makes a new version; unsetting what is not set changes nothing.
+    f.wfctl(&["config", "unset", "acme", "--env", "staging", "LOG_LEVEL"])
+        .ok();
+    let run = f.wfctl(&["config", "unset", "acme", "--env", "staging", "LOG_LEVEL"]);
+    run.ok();
+    assert!(
+        run.stderr.contains("unchanged (version 2)"),
+        "{}",
+        run.stderr
+    );
+    let run = f.wfctl(&["config", "list", "acme", "--env", "staging", "-o", "json"]);
+    run.ok();
+    let v = run.json();
+    assert_eq!(v["version"], 2);
+    assert_eq!(v["vars"]["STRIPE_KEY"]["secret_arn"], arn);
+    assert!(v["vars"].get("LOG_LEVEL").is_none());
+}
+
+#[test]
+fn bad_config_vars_are_refused_naming_the_var_and_change_nothing() {
+    let f = Fixture::new();
+    f.add_tenant("acme", 11, 12);
+    f.wfctl(&["config", "set", "acme", "--env", "dev", "KEPT=1"])
+        .ok();
+    let big = format!("BIG={}", "x".repeat(4097));
+    for (args, says) in [
+        (vec!["2FAST=1"], "not an environment variable name"),
+        (vec!["OK=1", "DB_HOST=elsewhere"], "set by the platform"),
+        (vec![big.as_str()], "more than 4096"),
+        (
+            vec!["--secret", "S=arn:aws:s3:::bucket"],
+            "not a Secrets Manager secret ARN",
+        ),
+    ] {
+        let mut all = vec!["config", "set", "acme", "--env", "dev"];
+        all.extend(args.iter().copied());
+        let run = f.wfctl(&all);
+        run.code(2);
+        assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
+        assert_eq!(run.stderr.trim().lines().count(), 1, "{}", run.stderr);
+    }
+    let stored = f.tenant("acme").config_of(Environment::Dev);
+    assert_eq!(stored.version, 1, "nothing changed");
+    assert_eq!(stored.vars.keys().collect::<Vec<_>>(), ["KEPT"]);
+    let run = f.wfctl(&["config", "set", "acme", "--env", "dev", "NOEQUALS"]);
+    run.code(2);
+    let run = f.wfctl(&["config", "list", "nobody", "--env", "dev"]);
+    assert!(run.stderr.contains("no tenant"), "{}", run.stderr);
 }
