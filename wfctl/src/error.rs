@@ -35,6 +35,9 @@ pub enum Error {
     /// A signal was sent but no worker applied it in time.
     #[error("{0}")]
     TimedOut(String),
+    /// The work a signal started (waited for with `--wait`) failed; the message names the step.
+    #[error("{0}")]
+    Failed(String),
     /// What was to be created exists already.
     #[error("{0}")]
     AlreadyExists(String),
@@ -104,6 +107,7 @@ impl Error {
             Error::NotFound(_)
             | Error::Refused(_)
             | Error::TimedOut(_)
+            | Error::Failed(_)
             | Error::AlreadyExists(_)
             | Error::Corrupt(_)
             | Error::Store(_)
@@ -122,6 +126,7 @@ impl Error {
             | Error::Config(_)
             | Error::NotFound(_)
             | Error::Refused(_)
+            | Error::Failed(_)
             | Error::AlreadyExists(_)
             | Error::Corrupt(_)
             | Error::NoDatabase { .. }

@@ -333,10 +333,13 @@ The signal travels through the events queue; the workers apply it (they are the 
 workflow records). It is first checked against the stored record: a signal the workflow would
 refuse now (approve when nothing awaits approval, retry when nothing failed, ...) is not sent,
 the reason is printed and the exit code is 1. With --wait the command waits until a worker has
-applied it and prints the transition (exit code 1 if it was refused meanwhile or no worker
-applied it within --timeout).
+applied it and then until the work it started is done (the workflow is live, failed,
+decommissioned, unprovisioned or awaiting approval), and prints the transition and where it came
+to rest (exit code 1 if it was refused meanwhile, if its work failed, naming the failed step,
+or if it did not get that far within --timeout).
 
-JSON (-o json): {workflow, signal, event_id, status: sent|accepted|ignored, from, to, reason}.";
+JSON (-o json): {workflow, signal, event_id, status: sent|accepted|ignored, from, to, reason,
+settled}; settled is the state the workflow came to rest in (--wait only).";
 
 #[derive(Debug, Args)]
 struct SignalArgs {
@@ -345,10 +348,11 @@ struct SignalArgs {
     /// The workflow's environment: dev, staging or production.
     #[arg(long)]
     env: Environment,
-    /// Wait until a worker has applied the signal, and print its effect.
+    /// Wait until a worker has applied the signal and the work it started is done, and print
+    /// its effect.
     #[arg(long)]
     wait: bool,
-    /// How long --wait waits, e.g. 30s or 5m.
+    /// How long --wait waits in all, e.g. 30s or 5m (a decommission takes minutes on AWS).
     #[arg(long, default_value = "60s", value_parser = parse_duration_arg)]
     timeout: Duration,
 }

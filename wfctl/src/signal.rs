@@ -5,7 +5,9 @@
 //! function): a signal the workflow would refuse now is not sent, and the command says why and
 //! exits with `1`. With `--wait` the command then watches the history until the engine has
 //! applied the signal and reports its verdict (the workflow may have moved on meanwhile, so
-//! the engine's verdict is the one that counts).
+//! the engine's verdict is the one that counts), and then the record until the work the signal
+//! started is done: the workflow is at rest (live, failed, decommissioned, awaiting approval).
+//! A signal whose work ends in `failed` exits with `1`, naming the failed step.
 
 use std::time::Duration;
 
@@ -47,6 +49,56 @@ struct SignalView {
     to: Option<State>,
     /// Why it changed nothing (`ignored`).
     reason: Option<String>,
+    /// With `--wait`: the state the workflow came to rest in once the signal's work was done
+    /// (live, failed, decommissioned, awaiting approval, unprovisioned).
+    settled: Option<State>,
+}
+
+/// Whether the workflow in `state` has no work in flight: it waits for a push, a person, or
+/// nothing at all.
+fn at_rest(state: State) -> bool {
+    matches!(
+        state,
+        State::Live
+            | State::Failed
+            | State::Decommissioned
+            | State::Unprovisioned
+            | State::AwaitingApproval
+    )
+}
+
+/// Watches `key`'s record from `version` on until it is at rest, or `deadline` passes (then
+/// `None`). With the state, the error of a failed step, if it came to rest failed.
+async fn settle<S: Store>(
+    store: &S,
+    key: &WorkflowKey,
+    version: u64,
+    deadline: tokio::time::Instant,
+) -> Result<(Option<State>, Option<String>), Error> {
+    loop {
+        if let Some(record) = store.workflow(key).await?
+            && record.version >= version
+            && at_rest(record.state())
+        {
+            let failure = record.workflow().run.as_ref().and_then(|run| {
+                run.steps
+                    .iter()
+                    .find(|s| s.status == workflows::StepStatus::Failed)
+                    .map(|s| {
+                        format!(
+                            "{} failed: {}",
+                            s.kind,
+                            s.last_error.as_deref().unwrap_or("no error recorded")
+                        )
+                    })
+            });
+            return Ok((Some(record.state()), failure));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok((None, None));
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// How often `--wait` looks at the history.
@@ -87,6 +139,7 @@ pub async fn send<S: Store, Q: Queue>(
         from: None,
         to: None,
         reason: None,
+        settled: None,
     };
     match probe.apply(&event, input).verdict {
         Verdict::Refused(reason) => {
@@ -135,11 +188,29 @@ pub async fn send<S: Store, Q: Queue>(
     match entry.verdict {
         Verdict::Accepted => {
             view.status = "accepted";
-            finish(
-                p,
-                &view,
-                &format!("{signal}: {key} {} -> {}", entry.from, entry.to),
-            )
+            let mut text = format!("{signal}: {key} {} -> {}", entry.from, entry.to);
+            // The work the signal started (a rollout, a decommission) is waited for too.
+            let (state, failure) = settle(store, &key, entry.version, deadline).await?;
+            let state = state.ok_or_else(|| {
+                Error::TimedOut(format!(
+                    "{signal} was applied to {key}, but its work did not finish within {}; `wfctl show {} --env {}` shows where it is",
+                    humantime::format_duration(wait),
+                    req.tenant,
+                    req.env
+                ))
+            })?;
+            view.settled = Some(state);
+            if state != entry.to {
+                text.push_str(&format!(", then {state}"));
+            }
+            if state == State::Failed && signal != Signal::Cancel {
+                finish(p, &view, &text)?;
+                return Err(Error::Failed(format!(
+                    "{signal}: {key} failed{}",
+                    failure.map_or_else(String::new, |f| format!(": {f}"))
+                )));
+            }
+            finish(p, &view, &text)
         }
         Verdict::Ignored(reason) => {
             view.status = "ignored";

@@ -185,7 +185,8 @@ pub(super) async fn managed_groups(
 
 /// The app instance's user data: write the environment file (`app_env`, base64 in the script
 /// so that no value can end it early), then fetch the app artifact, unpack it and run its
-/// `install.sh` with the file's variables exported.
+/// `install.sh` with bash (as the provisioning scripts are run, so it need not be executable)
+/// with the file's variables exported.
 pub(super) fn app_user_data(
     bucket: &str,
     key: Option<&str>,
@@ -216,7 +217,7 @@ pub(super) fn app_user_data(
              aws s3 cp 's3://{bucket}/{key}' /tmp/app.tar.gz\n\
              tar -xzf /tmp/app.tar.gz -C /opt/tenant/app\n\
              cd /opt/tenant/app\n\
-             if [ -x install.sh ]; then ./install.sh; fi\n"
+             if [ -f install.sh ]; then bash install.sh; fi\n"
         ));
     }
     script
@@ -597,7 +598,8 @@ mod tests {
         assert!(at("--secret-id 'arn:aws:secretsmanager") < at("umask 022"));
         assert!(at("umask 022") < at("chmod 0600 /etc/tenant/app.env"));
         assert!(at("chown app:app /etc/tenant/app.env") < at("set -a; . /etc/tenant/app.env"));
-        assert!(at("set -a; . /etc/tenant/app.env") < at("./install.sh"));
+        // Run with bash, as the provisioning scripts are: it need not be executable.
+        assert!(at("set -a; . /etc/tenant/app.env") < at("bash install.sh"));
         // Without an app release the file is still written.
         let bare = app_user_data("bucket", None, env_file, &[]);
         assert!(bare.contains(&encoded) && !bare.contains("install.sh"));

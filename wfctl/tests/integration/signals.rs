@@ -190,7 +190,14 @@ async fn signals_are_checked_sent_applied_and_reported() {
     assert_eq!(v["from"], "awaiting_approval");
     assert_eq!(v["to"], "rolling_out");
     assert_eq!(v["workflow"], "acme#production");
-    e.until_state("production", "live").await;
+    // --wait returned once the rollout the approval started was done, not at its first step.
+    assert_eq!(v["settled"], "live", "{v}");
+    let shown = e.wfctl(&["show", "acme", "--env", "production", "-o", "json"]);
+    assert!(
+        text(&shown.stdout).contains("\"live\""),
+        "live when the command returned: {}",
+        text(&shown.stdout)
+    );
 
     // The follower printed what came before, then the approval and the rollout, one JSON
     // object per line, as they were written.
@@ -231,6 +238,12 @@ async fn signals_are_checked_sent_applied_and_reported() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         text(&out.stdout).contains("redeploy: acme#production live -> "),
+        "{}",
+        text(&out.stdout)
+    );
+    // Only the rollout runs, and it waits for approval at once: at rest, so --wait is done.
+    assert!(
+        text(&out.stdout).contains("live -> awaiting_approval"),
         "{}",
         text(&out.stdout)
     );
