@@ -1,6 +1,6 @@
 //! `decommission`: releases everything the environment holds, in an order the services
 //! accept: groups (and so instances), launch template, listener rule (and its priority),
-//! target group, builders and images, the database (with a final snapshot), then the
+//! target group, builders and images with their snapshots, the database (with a final snapshot), then the
 //! security groups once nothing uses them, and the instance role and profile. Each invocation deletes what it can and waits for
 //! what is still going; the step is done when nothing is left.
 
@@ -68,7 +68,8 @@ pub(super) async fn reconcile(
     }
 
     going.extend(terminate_instances(cloud, names).await?);
-    deregister_images(cloud, names).await?;
+    let snapshots = deregister_images(cloud, names).await?;
+    going.extend(delete_snapshots(cloud, names, snapshots).await?);
 
     let db = names.database();
     if let Some(instance) = database::find(cloud, &db).await?
@@ -229,7 +230,9 @@ async fn terminate_instances(cloud: &AwsCloud, names: &Names) -> Result<Vec<Stri
     Ok(ids.into_iter().map(|id| format!("instance {id}")).collect())
 }
 
-async fn deregister_images(cloud: &AwsCloud, names: &Names) -> Result<(), Error> {
+/// Deregisters the environment's images; returns the ids of their EBS snapshots, which an
+/// image does not take with it (images made before snapshots were tagged are found only so).
+async fn deregister_images(cloud: &AwsCloud, names: &Names) -> Result<Vec<String>, Error> {
     let [managed, tenant, env] = env_filters(names);
     let out = cloud
         .clients
@@ -242,8 +245,16 @@ async fn deregister_images(cloud: &AwsCloud, names: &Names) -> Result<(), Error>
         .send()
         .await
         .map_err(|e| classify("ec2:DescribeImages", names.base(), &e))?;
+    let mut snapshots = Vec::new();
     for image in out.images() {
         let Some(id) = image.image_id() else { continue };
+        snapshots.extend(
+            image
+                .block_device_mappings()
+                .iter()
+                .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()))
+                .map(str::to_owned),
+        );
         match cloud
             .clients
             .ec2
@@ -257,5 +268,55 @@ async fn deregister_images(cloud: &AwsCloud, names: &Names) -> Result<(), Error>
             Err(e) => return Err(classify("ec2:DeregisterImage", id, &e)),
         }
     }
-    Ok(())
+    Ok(snapshots)
+}
+
+/// Deletes the snapshots of the environment's images: those tagged as its own and those of the
+/// images just deregistered (`of_images`). One still held by an image being deregistered is
+/// reported as still going.
+async fn delete_snapshots(
+    cloud: &AwsCloud,
+    names: &Names,
+    of_images: Vec<String>,
+) -> Result<Vec<String>, Error> {
+    let [managed, tenant, env] = env_filters(names);
+    let out = cloud
+        .clients
+        .ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(managed)
+        .filters(tenant)
+        .filters(env)
+        .send()
+        .await
+        .map_err(|e| classify("ec2:DescribeSnapshots", names.base(), &e))?;
+    let mut ids: Vec<String> = out
+        .snapshots()
+        .iter()
+        .filter_map(|s| s.snapshot_id())
+        .map(str::to_owned)
+        .chain(of_images)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut going = Vec::new();
+    for id in ids {
+        match cloud
+            .clients
+            .ec2
+            .delete_snapshot()
+            .snapshot_id(&id)
+            .send()
+            .await
+        {
+            Ok(_) => tracing::info!(snapshot = %id, "image snapshot deleted"),
+            Err(e) if code(&e) == Some("InvalidSnapshot.NotFound") => {}
+            Err(e) if code(&e) == Some("InvalidSnapshot.InUse") => {
+                going.push(format!("snapshot {id} (its image is being deregistered)"));
+            }
+            Err(e) => return Err(classify("ec2:DeleteSnapshot", &id, &e)),
+        }
+    }
+    Ok(going)
 }

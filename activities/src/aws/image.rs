@@ -51,6 +51,7 @@ pub(super) async fn reconcile(
         ownership::check(names, &what, ec2_pairs(image.tags()))?;
         match image.state() {
             Some(ImageState::Available) => {
+                tag_snapshots(cloud, names, invocation, &image, &image_name).await?;
                 if let Some(b) = &builder {
                     terminate(cloud, b).await?;
                 }
@@ -364,6 +365,38 @@ async fn root_device(cloud: &AwsCloud, image: &str) -> Result<String, Error> {
         .and_then(|i| i.root_device_name())
         .map(str::to_owned)
         .ok_or_else(|| Error::Terminal(format!("base image {image} not found")))
+}
+
+/// Tags the EBS snapshots of `image` like the image, so that they are found (and deleted)
+/// with it. Tagging what is tagged already changes nothing, so every look at an available
+/// image may do it. (`CreateImage` can tag snapshots itself, but not every EC2 endpoint takes
+/// that; tagging them once the image is available works everywhere.)
+async fn tag_snapshots(
+    cloud: &AwsCloud,
+    names: &Names,
+    invocation: Invocation<'_>,
+    image: &aws_sdk_ec2::types::Image,
+    name: &str,
+) -> Result<(), Error> {
+    let snapshots: Vec<String> = image
+        .block_device_mappings()
+        .iter()
+        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()))
+        .map(str::to_owned)
+        .collect();
+    if snapshots.is_empty() {
+        return Ok(());
+    }
+    cloud
+        .clients
+        .ec2
+        .create_tags()
+        .set_resources(Some(snapshots))
+        .set_tags(Some(ec2_tags(names, invocation.task.run, name)))
+        .send()
+        .await
+        .map_err(|e| classify("ec2:CreateTags", name, &e))?;
+    Ok(())
 }
 
 async fn create_image(

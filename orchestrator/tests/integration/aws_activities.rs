@@ -741,8 +741,30 @@ async fn two_tenants_two_environments_on_moto() {
         run.steps
     );
 
-    // Decommissioning acme#production releases what it held.
+    // Decommissioning acme#production releases what it held, its images' snapshots too.
     let acme_prod = keys[1].clone();
+    let image_snapshots = async |w: &World| {
+        w.clients
+            .ec2
+            .describe_snapshots()
+            .owner_ids("self")
+            .filters(Filter::builder().name("tag:tenant").values("acme").build())
+            .filters(
+                Filter::builder()
+                    .name("tag:env")
+                    .values("production")
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("snapshots")
+            .snapshots()
+            .len()
+    };
+    assert!(
+        image_snapshots(&w).await > 0,
+        "the image's snapshots are tagged like it"
+    );
     let held = w.record(&acme_prod).await.workflow().resources.clone();
     enqueue(
         &*w.backend,
@@ -765,6 +787,11 @@ async fn two_tenants_two_environments_on_moto() {
     stop.cancel();
     engine.await.expect("engine stops");
     let gone = census(&w).await;
+    assert_eq!(
+        image_snapshots(&w).await,
+        0,
+        "no snapshot of its images is left"
+    );
     assert_eq!(
         gone["auto scaling groups"],
         after["auto scaling groups"] - 1,
