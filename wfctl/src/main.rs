@@ -13,7 +13,7 @@ use wfctl::config::Change;
 use wfctl::dlq::{self, Selection};
 use wfctl::output::{Format, Printer, color_enabled};
 use wfctl::signal::SignalRequest;
-use wfctl::tenant::{AddRequest, parse_branch, parse_grace};
+use wfctl::tenant::{AddRequest, SetRequest, parse_branch, parse_grace};
 use wfctl::workflow::{HistoryRequest, ListRequest};
 use wfctl::{BackendArgs, EXIT_FAILED, EXIT_OK, Error, open_backend, parse_state};
 #[cfg(feature = "aws")]
@@ -381,6 +381,14 @@ enum TenantCommand {
         /// The tenant's id.
         id: TenantId,
     },
+    /// Change a tenant's branch map (--branch, replacing the whole map) or whether production
+    /// waits for approval (--production-approval true|false), and show it.
+    ///
+    /// Written only if the tenant is still as it was read (a concurrent change makes this one
+    /// fail with exit code 3, nothing lost). Runs already started keep the approval setting
+    /// they started with; pushes are mapped by the new branches from the next one on.
+    #[command(after_long_help = TENANT_JSON)]
+    Set(TenantSetArgs),
     /// Replace a tenant's webhook secret token and print the new one, once; the old one stays
     /// accepted for a grace period.
     ///
@@ -446,6 +454,18 @@ struct TenantAddArgs {
     /// Production runs wait for `approve` before rolling out.
     #[arg(long)]
     production_approval: bool,
+}
+
+#[derive(Debug, Args)]
+struct TenantSetArgs {
+    /// The tenant's id.
+    id: TenantId,
+    /// The new branch map, one BRANCH=ENV per flag; it replaces the whole current map.
+    #[arg(long = "branch", value_name = "BRANCH=ENV", value_parser = parse_branch)]
+    branches: Vec<(String, Environment)>,
+    /// Whether production runs wait for `approve` before rolling out.
+    #[arg(long, value_name = "true|false")]
+    production_approval: Option<bool>,
 }
 
 #[derive(Debug, Args)]
@@ -733,6 +753,14 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
             wfctl::tenant::add(store, &req, p).await
         }
         Command::Tenant(TenantCommand::List) => wfctl::tenant::list(store, p).await,
+        Command::Tenant(TenantCommand::Set(a)) => {
+            let req = SetRequest {
+                id: a.id.clone(),
+                branches: (!a.branches.is_empty()).then(|| a.branches.clone()),
+                production_approval: a.production_approval,
+            };
+            wfctl::tenant::set(store, &req, p).await
+        }
         Command::Tenant(TenantCommand::Show { id }) => wfctl::tenant::show(store, id, p).await,
         Command::Tenant(TenantCommand::RotateToken(a)) => {
             wfctl::tenant::rotate_token(store, &a.id, a.grace, p).await

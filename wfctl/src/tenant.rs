@@ -1,4 +1,4 @@
-//! `wfctl tenant add|list|show|rotate-token|signing-secret`: registering tenants, looking at
+//! `wfctl tenant add|list|show|set|rotate-token|signing-secret`: registering tenants, looking at
 //! them, and changing their webhook secrets.
 //!
 //! A new tenant, or a rotation, gets a webhook secret token from the operating system's CSPRNG;
@@ -75,19 +75,62 @@ impl AddRequest {
         if self.branches.is_empty() {
             return Ok(Tenant::default_branches());
         }
-        let mut map = BTreeMap::new();
-        for (branch, env) in &self.branches {
-            check_branch(branch).map_err(Error::Invalid)?;
-            if let Some(other) = map.insert(branch.clone(), *env)
-                && other != *env
-            {
-                return Err(Error::Invalid(format!(
-                    "branch {branch:?} is mapped to both {other} and {env}"
-                )));
-            }
-        }
-        Ok(map)
+        branch_map(&self.branches)
     }
+}
+
+/// `branches` as a map; a branch given twice must name the same environment.
+fn branch_map(branches: &[(String, Environment)]) -> Result<BTreeMap<String, Environment>, Error> {
+    let mut map = BTreeMap::new();
+    for (branch, env) in branches {
+        check_branch(branch).map_err(Error::Invalid)?;
+        if let Some(other) = map.insert(branch.clone(), *env)
+            && other != *env
+        {
+            return Err(Error::Invalid(format!(
+                "branch {branch:?} is mapped to both {other} and {env}"
+            )));
+        }
+    }
+    Ok(map)
+}
+
+/// What `tenant set` changes; what is `None` stays as it is.
+#[derive(Debug, Clone)]
+pub struct SetRequest {
+    /// The tenant.
+    pub id: TenantId,
+    /// A new branch map, replacing the whole current one.
+    pub branches: Option<Vec<(String, Environment)>>,
+    /// Whether production runs wait for `approve`.
+    pub production_approval: Option<bool>,
+}
+
+/// Changes tenant `req.id`'s branch map or production approval, written only if the tenant
+/// is still as it was read, and prints the tenant. Runs already started keep the approval
+/// setting they started with; pushes are mapped by the new branches from the next one on.
+pub async fn set<S: Store>(store: &S, req: &SetRequest, p: &mut Printer<'_>) -> Result<(), Error> {
+    if req.branches.is_none() && req.production_approval.is_none() {
+        return Err(Error::Invalid(
+            "nothing to change: give --branch or --production-approval".into(),
+        ));
+    }
+    let branches = req.branches.as_deref().map(branch_map).transpose()?;
+    let Some(read) = store.tenant(&req.id).await? else {
+        return Err(unknown_tenant(store, &req.id).await);
+    };
+    let mut tenant = read.clone();
+    if let Some(map) = branches {
+        tenant.branches = map;
+    }
+    if let Some(approval) = req.production_approval {
+        tenant.production_approval = approval;
+    }
+    if tenant != read {
+        tenant.updated_at = p.now;
+        store.update_tenant(&read, &tenant).await?;
+    }
+    show(store, &req.id, p).await
 }
 
 /// Registers a tenant, prints its secret once, and stores only the secret's hash.

@@ -1962,3 +1962,65 @@ fn bad_config_vars_are_refused_naming_the_var_and_change_nothing() {
     let run = f.wfctl(&["config", "list", "nobody", "--env", "dev"]);
     assert!(run.stderr.contains("no tenant"), "{}", run.stderr);
 }
+
+#[test]
+fn tenant_set_changes_the_branch_map_and_approval_and_nothing_else() {
+    let f = Fixture::new();
+    let token = f.add_tenant("acme", 11, 12);
+    let before = f.tenant("acme");
+    let run = f.wfctl(&[
+        "tenant",
+        "set",
+        "acme",
+        "--branch",
+        "trunk=production",
+        "--branch",
+        "next=staging",
+        "--production-approval",
+        "true",
+        "-o",
+        "json",
+    ]);
+    run.ok();
+    let after = f.tenant("acme");
+    assert_eq!(
+        after
+            .branches
+            .iter()
+            .map(|(b, e)| format!("{b}={e}"))
+            .collect::<Vec<_>>(),
+        ["next=staging", "trunk=production"],
+        "the whole map is replaced"
+    );
+    assert!(after.production_approval);
+    assert_eq!(after.webhook, before.webhook, "the secrets are untouched");
+    assert!(verify_token(&after, &token, now()));
+    assert_eq!(after.domain, before.domain);
+    assert!(after.updated_at >= before.updated_at);
+    assert_eq!(run.json()["production_approval"], true, "{}", run.stdout);
+
+    // Approval alone; the map stays.
+    f.wfctl(&["tenant", "set", "acme", "--production-approval", "false"])
+        .ok();
+    let again = f.tenant("acme");
+    assert!(!again.production_approval);
+    assert_eq!(again.branches, after.branches);
+
+    // Nothing to change, a contradictory map, an unknown tenant: refused, nothing written.
+    f.wfctl(&["tenant", "set", "acme"]).code(2);
+    let run = f.wfctl(&[
+        "tenant",
+        "set",
+        "acme",
+        "--branch",
+        "a=dev",
+        "--branch",
+        "a=staging",
+    ]);
+    run.code(2);
+    assert!(run.stderr.contains("mapped to both"), "{}", run.stderr);
+    assert_eq!(f.tenant("acme"), again);
+    let run = f.wfctl(&["tenant", "set", "nobody", "--production-approval", "true"]);
+    run.code(1);
+    assert!(run.stderr.contains("no tenant"), "{}", run.stderr);
+}
