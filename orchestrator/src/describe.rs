@@ -6,7 +6,7 @@ use std::time::Duration;
 use workflows::{Event, StepOutcome};
 
 /// An event in words, for a history line: `app 1a2b3c4d by jane`, `approve by ops`,
-/// `image retryable: throttled (retry in 30s)`, `image timer`, `rearm`.
+/// `image retryable: throttled (retry in 30s)`, `image timer`, `rearm`, `config v3 by ops`.
 pub fn describe_event(event: &Event) -> String {
     match event {
         Event::Push(p) => {
@@ -43,6 +43,8 @@ pub fn describe_event(event: &Event) -> String {
         }
         Event::Timer(t) => format!("{} retry timer", t.step),
         Event::Rearm { .. } => "rearm".to_owned(),
+        Event::Configure(c) if c.actor.is_empty() => format!("config v{}", c.version),
+        Event::Configure(c) => format!("config v{} by {}", c.version, c.actor),
     }
 }
 

@@ -1,13 +1,16 @@
 //! `wfctl config set|unset|list TENANT --env E`: an environment's config vars, kept with the
 //! tenant record and versioned. A change is written only if the tenant is still as it was read
-//! (a concurrent change makes this one fail with a retryable conflict, exit code 3), and it is
-//! given to the app by the environment's next rollout (a push, or `wfctl redeploy`).
+//! (a concurrent change makes this one fail with a retryable conflict, exit code 3); then, if
+//! the environment has a workflow, a `Configure` event goes through the events queue, and the
+//! workflow rolls the release out again with the new vars as an app push would (after the run
+//! in progress, if one is).
 
 use serde::Serialize;
 use workflows::config::{self, ConfigValue, EnvConfig};
-use workflows::{Environment, TenantId};
+use workflows::{ConfigChange, Environment, Event, EventId, TenantId, WorkflowKey};
 
-use orchestrator::ports::Store;
+use orchestrator::engine::enqueue;
+use orchestrator::ports::{Queue, Store};
 
 use crate::error::Error;
 use crate::output::Printer;
@@ -43,12 +46,16 @@ pub fn parse_assignment(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Applies `change` to tenant `id`'s config of `env` and prints the result.
-pub async fn change<S: Store>(
+/// Applies `change` to tenant `id`'s config of `env`, has the environment's workflow roll it
+/// out (a `Configure` event from `actor`), and prints the result.
+#[allow(clippy::too_many_arguments)]
+pub async fn change<S: Store, Q: Queue>(
     store: &S,
+    queue: &Q,
     id: &TenantId,
     env: Environment,
     change: &Change,
+    actor: &str,
     p: &mut Printer<'_>,
 ) -> Result<(), Error> {
     // Every var is checked before anything is written: a bad one changes nothing.
@@ -83,23 +90,42 @@ pub async fn change<S: Store>(
         tenant.config.insert(env, config.clone());
         store.update_tenant(&read, &tenant).await?;
     }
+    let key = WorkflowKey::new(id.clone(), env);
+    let rolled = changed && store.workflow(&key).await?.is_some();
+    if rolled {
+        let event = Event::Configure(ConfigChange {
+            event_id: new_event_id(&key, p.now)?,
+            version: config.version,
+            actor: actor.to_owned(),
+        });
+        enqueue(queue, &key, event, p.now).await?;
+    }
     print(p, id, env, &config)?;
     if !p.is_json() {
-        p.note(&if changed {
-            format!(
-                "Config of {id}#{env} is now version {}. Running instances keep the old values: \
-                 the next rollout (a push, or `wfctl redeploy {id} --env {env}`) gives the app \
-                 the new ones.",
+        p.note(&match (changed, rolled) {
+            (true, true) => format!(
+                "Config of {key} is now version {}; the workflow rolls it out (`wfctl show {id} \
+                 --env {env}`). Instances started before keep the old values until replaced.",
                 config.version
-            )
-        } else {
-            format!(
-                "Config of {id}#{env} unchanged (version {}).",
+            ),
+            (true, false) => format!(
+                "Config of {key} is now version {}; the environment's first deployment gives \
+                 it to the app.",
                 config.version
-            )
+            ),
+            (false, _) => format!("Config of {key} unchanged (version {}).", config.version),
         })?;
     }
     Ok(())
+}
+
+/// A fresh id: the workflow, the time and a random part.
+fn new_event_id(key: &WorkflowKey, now: workflows::Timestamp) -> Result<EventId, Error> {
+    let mut nonce = [0u8; 4];
+    getrandom::fill(&mut nonce).map_err(Error::Random)?;
+    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    EventId::new(format!("config:{key}:{}:{nonce}", now.as_unix_millis()))
+        .map_err(|e| Error::Invalid(e.to_string()))
 }
 
 /// Prints tenant `id`'s config vars of `env`.

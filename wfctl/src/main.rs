@@ -179,8 +179,10 @@ const CONFIG_HELP: &str = "\
 Config vars are kept with the tenant, per environment, and versioned: every change makes a new
 version. They are written, with what the platform sets (TENANT_ID, TENANT_ENV, APP_HOST,
 AWS_REGION, DB_HOST, DB_PORT, DB_NAME, DB_SECRET_ARN, names a var cannot take), to
-/etc/tenant/app.env on every instance of the environment's next rollout (a push, or `wfctl
-redeploy`): running instances keep what they started with. A NAME is an environment variable
+/etc/tenant/app.env on every instance the environment starts. A change is sent to the
+environment's workflow, which rolls the same release out again (after the run in progress, if
+one is), as an app push would; an environment not yet deployed gives the app its config at its
+first deployment. A NAME is an environment variable
 name (letters, digits and '_', not starting with a digit); a value is at most 4096 bytes. A var
 set with --secret holds a Secrets Manager secret ARN: the instance reads the secret's value when
 it starts, and the environment's role may read exactly the secrets its vars name.
@@ -621,6 +623,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// The config change `command` asks for, if it is `config set` or `config unset`.
+fn config_change_of(command: &Command) -> Option<(TenantId, Environment, Change)> {
+    match command {
+        Command::Config(ConfigCommand::Set(a)) => {
+            let vars = a
+                .values
+                .iter()
+                .map(|(n, v)| (n.clone(), ConfigValue::Value(v.clone())))
+                .chain(
+                    a.secrets
+                        .iter()
+                        .map(|(n, arn)| (n.clone(), ConfigValue::SecretArn(arn.clone()))),
+                )
+                .collect();
+            Some((a.tenant.clone(), a.env, Change::Set(vars)))
+        }
+        Command::Config(ConfigCommand::Unset(a)) => {
+            Some((a.tenant.clone(), a.env, Change::Unset(a.names.clone())))
+        }
+        _ => None,
+    }
+}
+
 /// Opens the configured backend's store and runs the command on it.
 async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
     let config = cli.backend.config()?;
@@ -637,6 +662,23 @@ async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
                 let store = connect_aws_store(&config).await?;
                 let queue = connect_aws_queue(&config).await?;
                 run_dlq(command, &store, &queue, p).await
+            }
+        };
+    }
+    if let Some((tenant, env, change)) = config_change_of(&cli.command) {
+        let actor = actor();
+        return match config.backend {
+            Backend::Embedded => {
+                let backend = open_backend(&config, false)?;
+                wfctl::config::change(&backend, &backend, &tenant, env, &change, &actor, p).await
+            }
+            #[cfg(not(feature = "aws"))]
+            Backend::Aws => Err(aws_not_built()),
+            #[cfg(feature = "aws")]
+            Backend::Aws => {
+                let store = connect_aws_store(&config).await?;
+                let queue = connect_aws_queue(&config).await?;
+                wfctl::config::change(&store, &queue, &tenant, env, &change, &actor, p).await
             }
         };
     }
@@ -772,23 +814,6 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
                 wfctl::tenant::remove_signing_secret(store, &a.id, p).await
             }
         }
-        Command::Config(ConfigCommand::Set(a)) => {
-            let vars = a
-                .values
-                .iter()
-                .map(|(n, v)| (n.clone(), ConfigValue::Value(v.clone())))
-                .chain(
-                    a.secrets
-                        .iter()
-                        .map(|(n, arn)| (n.clone(), ConfigValue::SecretArn(arn.clone()))),
-                )
-                .collect();
-            wfctl::config::change(store, &a.tenant, a.env, &Change::Set(vars), p).await
-        }
-        Command::Config(ConfigCommand::Unset(a)) => {
-            let change = Change::Unset(a.names.clone());
-            wfctl::config::change(store, &a.tenant, a.env, &change, p).await
-        }
         Command::Config(ConfigCommand::List(a)) => {
             wfctl::config::list(store, &a.tenant, a.env, p).await
         }
@@ -814,8 +839,10 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
             };
             wfctl::workflow::history(store, &req, p).await
         }
-        // `run` sends signals and runs `dlq` before it gets here: they need the queues too.
-        Command::Approve(_)
+        // `run` sends signals, changes config and runs `dlq` before it gets here: they need
+        // the queues too.
+        Command::Config(ConfigCommand::Set(_) | ConfigCommand::Unset(_))
+        | Command::Approve(_)
         | Command::Retry(_)
         | Command::Cancel(_)
         | Command::Redeploy(_)

@@ -156,6 +156,19 @@ pub struct TimerFired {
     pub token: u32,
 }
 
+/// A change of an environment's config vars, to be rolled out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigChange {
+    /// The request's id.
+    pub event_id: EventId,
+    /// The config's version after the change.
+    pub version: u64,
+    /// Who changed it, for the history.
+    #[serde(default)]
+    pub actor: String,
+}
+
 /// Everything that can happen to a workflow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -182,6 +195,9 @@ pub enum Event {
     Step(StepReport),
     /// A retry timer came due.
     Timer(TimerFired),
+    /// The environment's config vars changed (`wfctl config`): roll out again so that the app
+    /// is given them, as an app push would.
+    Configure(ConfigChange),
     /// The sweeper found the workflow without progress for too long: send its outstanding
     /// step messages and timers again with fresh tokens.
     Rearm {
@@ -196,6 +212,7 @@ impl Event {
     pub fn id(&self) -> EventId {
         match self {
             Event::Push(p) => p.event_id.clone(),
+            Event::Configure(c) => c.event_id.clone(),
             Event::Provision { event_id }
             | Event::Signal { event_id, .. }
             | Event::Rearm { event_id } => event_id.clone(),
@@ -218,6 +235,7 @@ impl Event {
             Event::Signal { .. } => "signal",
             Event::Step(_) => "step",
             Event::Timer(_) => "timer",
+            Event::Configure(_) => "configure",
             Event::Rearm { .. } => "rearm",
         }
     }

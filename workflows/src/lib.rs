@@ -30,7 +30,7 @@ pub use codec::{Persisted, decode, encode};
 pub use command::{Command, StepTask};
 pub use config::{ConfigValue, EnvConfig};
 pub use envelope::{Body, Envelope};
-pub use event::{Event, Push, RepoKind, Signal, StepOutcome, StepReport, TimerFired};
+pub use event::{ConfigChange, Event, Push, RepoKind, Signal, StepOutcome, StepReport, TimerFired};
 pub use history::HistoryEntry;
 pub use id::{Domain, Environment, EventId, GitSha, RunId, TenantId, WorkflowKey};
 pub use lineage::{Heads, LINEAGE_WINDOW, Lineage};

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use statig::Outcome::{self, Handled, Transition};
 
 use crate::command::{Command, StepTask};
-use crate::event::{Push, RepoKind, StepOutcome, StepReport, TimerFired};
+use crate::event::{ConfigChange, Push, RepoKind, StepOutcome, StepReport, TimerFired};
 use crate::id::{Environment, EventId, GitSha, RunId, WorkflowKey};
 use crate::lineage::Heads;
 use crate::step::{Release, Resources, StepKind, StepProgress, StepStatus};
@@ -331,12 +331,15 @@ pub struct Pending {
     /// Newest pending application push.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<Push>,
+    /// Newest config change that arrived while a run was busy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigChange>,
 }
 
 impl Pending {
-    /// No push is waiting.
+    /// Nothing is waiting.
     pub fn is_empty(&self) -> bool {
-        self.infra.is_none() && self.app.is_none()
+        self.infra.is_none() && self.app.is_none() && self.config.is_none()
     }
 
     fn slot(&mut self, repo: RepoKind) -> &mut Option<Push> {
@@ -457,6 +460,7 @@ impl Workflow {
                 (release, steps)
             }
             RunKind::Decommission => {
+                self.pending.config = None;
                 for push in [self.pending.infra.take(), self.pending.app.take()]
                     .into_iter()
                     .flatten()
@@ -536,6 +540,8 @@ impl Workflow {
             Some(run) if run.kind == RunKind::Deploy => run.end(RunEnd::Cancelled, now),
             _ => return ctx.refuse("no deployment run is active"),
         }
+        // A config change waiting for this run is dropped with it: `redeploy` rolls it out.
+        self.pending.config = None;
         for push in [self.pending.infra.take(), self.pending.app.take()]
             .into_iter()
             .flatten()
@@ -778,12 +784,14 @@ impl Workflow {
                 if self.pending.is_empty() {
                     State::Live
                 } else {
-                    // The newest pending pushes start the next run at once.
+                    // The newest pending pushes (or a config change) start the next run
+                    // at once.
                     let trigger = [&self.pending.infra, &self.pending.app]
                         .into_iter()
                         .flatten()
                         .max_by_key(|p| p.received_at)
                         .map(|p| p.event_id.clone())
+                        .or_else(|| self.pending.config.as_ref().map(|c| c.event_id.clone()))
                         .unwrap_or_else(|| run.trigger.clone());
                     match self.start_run(RunKind::Deploy, &trigger, ctx) {
                         Transition(state) => state,

@@ -197,6 +197,16 @@ impl Driver {
         self.apply(&event)
     }
 
+    /// The event of a change of the environment's config to `version`, with a fresh id.
+    pub fn configure_event(&mut self, version: u64) -> Event {
+        let event_id = self.fresh_id("config");
+        Event::Configure(crate::event::ConfigChange {
+            event_id,
+            version,
+            actor: "ops".into(),
+        })
+    }
+
     /// The signal event `signal`, with a fresh id.
     pub fn signal_event(&mut self, signal: Signal) -> Event {
         let event_id = self.fresh_id("signal");

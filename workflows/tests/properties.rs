@@ -1,5 +1,5 @@
-//! Property tests over random event sequences: pushes, duplicates, step outcomes in any
-//! order, stale and lost messages, operator signals at any time.
+//! Property tests over random event sequences: pushes, config changes, duplicates, step
+//! outcomes in any order, stale and lost messages, operator signals at any time.
 //!
 //! After every event: at most one run is active and every valid message belongs to it; a
 //! duplicate or stale event changes nothing; nothing leaves `decommissioned`; every
@@ -44,6 +44,8 @@ enum Action {
     Signal(Signal),
     Provision,
     Rearm,
+    /// The environment's config changed (`wfctl config`).
+    Configure,
 }
 
 fn outcome() -> impl Strategy<Value = Outcome> {
@@ -71,6 +73,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => prop_oneof![19 => Just(None), 1 => Just(Some(Signal::Decommission))]
             .prop_map(|s| s.map_or(Action::Rearm, Action::Signal)),
         1 => Just(Action::Provision),
+        1 => Just(Action::Configure),
     ]
 }
 
@@ -86,6 +89,8 @@ struct World {
     external: Vec<Event>,
     delivered: Vec<InFlight>,
     lost: Vec<InFlight>,
+    /// Config versions sent so far.
+    configs: u64,
 }
 
 impl World {
@@ -104,6 +109,7 @@ impl World {
             external: Vec::new(),
             delivered: Vec::new(),
             lost: Vec::new(),
+            configs: 0,
         }
     }
 
@@ -252,6 +258,11 @@ impl World {
                 self.apply(&Event::Provision { event_id });
             }
             Action::Rearm => self.rearm(),
+            Action::Configure => {
+                self.configs += 1;
+                let event = self.d.configure_event(self.configs);
+                self.apply(&event);
+            }
             _ => {}
         }
     }

@@ -16,8 +16,8 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use state_schemas::{HISTORY_ENTRY, QUEUE_ENVELOPE, TENANT_RECORD, WORKFLOW_RECORD};
 use workflows::{
-    Body, Command, ConfigValue, DatabaseOutput, DeploymentOutput, Domain, EnvConfig, Envelope,
-    Environment, Event, EventId, GitSha, HistoryEntry, ImageOutput, Input, NetworkOutput,
+    Body, Command, ConfigChange, ConfigValue, DatabaseOutput, DeploymentOutput, Domain, EnvConfig,
+    Envelope, Environment, Event, EventId, GitSha, HistoryEntry, ImageOutput, Input, NetworkOutput,
     Persisted, Push, RepoKind, RoutingOutput, Settings, Signal, SourceOutput, State, StepKind,
     StepOutcome, StepOutput, StepReport, StepTask, Tenant, TenantId, TimerFired, Timestamp,
     Verdict, WebhookAuth, WorkflowKey, WorkflowRecord,
@@ -441,6 +441,23 @@ fn staging(out: &mut Fixtures) -> anyhow::Result<()> {
         bail!("a late resend should be ignored, was {:?}", entry.verdict);
     }
     out.add(HISTORY_ENTRY, "ignored-late-push", &entry)?;
+    // The config vars change (`wfctl config set`): the same release is rolled out again.
+    d.wait(120);
+    let configure = Event::Configure(ConfigChange {
+        event_id: id("config:acme-shop#staging:1748944200000:5f1c9a2e")?,
+        version: 4,
+        actor: "ops:kwright@wfctl".into(),
+    });
+    out.add(
+        QUEUE_ENVELOPE,
+        "configure",
+        &envelope(&key, d.now, Body::Event(configure.clone()), None),
+    )?;
+    let entry = d.apply(configure);
+    d.expect(State::RollingOut)?;
+    out.add(HISTORY_ENTRY, "accepted-configure", &entry)?;
+    d.finish_all()?;
+    d.expect(State::Live)?;
     d.wait(30);
     out.add(
         HISTORY_ENTRY,

@@ -11,8 +11,8 @@ use orchestrator::tenants::{SIGNING_SECRET_PREFIX, TOKEN_PREFIX, token_sha256, v
 use serde_json::Value;
 use workflows::testing::{Driver, event_id};
 use workflows::{
-    ConfigValue, Environment, Event, GitSha, Input, Push, RepoKind, Settings, Signal, StepKind,
-    StepOutcome, TenantId, Timestamp, WorkflowKey, WorkflowRecord,
+    Body, ConfigValue, Envelope, Environment, Event, GitSha, Input, Push, RepoKind, Settings,
+    Signal, StepKind, StepOutcome, TenantId, Timestamp, WorkflowKey, WorkflowRecord,
 };
 
 const WFCTL: &str = env!("CARGO_BIN_EXE_wfctl");
@@ -1885,7 +1885,11 @@ fn config_set_unset_and_list_keep_versioned_vars_per_environment() {
     ]);
     run.ok();
     assert!(run.stderr.contains("version 1"), "{}", run.stderr);
-    assert!(run.stderr.contains("next rollout"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("first deployment gives it to the app"),
+        "no workflow yet: {}",
+        run.stderr
+    );
     let stored = f.tenant("acme").config_of(Environment::Staging);
     assert_eq!(stored.version, 1);
     assert_eq!(
@@ -2023,4 +2027,63 @@ fn tenant_set_changes_the_branch_map_and_approval_and_nothing_else() {
     let run = f.wfctl(&["tenant", "set", "nobody", "--production-approval", "true"]);
     run.code(1);
     assert!(run.stderr.contains("no tenant"), "{}", run.stderr);
+}
+
+#[test]
+fn a_config_change_of_an_environment_with_a_workflow_is_sent_to_it() {
+    use orchestrator::ports::{Queue, QueueKind};
+    let f = Fixture::new();
+    f.add_tenant("acme", 11, 12);
+    let key = WorkflowKey::new(TenantId::new("acme").expect("valid"), Environment::Dev);
+    let t0 = now();
+    let mut record = WorkflowRecord::new(key.clone(), t0);
+    let push = Event::Push(Push {
+        event_id: event_id("p1"),
+        repo: RepoKind::App,
+        sha: commit(1),
+        before: None,
+        git_ref: "refs/heads/dev".into(),
+        author: "jane".into(),
+        message: "first".into(),
+        received_at: t0,
+    });
+    f.apply(&mut record, &push, t0);
+    let run = f.wfctl(&["config", "set", "acme", "--env", "dev", "LOG_LEVEL=info"]);
+    run.ok();
+    assert!(run.stderr.contains("rolls it out"), "{}", run.stderr);
+    // Setting the same again changes nothing and sends nothing.
+    f.wfctl(&["config", "set", "acme", "--env", "dev", "LOG_LEVEL=info"])
+        .ok();
+    let got =
+        f.rt.block_on(f.store.receive(
+            QueueKind::Events,
+            10,
+            Duration::from_secs(30),
+            Duration::ZERO,
+        ))
+        .expect("receive");
+    let events: Vec<Event> = got
+        .iter()
+        .filter_map(|d| {
+            match workflows::decode::<Envelope>(&d.body)
+                .expect("decodes")
+                .body
+            {
+                Body::Event(e) => Some(e),
+                Body::Step(_) => None,
+            }
+        })
+        .collect();
+    match events.as_slice() {
+        [Event::Configure(c)] => {
+            assert_eq!(c.version, 1);
+            assert!(
+                c.event_id.as_str().starts_with("config:acme#dev:"),
+                "{}",
+                c.event_id
+            );
+            assert!(!c.actor.is_empty());
+        }
+        other => panic!("one Configure event expected, got {other:?}"),
+    }
 }

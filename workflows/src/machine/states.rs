@@ -3,7 +3,7 @@
 //! `#[state_machine]` generates the `Superstate` enum here, without docs of its own.
 #![allow(missing_docs)]
 
-use statig::Outcome::{self, Super, Transition};
+use statig::Outcome::{self, Handled, Super, Transition};
 use statig::state_machine;
 
 use super::{Ctx, RunKind, State, Workflow, release_sha, set_release_sha};
@@ -42,6 +42,7 @@ impl Workflow {
             }
             Event::Provision { .. } => context.ignore("already provisioned"),
             Event::Push(_) => context.ignore("pushes do not apply here"),
+            Event::Configure(_) => context.ignore("config changes do not apply here"),
         }
     }
 
@@ -56,6 +57,9 @@ impl Workflow {
                 }
             },
             Event::Provision { event_id } => self.start_run(RunKind::Deploy, event_id, context),
+            Event::Configure(_) => context.ignore(
+                "nothing is deployed yet: the first deployment gives the app the current config",
+            ),
             _ => Super,
         }
     }
@@ -68,6 +72,11 @@ impl Workflow {
                 Err(reason) => context.ignore(reason),
                 Ok(()) => self.keep_pending(push, context),
             },
+            // Rolled out by a run of its own once this one is done (newest wins).
+            Event::Configure(change) => {
+                self.pending.config = Some(change.clone());
+                Handled
+            }
             Event::Signal {
                 event_id,
                 signal: Signal::Cancel,
@@ -123,6 +132,8 @@ impl Workflow {
                 signal: Signal::Redeploy,
                 ..
             } => self.start_run(RunKind::Deploy, event_id, context),
+            // Only the rollout runs: the same release, the new config.
+            Event::Configure(change) => self.start_run(RunKind::Deploy, &change.event_id, context),
             _ => Super,
         }
     }
@@ -143,7 +154,9 @@ impl Workflow {
                 ..
             } => self.resume(context),
             _ if decommissioning => match event {
-                Event::Push(_) => context.ignore("the environment is being decommissioned"),
+                Event::Push(_) | Event::Configure(_) => {
+                    context.ignore("the environment is being decommissioned")
+                }
                 Event::Signal { signal, .. } => context.refuse(format!(
                     "{signal} does not apply while decommissioning has failed: retry it"
                 )),
@@ -156,6 +169,8 @@ impl Workflow {
                     self.start_run(RunKind::Deploy, &push.event_id, context)
                 }
             },
+            // Like a push: the failed run is abandoned for a new one.
+            Event::Configure(change) => self.start_run(RunKind::Deploy, &change.event_id, context),
             Event::Signal {
                 event_id,
                 signal: Signal::Cancel,
@@ -179,7 +194,9 @@ impl Workflow {
     #[state(superstate = "workflow")]
     fn decommissioning(&mut self, context: &mut Ctx, event: &Event) -> Outcome<State> {
         match event {
-            Event::Push(_) => context.ignore("the environment is being decommissioned"),
+            Event::Push(_) | Event::Configure(_) => {
+                context.ignore("the environment is being decommissioned")
+            }
             Event::Signal {
                 signal: Signal::Decommission,
                 ..
@@ -194,7 +211,9 @@ impl Workflow {
     #[state(superstate = "workflow")]
     fn decommissioned(&mut self, context: &mut Ctx, event: &Event) -> Outcome<State> {
         match event {
-            Event::Push(_) => context.ignore("the environment is decommissioned"),
+            Event::Push(_) | Event::Configure(_) => {
+                context.ignore("the environment is decommissioned")
+            }
             Event::Signal {
                 signal: Signal::Decommission,
                 ..

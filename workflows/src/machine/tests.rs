@@ -695,3 +695,81 @@ fn a_restored_record_carries_on_and_restoring_runs_nothing() {
     assert_eq!(x.commands, y.commands);
     assert_eq!(d.record.workflow(), r.record.workflow());
 }
+
+#[test]
+fn a_config_change_of_a_live_workflow_rolls_out_the_same_release() {
+    let mut d = live();
+    let before = d.record.workflow().deployed.clone().expect("deployed");
+    let event = d.configure_event(2);
+    let a = d.apply(&event);
+    assert_eq!(a.verdict, Verdict::Accepted);
+    assert_eq!((a.from, a.to), (State::Live, State::RollingOut));
+    assert_eq!(run_steps(&a.commands), [Rollout], "only the rollout runs");
+    d.run_to_quiescence();
+    assert_eq!(d.state(), State::Live);
+    let after = d.record.workflow().deployed.clone().expect("deployed");
+    assert_eq!(after.release, before.release);
+    assert_ne!(after.run, before.run, "a new run rolled it out");
+}
+
+#[test]
+fn a_config_change_during_a_run_waits_for_it_then_rolls_out() {
+    let mut d = live();
+    d.push(App, 2);
+    assert_eq!(d.state(), State::Preparing);
+    let first = d.configure_event(2);
+    let a = d.apply(&first);
+    assert_eq!(a.verdict, Verdict::Accepted);
+    assert!(
+        a.commands.is_empty(),
+        "nothing starts while the run is busy"
+    );
+    let newest = d.configure_event(3);
+    d.apply(&newest);
+    assert_eq!(
+        d.record
+            .workflow()
+            .pending
+            .config
+            .as_ref()
+            .map(|c| c.version),
+        Some(3),
+        "the newest change waits"
+    );
+    let run = d.record.workflow().run.as_ref().map(|r| r.id);
+    d.run_to_quiescence();
+    assert_eq!(d.state(), State::Live);
+    assert!(d.record.workflow().pending.is_empty());
+    let last = d.record.workflow().run.as_ref().expect("run");
+    assert!(Some(last.id) > run, "a run of its own followed");
+    assert_eq!(last.trigger, newest.id());
+}
+
+#[test]
+fn a_config_change_before_a_deployment_or_after_decommission_is_ignored() {
+    let mut d = Driver::new(Environment::Dev);
+    let event = d.configure_event(1);
+    let a = d.apply(&event);
+    assert!(ignored(&a));
+    assert_eq!(a.to, State::Unprovisioned);
+    let mut d = live();
+    d.signal(Signal::Decommission);
+    let event = d.configure_event(4);
+    let a = d.apply(&event);
+    assert!(ignored(&a));
+    d.run_to_quiescence();
+    let event = d.configure_event(5);
+    assert!(ignored(&d.apply(&event)));
+    assert_eq!(d.state(), State::Decommissioned);
+}
+
+#[test]
+fn cancel_drops_a_waiting_config_change() {
+    let mut d = live();
+    d.push(App, 2);
+    let event = d.configure_event(2);
+    d.apply(&event);
+    d.signal(Signal::Cancel);
+    assert!(d.record.workflow().pending.is_empty());
+    assert_eq!(d.state(), State::Live);
+}
