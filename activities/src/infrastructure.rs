@@ -47,6 +47,15 @@ pub struct Infrastructure {
     pub db_instance_class: String,
     /// RDS storage in GiB.
     pub db_allocated_storage_gib: i32,
+    /// Days of automated backups kept of a dev or staging database (0 turns them off).
+    pub db_backup_days: i32,
+    /// Days of automated backups kept of a production database.
+    pub production_db_backup_days: i32,
+    /// Production databases have a standby in another availability zone.
+    pub production_db_multi_az: bool,
+    /// Production databases cannot be deleted while this holds; decommission lifts it as its
+    /// last act before the final snapshot.
+    pub production_db_deletion_protection: bool,
     /// Instances per Auto Scaling group.
     pub group_size: i32,
     /// The port the application listens on.
@@ -84,6 +93,10 @@ impl Default for Infrastructure {
             builder_instance_type: "t3.small".to_owned(),
             db_instance_class: "db.t3.micro".to_owned(),
             db_allocated_storage_gib: 20,
+            db_backup_days: 1,
+            production_db_backup_days: 7,
+            production_db_multi_az: true,
+            production_db_deletion_protection: true,
             group_size: 1,
             app_port: 80,
             health_check_path: "/".to_owned(),

@@ -130,10 +130,18 @@ async fn create(
         .into_iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build())
         .collect();
+    let production = names.key().env == workflows::Environment::Production;
     let result = cloud
         .clients
         .rds
         .create_db_instance()
+        .multi_az(production && infra.production_db_multi_az)
+        .deletion_protection(production && infra.production_db_deletion_protection)
+        .backup_retention_period(if production {
+            infra.production_db_backup_days
+        } else {
+            infra.db_backup_days
+        })
         .db_instance_identifier(id)
         .engine("mysql")
         .db_instance_class(&infra.db_instance_class)

@@ -75,7 +75,23 @@ pub(super) async fn reconcile(
     if let Some(instance) = database::find(cloud, &db).await?
         && database::is_ours(names, &instance)
     {
-        if instance.db_instance_status() != Some("deleting") {
+        let protected = instance.deletion_protection() == Some(true);
+        if protected && going.is_empty() {
+            // The last act before the final snapshot: only now that nothing else is left.
+            cloud
+                .clients
+                .rds
+                .modify_db_instance()
+                .db_instance_identifier(&db)
+                .deletion_protection(false)
+                .apply_immediately(true)
+                .send()
+                .await
+                .map_err(|e| classify("rds:ModifyDBInstance", &db, &e))?;
+            tracing::info!(database = %db, "deletion protection lifted");
+        } else if protected {
+            tracing::debug!(database = %db, "deletion protection kept until the rest is gone");
+        } else if instance.db_instance_status() != Some("deleting") {
             let snapshot = format!("{}-{}", names.final_snapshot(), invocation.task.run);
             match cloud
                 .clients

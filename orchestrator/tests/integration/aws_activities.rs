@@ -741,6 +741,26 @@ async fn two_tenants_two_environments_on_moto() {
         run.steps
     );
 
+    // Production's database has a standby, a week of backups and deletion protection; dev's
+    // has none of these.
+    for (id, production) in [("acme-production", true), ("acme-dev", false)] {
+        let found = c
+            .rds
+            .describe_db_instances()
+            .db_instance_identifier(id)
+            .send()
+            .await
+            .expect("database");
+        let db = &found.db_instances()[0];
+        assert_eq!(db.multi_az(), Some(production), "{id}");
+        assert_eq!(db.deletion_protection(), Some(production), "{id}");
+        assert_eq!(
+            db.backup_retention_period(),
+            Some(if production { 7 } else { 1 }),
+            "{id}"
+        );
+    }
+
     // Decommissioning acme#production releases what it held, its images' snapshots too.
     let acme_prod = keys[1].clone();
     let image_snapshots = async |w: &World| {
