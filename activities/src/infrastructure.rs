@@ -110,6 +110,23 @@ impl Default for Infrastructure {
 }
 
 impl Infrastructure {
+    /// The partition of the account (`aws`, `aws-cn`, `aws-us-gov`), from the listener's ARN.
+    pub fn partition(&self) -> &str {
+        self.listener_arn
+            .split(':')
+            .nth(1)
+            .filter(|p| !p.is_empty())
+            .unwrap_or("aws")
+    }
+
+    /// The region of the shared infrastructure, from the listener's ARN.
+    pub fn region(&self) -> Option<&str> {
+        self.listener_arn
+            .split(':')
+            .nth(3)
+            .filter(|r| !r.is_empty())
+    }
+
     /// The required settings that are empty, each with what it is.
     pub fn missing(&self) -> Vec<&'static str> {
         let mut missing = Vec::new();

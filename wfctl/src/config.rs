@@ -7,13 +7,14 @@
 
 use serde::Serialize;
 use workflows::config::{self, ConfigValue, EnvConfig};
-use workflows::{ConfigChange, Environment, Event, EventId, TenantId, WorkflowKey};
+use workflows::{ConfigChange, Environment, Event, TenantId, WorkflowKey};
 
 use orchestrator::engine::enqueue;
 use orchestrator::ports::{Queue, Store};
 
 use crate::error::Error;
 use crate::output::Printer;
+use crate::signal::new_event_id;
 use crate::tenant::unknown_tenant;
 
 /// What `config list` prints in JSON, and `set`/`unset` after a change.
@@ -94,7 +95,7 @@ pub async fn change<S: Store, Q: Queue>(
     let rolled = changed && store.workflow(&key).await?.is_some();
     if rolled {
         let event = Event::Configure(ConfigChange {
-            event_id: new_event_id(&key, p.now)?,
+            event_id: new_event_id("config", &key, p.now)?,
             version: config.version,
             actor: actor.to_owned(),
         });
@@ -117,15 +118,6 @@ pub async fn change<S: Store, Q: Queue>(
         })?;
     }
     Ok(())
-}
-
-/// A fresh id: the workflow, the time and a random part.
-fn new_event_id(key: &WorkflowKey, now: workflows::Timestamp) -> Result<EventId, Error> {
-    let mut nonce = [0u8; 4];
-    getrandom::fill(&mut nonce).map_err(Error::Random)?;
-    let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-    EventId::new(format!("config:{key}:{}:{nonce}", now.as_unix_millis()))
-        .map_err(|e| Error::Invalid(e.to_string()))
 }
 
 /// Prints tenant `id`'s config vars of `env`.

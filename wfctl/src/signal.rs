@@ -120,7 +120,7 @@ pub async fn send<S: Store, Q: Queue>(
         return Err(missing_workflow(store, &req.tenant, req.env).await);
     };
     let signal = req.signal;
-    let event_id = new_event_id(signal, &key, now)?;
+    let event_id = new_event_id(&format!("signal:{signal}"), &key, now)?;
     let event = Event::Signal {
         event_id: event_id.clone(),
         signal,
@@ -244,15 +244,16 @@ fn finish(p: &mut Printer<'_>, view: &SignalView, text: &str) -> Result<(), Erro
     Ok(())
 }
 
-/// A fresh id: the signal, the workflow, the time and a random part, so that two operators
-/// sending the same signal at the same millisecond are still two events.
-fn new_event_id(signal: Signal, key: &WorkflowKey, now: Timestamp) -> Result<EventId, Error> {
+/// A fresh id of an operator's event for `key`: `<kind>:<key>:<time>:<random>`, so that two
+/// operators sending the same thing at the same millisecond are still two events.
+pub(crate) fn new_event_id(
+    kind: &str,
+    key: &WorkflowKey,
+    now: Timestamp,
+) -> Result<EventId, Error> {
     let mut nonce = [0u8; 4];
     getrandom::fill(&mut nonce).map_err(Error::Random)?;
     let nonce: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
-    EventId::new(format!(
-        "signal:{signal}:{key}:{}:{nonce}",
-        now.as_unix_millis()
-    ))
-    .map_err(|e| Error::Invalid(e.to_string()))
+    EventId::new(format!("{kind}:{key}:{}:{nonce}", now.as_unix_millis()))
+        .map_err(|e| Error::Invalid(e.to_string()))
 }

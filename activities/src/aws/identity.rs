@@ -17,6 +17,7 @@ use aws_sdk_iam::types::{InstanceProfile, Role, Tag};
 
 use super::error::{classify, code};
 use super::{AwsCloud, Error, Names, ownership, tags};
+use crate::Invocation;
 
 /// The IAM path of every role and instance profile the orchestrator makes, so that its own
 /// permissions can be limited to them (`arn:aws:iam::<account>:role/tenant-host/*`).
@@ -50,17 +51,6 @@ pub(super) fn policy(names: &Names, partition: &str, bucket: &str, secrets: &[&s
         }));
     }
     serde_json::json!({ "Version": "2012-10-17", "Statement": statements }).to_string()
-}
-
-/// The partition of the account, from an ARN of the shared infrastructure.
-fn partition(cloud: &AwsCloud) -> &str {
-    cloud
-        .infra
-        .listener_arn
-        .split(':')
-        .nth(1)
-        .filter(|p| !p.is_empty())
-        .unwrap_or("aws")
 }
 
 /// IAM tags as (key, value) pairs.
@@ -101,16 +91,20 @@ async fn profile(cloud: &AwsCloud, name: &str) -> Result<Option<InstanceProfile>
 }
 
 /// Makes (or finds) the environment's role, its policy and its instance profile. The policy
-/// names the database secret of `resources` when there is one, and the secrets `config`
-/// references: every step that writes it passes what it was dispatched with, so a later image
-/// build does not take a secret away from instances that serve.
+/// names the database secret of the task's resources when there is one, and the secrets the
+/// invocation's config references: every step that writes it does so from what it was
+/// dispatched with, so a later image build does not take a secret away from instances that
+/// serve.
 pub(super) async fn ensure(
     cloud: &AwsCloud,
     names: &Names,
-    run: workflows::RunId,
-    resources: &workflows::Resources,
-    config: &workflows::EnvConfig,
+    invocation: Invocation<'_>,
 ) -> Result<(), Error> {
+    let (run, resources, config) = (
+        invocation.task.run,
+        &invocation.task.resources,
+        invocation.config,
+    );
     let name = names.instance_role();
     let iam = &cloud.clients.iam;
     if let Some(r) = role(cloud, &name).await? {
@@ -143,7 +137,7 @@ pub(super) async fn ensure(
     secrets.dedup();
     let document = policy(
         names,
-        partition(cloud),
+        cloud.infra.partition(),
         &cloud.infra.artifact_bucket,
         &secrets,
     );

@@ -239,14 +239,7 @@ async fn launch_builder(
     let name = names.builder(sha);
     // The environment's profile, made here too for environments whose network step ran
     // before there were per-environment roles.
-    identity::ensure(
-        cloud,
-        names,
-        invocation.task.run,
-        &invocation.task.resources,
-        invocation.config,
-    )
-    .await?;
+    identity::ensure(cloud, names, invocation).await?;
     let recorded = invocation.task.resources.infra_source.as_ref();
     let key = source::in_prefix(cloud, names, RepoKind::Infra, sha, recorded).await?;
     let user_data = builder_user_data(&infra.artifact_bucket, &key);

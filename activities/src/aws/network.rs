@@ -47,14 +47,7 @@ pub(super) async fn reconcile(
     )
     .await?;
     ensure_ingress(cloud, &database, MYSQL_PORT, &instances_id).await?;
-    identity::ensure(
-        cloud,
-        names,
-        run,
-        &invocation.task.resources,
-        invocation.config,
-    )
-    .await?;
+    identity::ensure(cloud, names, invocation).await?;
     Ok(Outcome::Done(StepOutput::Network(NetworkOutput {
         instance_security_group: instances_id,
         database_security_group: group_id(&database)?,

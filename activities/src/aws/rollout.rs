@@ -237,14 +237,7 @@ async fn ensure_template(
     }
     // The environment's profile, made here too for environments whose network step ran
     // before there were per-environment roles.
-    identity::ensure(
-        cloud,
-        names,
-        invocation.task.run,
-        &invocation.task.resources,
-        invocation.config,
-    )
-    .await?;
+    identity::ensure(cloud, names, invocation).await?;
     let app_key = match &invocation.task.release.app {
         Some(sha) => {
             let recorded = invocation.task.resources.app_source.as_ref();
@@ -343,12 +336,7 @@ fn template_data(
     let network = task.resources.network.as_ref().ok_or_else(|| {
         Error::Terminal("the rollout needs the network step's security group".to_owned())
     })?;
-    let region = cloud
-        .infra
-        .listener_arn
-        .split(':')
-        .nth(3)
-        .filter(|r| !r.is_empty());
+    let region = cloud.infra.region();
     let env_file = crate::app_env::render(&crate::app_env::variables(
         names.key(),
         &task.resources,

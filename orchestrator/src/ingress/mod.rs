@@ -745,31 +745,20 @@ async fn scan_body(
     mut signature: Option<&mut Signature>,
 ) -> Result<Payload, Refused> {
     use http_body_util::BodyExt as _;
-    let too_large = || {
-        Refused::Answer(Answer::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is larger than {limit} bytes"),
-        ))
-    };
     if announced_over(&body, limit) {
-        return Err(too_large());
+        return Err(Refused::Answer(too_large(limit)));
     }
     let read = async {
         let mut scanner = Scanner::new();
         let mut total = 0usize;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                Refused::Answer(Answer::error(
-                    StatusCode::BAD_REQUEST,
-                    format!("the body could not be read: {e}"),
-                ))
-            })?;
+            let frame = frame.map_err(|e| Refused::Answer(unreadable(&e)))?;
             let Ok(data) = frame.into_data() else {
                 continue;
             };
             total = total.saturating_add(data.len());
             if total > limit {
-                return Err(too_large());
+                return Err(Refused::Answer(too_large(limit)));
             }
             if let Some(s) = signature.as_deref_mut() {
                 s.update(&data);
@@ -780,14 +769,35 @@ async fn scan_body(
     };
     match tokio::time::timeout(timeout, read).await {
         Ok(result) => result,
-        Err(_) => Err(Refused::Answer(Answer::error(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the body took longer than {} s to arrive",
-                timeout.as_secs()
-            ),
-        ))),
+        Err(_) => Err(Refused::Answer(too_slow(timeout))),
     }
+}
+
+/// `413`: the body is larger than `limit`.
+fn too_large(limit: usize) -> Answer {
+    Answer::error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the body is larger than {limit} bytes"),
+    )
+}
+
+/// `400`: the body could not be read (the connection broke, a chunk was malformed).
+fn unreadable(e: &dyn std::fmt::Display) -> Answer {
+    Answer::error(
+        StatusCode::BAD_REQUEST,
+        format!("the body could not be read: {e}"),
+    )
+}
+
+/// `408`: the body did not arrive within `timeout`.
+fn too_slow(timeout: Duration) -> Answer {
+    Answer::error(
+        StatusCode::REQUEST_TIMEOUT,
+        format!(
+            "the body took longer than {} s to arrive",
+            timeout.as_secs()
+        ),
+    )
 }
 
 /// `handled`'s answer, in the request's span for `route`, or `503` when it takes longer
@@ -832,29 +842,14 @@ async fn read_body(
     timeout: Duration,
 ) -> Result<Bytes, Answer> {
     if announced_over(&body, limit) {
-        return Err(Answer::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is larger than {limit} bytes"),
-        ));
+        return Err(too_large(limit));
     }
     let limited = http_body_util::Limited::new(body, limit);
     match tokio::time::timeout(timeout, http_body_util::BodyExt::collect(limited)).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(Answer::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is larger than {limit} bytes"),
-        )),
-        Ok(Err(e)) => Err(Answer::error(
-            StatusCode::BAD_REQUEST,
-            format!("the body could not be read: {e}"),
-        )),
-        Err(_) => Err(Answer::error(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the body took longer than {} s to arrive",
-                timeout.as_secs()
-            ),
-        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(limit)),
+        Ok(Err(e)) => Err(unreadable(&e)),
+        Err(_) => Err(too_slow(timeout)),
     }
 }
 

@@ -522,6 +522,21 @@ fn decode_entry(key: &str, bytes: &[u8]) -> Result<HistoryEntry, Error> {
         .map_err(|source| Error::corrupt(format!("history entry of {key}"), source))
 }
 
+/// The tenant `query` (one `?1` parameter, `param`) finds, if any.
+fn one_tenant(
+    conn: &Connection,
+    query: &str,
+    param: impl rusqlite::ToSql,
+) -> Result<Option<Tenant>, Error> {
+    let bytes: Option<Vec<u8>> = conn
+        .prepare_cached(query)
+        .map_err(sql)?
+        .query_row([param], |r| r.get(0))
+        .optional()
+        .map_err(sql)?;
+    bytes.map(|b| decode_tenant(&b)).transpose()
+}
+
 fn decode_tenant(bytes: &[u8]) -> Result<Tenant, Error> {
     workflows::decode(bytes).map_err(|source| Error::corrupt("tenant record", source))
 }
@@ -721,30 +736,15 @@ impl Store for SqliteBackend {
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, Error> {
         let id = id.to_string();
-        self.read(move |conn| {
-            let bytes: Option<Vec<u8>> = conn
-                .prepare_cached("SELECT record FROM tenants WHERE id = ?1")
-                .map_err(sql)?
-                .query_row([id], |r| r.get(0))
-                .optional()
-                .map_err(sql)?;
-            bytes.map(|b| decode_tenant(&b)).transpose()
-        })
-        .await
+        self.read(move |conn| one_tenant(conn, "SELECT record FROM tenants WHERE id = ?1", id))
+            .await
     }
 
     async fn tenant_by_project(&self, project: u64) -> Result<Option<Tenant>, Error> {
         let project = i64::try_from(project).unwrap_or(-1);
         self.read(move |conn| {
-            let bytes: Option<Vec<u8>> = conn
-                .prepare_cached(
-                    "SELECT record FROM tenants WHERE infra_project = ?1 OR app_project = ?1",
-                )
-                .map_err(sql)?
-                .query_row([project], |r| r.get(0))
-                .optional()
-                .map_err(sql)?;
-            bytes.map(|b| decode_tenant(&b)).transpose()
+            let query = "SELECT record FROM tenants WHERE infra_project = ?1 OR app_project = ?1";
+            one_tenant(conn, query, project)
         })
         .await
     }
@@ -752,16 +752,9 @@ impl Store for SqliteBackend {
     async fn tenant_by_domain(&self, domain: &Domain) -> Result<Option<Tenant>, Error> {
         let domain = domain.to_string();
         self.read(move |conn| {
-            let bytes: Option<Vec<u8>> = conn
-                .prepare_cached(
-                    "SELECT t.record FROM tenant_domains d JOIN tenants t ON t.id = d.tenant \
-                     WHERE d.domain = ?1",
-                )
-                .map_err(sql)?
-                .query_row([domain], |r| r.get(0))
-                .optional()
-                .map_err(sql)?;
-            bytes.map(|b| decode_tenant(&b)).transpose()
+            let query = "SELECT t.record FROM tenant_domains d JOIN tenants t ON t.id = d.tenant \
+                         WHERE d.domain = ?1";
+            one_tenant(conn, query, domain)
         })
         .await
     }
