@@ -126,6 +126,9 @@ pub(super) async fn ensure(
             Err(e) => return Err(classify("iam:CreateRole", &name, &e)),
         }
     }
+    for arn in config.secret_arns() {
+        check_referenced_secret(cloud, names, arn).await?;
+    }
     let mut secrets: Vec<&str> = resources
         .database
         .as_ref()
@@ -190,6 +193,35 @@ pub(super) async fn ensure(
         }
     }
     Ok(())
+}
+
+/// A secret a config var references may be granted to the environment's role only if it is
+/// the tenant's: tagged `tenant` with the tenant's id. Anything else (another tenant's secret,
+/// a database secret of the platform, one that does not exist or cannot be read) is a
+/// terminal error naming it, so that no config var can open another tenant's secret.
+async fn check_referenced_secret(cloud: &AwsCloud, names: &Names, arn: &str) -> Result<(), Error> {
+    let described = cloud
+        .clients
+        .secrets
+        .describe_secret()
+        .secret_id(arn)
+        .send()
+        .await
+        .map_err(|e| classify("secretsmanager:DescribeSecret", arn, &e))?;
+    let tenant = names.key().tenant.as_str();
+    let owner = described
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some(super::names::TAG_TENANT))
+        .and_then(|t| t.value());
+    if owner == Some(tenant) {
+        return Ok(());
+    }
+    Err(Error::Terminal(format!(
+        "config var secret {arn} is not tenant {tenant}'s (its tag tenant is {}): only secrets \
+         tagged tenant={tenant} may be referenced",
+        owner.map_or_else(|| "missing".to_owned(), |o| format!("{o:?}"))
+    )))
 }
 
 /// Deletes the environment's instance profile and role, if they are its own (tagged so).

@@ -387,7 +387,10 @@ async fn same_named_resources_of_someone_else_are_refused_and_left_alone() {
 async fn each_environment_has_a_role_of_its_own() {
     let s = Sandbox::new().await;
     let iam = aws_sdk_iam::Client::new(&s.moto.sdk_config());
+    let secrets = aws_sdk_secretsmanager::Client::new(&s.moto.sdk_config());
     let mut policies = Vec::new();
+    // globex's, the last: what its next rollout is dispatched with.
+    let mut last_resources = Resources::default();
     for tenant in ["acme", "globex"] {
         let domain = format!("{tenant}.example");
         let network = s
@@ -429,9 +432,23 @@ async fn each_environment_has_a_role_of_its_own() {
             database: Some(database.clone()),
             ..Resources::default()
         };
-        // Config vars: a plain value, and a secret only this tenant references.
-        let own_secret =
-            format!("arn:aws:secretsmanager:us-east-1:123456789012:secret:{tenant}/api-key-Xy12Ab");
+        // Config vars: a plain value, and a secret of the tenant's own (tagged as its).
+        let own_secret = secrets
+            .create_secret()
+            .name(format!("{tenant}/api-key"))
+            .secret_string("k")
+            .tags(
+                aws_sdk_secretsmanager::types::Tag::builder()
+                    .key("tenant")
+                    .value(tenant)
+                    .build(),
+            )
+            .send()
+            .await
+            .expect("secret")
+            .arn()
+            .expect("arn")
+            .to_owned();
         let config = workflows::EnvConfig {
             version: 2,
             vars: [
@@ -447,6 +464,7 @@ async fn each_environment_has_a_role_of_its_own() {
             .into_iter()
             .collect(),
         };
+        last_resources = resources.clone();
         let rollout = s
             .invoke_configured(tenant, &domain, StepKind::Rollout, 1, resources, &config)
             .await;
@@ -540,6 +558,41 @@ async fn each_environment_has_a_role_of_its_own() {
         acme.1,
         globex.1
     );
+    // A config var of globex that references acme's secret is refused, naming it, and
+    // globex's role is left as it was.
+    let stolen = workflows::EnvConfig {
+        version: 3,
+        vars: [(
+            "API_KEY".to_owned(),
+            workflows::ConfigValue::SecretArn(acme.4.clone()),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let refused = s
+        .invoke_configured(
+            "globex",
+            "globex.example",
+            StepKind::Rollout,
+            2,
+            last_resources,
+            &stolen,
+        )
+        .await;
+    match &refused {
+        Outcome::Terminal(e) => {
+            assert!(e.contains(&acme.4) && e.contains("tenant globex"), "{e}")
+        }
+        other => panic!("globex referencing acme's secret: {other:?}"),
+    }
+    let policy = iam
+        .get_role_policy()
+        .role_name("globex-dev-instances")
+        .policy_name("environment-artifacts")
+        .send()
+        .await
+        .expect("globex's policy");
+    assert!(!urlencoding_free(policy.policy_document()).contains(&acme.4));
     for (mine, other) in [(acme, globex), (globex, acme)] {
         for secret in [&other.3, &other.4] {
             let (who, whose) = (mine.0, other.0);
