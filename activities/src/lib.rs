@@ -25,6 +25,7 @@ pub mod aws;
 pub mod clock;
 pub mod gate;
 pub mod infrastructure;
+pub mod report;
 pub mod simulated;
 
 /// Where a step stands after one invocation of its reconciler.

@@ -33,6 +33,12 @@
 //!
 //! # Faults
 //!
+//! A builder or an Auto Scaling group is created with its scripts' fate drawn once
+//! ([`SimConfig::script_failure_probability`], [`SimConfig::install_failure_probability`]): a
+//! failing build is noticed when the builder powers off (half the image latency), a failing
+//! install at a quarter of the rollout latency (the new group is then deleted); both fail the
+//! step terminally with a script report's failure, as the AWS reconcilers do.
+//!
 //! Before anything else, each invocation draws one number (with `fastrand`, seeded by
 //! [`SimConfig::seed`]): below [`SimConfig::throttle_probability`] it fails with
 //! `Throttling: Rate exceeded`, then [`SimConfig::server_error_probability`] gives
@@ -354,6 +360,7 @@ impl Inner {
                 now_ms: self.clock.now().as_unix_millis(),
                 config: &self.config,
                 env_config: &job.env_config,
+                sample: self.draw_script_sample(),
             };
             let result = conn
                 .execute_batch("SAVEPOINT invocation")
@@ -406,6 +413,19 @@ impl Inner {
         }
         bound += c.terminal_probability;
         (x < bound).then_some(Fault::Terminal)
+    }
+
+    /// A sample for the script failures a new builder or group is given; 1 (never below a
+    /// probability) when neither can fail, so seeded fault sequences stay as they were.
+    fn draw_script_sample(&self) -> f64 {
+        let c = &self.config;
+        if c.script_failure_probability <= 0.0 && c.install_failure_probability <= 0.0 {
+            return 1.0;
+        }
+        self.rng
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .f64()
     }
 
     fn draw_lost_response(&self) -> bool {

@@ -119,40 +119,6 @@ impl Moto {
 }
 
 impl Moto {
-    /// Stops running image builders (instances tagged `infra-sha`) every 200 ms, as their
-    /// provisioning scripts do when they are done: moto never runs user data. Abort the task
-    /// to stop.
-    pub fn power_off_builders(&self) -> tokio::task::JoinHandle<()> {
-        let ec2 = aws_sdk_ec2::Client::new(&self.sdk_config());
-        tokio::spawn(async move {
-            loop {
-                let running = aws_sdk_ec2::types::Filter::builder()
-                    .name("instance-state-name")
-                    .values("running")
-                    .build();
-                if let Ok(out) = ec2.describe_instances().filters(running).send().await {
-                    let builders: Vec<String> = out
-                        .reservations()
-                        .iter()
-                        .flat_map(|r| r.instances())
-                        .filter(|i| i.tags().iter().any(|t| t.key() == Some("infra-sha")))
-                        .filter_map(|i| i.instance_id().map(str::to_owned))
-                        .collect();
-                    if !builders.is_empty() {
-                        let _ = ec2
-                            .stop_instances()
-                            .set_instance_ids(Some(builders))
-                            .send()
-                            .await;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    }
-}
-
-impl Moto {
     /// Creates the orchestrator's queues and tables named from `prefix` (dead-lettering after
     /// `max_receives`) and connects to them, every request counted on the returned counter.
     pub async fn stack(&self, prefix: &str, max_receives: u32) -> (AwsStack, RequestCounter) {

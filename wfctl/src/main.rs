@@ -102,6 +102,10 @@ enum Command {
     /// Show the history of one workflow: one line per applied event, oldest first.
     #[command(after_long_help = HISTORY_JSON)]
     History(HistoryArgs),
+    /// Print what was captured of a run's image build and rollout: progress, and each
+    /// failure with the failed script's name, exit code and last lines.
+    #[command(after_long_help = LOGS_JSON)]
+    Logs(LogsArgs),
     /// Let a run that awaits approval before production roll out.
     #[command(after_long_help = SIGNAL_HELP)]
     Approve(SignalArgs),
@@ -518,6 +522,47 @@ struct HistoryArgs {
     follow: bool,
 }
 
+#[derive(Debug, Args)]
+struct LogsArgs {
+    /// The tenant.
+    tenant: TenantId,
+    /// The environment (dev, staging, production).
+    #[arg(long, value_name = "ENV")]
+    env: Environment,
+    /// Only this step (image or rollout are the ones whose instances run scripts; any step
+    /// kind is accepted). Default: both.
+    #[arg(long, value_name = "STEP")]
+    step: Option<StepKind>,
+    /// The run (\"r7\" or 7). Default: the newest run in which those steps reported.
+    #[arg(long, value_name = "RUN", value_parser = parse_run)]
+    run: Option<workflows::RunId>,
+}
+
+/// A run: `r7`, or `7`.
+fn parse_run(s: &str) -> Result<workflows::RunId, String> {
+    let prefixed = if s.starts_with('r') {
+        s.to_owned()
+    } else {
+        format!("r{s}")
+    };
+    prefixed
+        .parse::<workflows::RunId>()
+        .map_err(|e| e.to_string())
+}
+
+const LOGS_JSON: &str = "\
+The image step's builder and the rollout's instances upload a report of the scripts they run
+(provision/*.sh, install.sh); a failure's name, exit code and last 30 lines are recorded in the
+workflow's history, which this prints. The whole reports stay in the artifact bucket under
+<tenant>/<env>/logs/.
+
+JSON output (-o json): an array, oldest first, of
+  at        when the report was applied
+  run       the run (\"r7\")
+  step      image, rollout, ...
+  outcome   progress, done, retryable or failed
+  text      the note or error, every line";
+
 const TENANT_JSON: &str = "\
 JSON output (-o json): a tenant object (list: an array of them) with
   id, domain, infra_project, app_project,
@@ -828,6 +873,15 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
         }
         Command::Show(a) => wfctl::workflow::show(store, &a.tenant, a.env, p).await,
         Command::Slots(a) => wfctl::slots::slots(store, &a.kinds, p).await,
+        Command::Logs(a) => {
+            let req = wfctl::logs::LogsRequest {
+                tenant: a.tenant.clone(),
+                env: a.env,
+                step: a.step,
+                run: a.run,
+            };
+            wfctl::logs::logs(store, &req, p).await
+        }
         Command::History(a) => {
             let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
             let req = HistoryRequest {

@@ -408,6 +408,20 @@ fn render_workflow(
             steps.row(row);
         }
         p.table(&steps)?;
+        // A failure with more lines (a script's last lines) follows the table in full.
+        for s in &run.steps {
+            if let Some((first, rest)) = s.last_error.as_deref().and_then(|e| e.split_once('\n')) {
+                p.line("")?;
+                p.line(&format!(
+                    "  {} {}",
+                    p.paint(&format!("{}:", s.kind), Style::Red),
+                    sanitize(first)
+                ))?;
+                for line in rest.lines() {
+                    p.line(&format!("    {}", sanitize(line)))?;
+                }
+            }
+        }
     }
 
     p.line("")?;
@@ -494,9 +508,12 @@ fn step_row(p: &Printer<'_>, s: &StepProgress) -> Vec<Cell> {
         s.next_attempt_at
             .map_or_else(dash, |at| Cell::from(p.ago(at))),
         s.note.as_deref().map_or_else(dash, Cell::from),
-        s.last_error
-            .as_deref()
-            .map_or_else(dash, |e| Cell::styled(e, Style::Red)),
+        // Only the first line: the rest follows the table.
+        s.last_error.as_deref().map_or_else(dash, |e| {
+            let first = e.lines().next().unwrap_or_default();
+            let more = if e.contains('\n') { " (below)" } else { "" };
+            Cell::styled(format!("{first}{more}"), Style::Red)
+        }),
     ]
 }
 

@@ -30,18 +30,27 @@ const POLICY_NAME: &str = "environment-artifacts";
 /// EC2 may assume the role (for instances launched with the profile).
 const TRUST_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
 
-/// The inline policy of `names`' role: read the environment's artifacts in `bucket` and the
+/// The inline policy of `names`' role: read the environment's artifacts in `bucket`, write its
+/// script reports under `<tenant>/<env>/logs/` (see [`crate::report`]), and read the
 /// `secrets` its instances need (the database's master-user secret once there is one, and the
 /// secrets its config vars reference), nothing else. `partition` is that of the account
 /// (`aws`, `aws-cn`, `aws-us-gov`).
 pub(super) fn policy(names: &Names, partition: &str, bucket: &str, secrets: &[&str]) -> String {
     let prefix = names.artifact_prefix();
-    let mut statements = vec![serde_json::json!({
-        "Sid": "ReadTheEnvironmentsArtifacts",
-        "Effect": "Allow",
-        "Action": "s3:GetObject",
-        "Resource": format!("arn:{partition}:s3:::{bucket}/{prefix}*"),
-    })];
+    let mut statements = vec![
+        serde_json::json!({
+            "Sid": "ReadTheEnvironmentsArtifacts",
+            "Effect": "Allow",
+            "Action": "s3:GetObject",
+            "Resource": format!("arn:{partition}:s3:::{bucket}/{prefix}*"),
+        }),
+        serde_json::json!({
+            "Sid": "WriteTheEnvironmentsScriptReports",
+            "Effect": "Allow",
+            "Action": "s3:PutObject",
+            "Resource": format!("arn:{partition}:s3:::{bucket}/{}*", names.logs_prefix()),
+        }),
+    ];
     if !secrets.is_empty() {
         statements.push(serde_json::json!({
             "Sid": "ReadTheEnvironmentsSecrets",
@@ -294,9 +303,14 @@ mod tests {
         let acme = policy(&names("acme", Environment::Dev), "aws", "bucket", &[]);
         let v: serde_json::Value = serde_json::from_str(&acme).expect("json");
         let statements = v["Statement"].as_array().expect("statements");
-        assert_eq!(statements.len(), 1);
+        assert_eq!(statements.len(), 2);
         assert_eq!(statements[0]["Action"], "s3:GetObject");
         assert_eq!(statements[0]["Resource"], "arn:aws:s3:::bucket/acme/dev/*");
+        assert_eq!(statements[1]["Action"], "s3:PutObject");
+        assert_eq!(
+            statements[1]["Resource"], "arn:aws:s3:::bucket/acme/dev/logs/*",
+            "it writes only its own reports"
+        );
         let prod = policy(
             &names("acme", Environment::Production),
             "aws-cn",
@@ -322,14 +336,14 @@ mod tests {
         let doc = policy(&names, "aws", "bucket", &[arn]);
         let v: serde_json::Value = serde_json::from_str(&doc).expect("json");
         let statements = v["Statement"].as_array().expect("statements");
-        assert_eq!(statements.len(), 2);
+        assert_eq!(statements.len(), 3);
         assert_eq!(
-            statements[1]["Resource"],
+            statements[2]["Resource"],
             serde_json::json!([arn]),
             "exactly this secret, no wildcard"
         );
         assert_eq!(
-            statements[1]["Action"],
+            statements[2]["Action"],
             serde_json::json!([
                 "secretsmanager:GetSecretValue",
                 "secretsmanager:DescribeSecret"

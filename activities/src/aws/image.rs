@@ -10,12 +10,17 @@
 //! | image failed | deregister it; retryable (the next attempt builds again) |
 //! | no image, no builder | launch the builder from the base image with the user data below (client token from key, commit, run and the build's first attempt); wait |
 //! | builder pending or running | wait; past `builder_timeout_secs` terminate it and fail terminally |
-//! | builder stopping | wait |
-//! | builder stopped | create the image from it (a duplicate name means another attempt did: adopt); wait |
+//! | builder stopping or stopped, its script report failed | terminate it; fail terminally with the failed script's name, exit code and last lines |
+//! | builder stopping, no report yet | wait |
+//! | builder stopped, its report passed | create the image from it (a duplicate name means another attempt did: adopt); wait |
+//! | builder stopped, no report | terminate it; fail terminally (its start failed before it could report, or it was stopped by hand) |
 //!
-//! The builder's user data fetches the infra artifact, runs `provision/*.sh` in name order and
-//! powers off (its shutdown behaviour is `stop`, so the stopped builder is what the image is
-//! made from). A build its workflow abandons ([`abandon`]: failed, paused, superseded,
+//! The builder's user data fetches the infra artifact, runs `provision/*.sh` in name order,
+//! uploads a script report (see [`crate::report`]) under the key its `report` tag names, and
+//! powers off, at once after the first failure (its shutdown behaviour is `stop`, so the
+//! stopped builder is what the image is made from). A failing script so fails the step within
+//! one recheck of the builder powering off, not at `builder_timeout_secs`, which is left for
+//! scripts that hang. A build its workflow abandons ([`abandon`]: failed, paused, superseded,
 //! cancelled) has its builder terminated. With a KMS key configured its root volume, and so the image, is encrypted
 //! with that key.
 
@@ -29,9 +34,9 @@ use base64::Engine as _;
 use workflows::{GitSha, ImageOutput, RepoKind, StepKind, StepOutput};
 
 use super::error::{classify, code};
-use super::names::{TAG_ENV, TAG_MANAGED_BY, TAG_NAME, TAG_TENANT};
+use super::names::{TAG_ENV, TAG_INFRA_SHA, TAG_MANAGED_BY, TAG_NAME, TAG_REPORT, TAG_TENANT};
 use super::network::{ec2_pairs, ec2_tags};
-use super::{AwsCloud, Error, MANAGED_BY, Names, identity, ownership, source};
+use super::{AwsCloud, Error, MANAGED_BY, Names, identity, ownership, reports, source};
 use crate::{Invocation, Outcome};
 
 pub(super) async fn reconcile(
@@ -90,14 +95,46 @@ pub(super) async fn reconcile(
     };
     let builder_id = builder.instance_id().unwrap_or_default().to_owned();
     match builder.state().and_then(|s| s.name()) {
-        Some(InstanceStateName::Stopped) => {
+        state @ Some(InstanceStateName::Stopped | InstanceStateName::Stopping) => {
+            let stopped = state == Some(&InstanceStateName::Stopped);
+            let passed = match build_report(cloud, &builder).await? {
+                Some(reports::Found::Failed(key, report)) => {
+                    terminate(cloud, &builder).await?;
+                    let failure = report
+                        .failure(&format!("builder {builder_id}"))
+                        .unwrap_or_else(|| "a provisioning step failed".to_owned());
+                    return Err(Error::Terminal(format!(
+                        "{failure}\n(the builder was terminated; the whole report is s3://{}/{key})",
+                        cloud.infra.artifact_bucket
+                    )));
+                }
+                Some(reports::Found::Passed(_)) => true,
+                // Powered off without a report: it could not upload it, or it was stopped by
+                // hand. An image of what it built cannot be trusted.
+                Some(reports::Found::None) if stopped => {
+                    terminate(cloud, &builder).await?;
+                    return Err(Error::Terminal(format!(
+                        "builder {builder_id} powered off without a script report under s3://{}/{}: its start failed before the scripts ran, or it was stopped by hand; it was terminated",
+                        cloud.infra.artifact_bucket,
+                        report_stem(&builder).unwrap_or_default()
+                    )));
+                }
+                Some(reports::Found::None) => false,
+                // A builder of an earlier version, launched without a report.
+                None => stopped,
+            };
+            if !stopped {
+                return Ok(cloud.progress(format!("builder {builder_id} powering off")));
+            }
             create_image(cloud, names, invocation, &builder_id, &image_name).await?;
-            Ok(cloud.progress(format!(
-                "image {image_name} requested from builder {builder_id}"
-            )))
-        }
-        Some(InstanceStateName::Stopping) => {
-            Ok(cloud.progress(format!("builder {builder_id} powering off")))
+            let note = if passed {
+                format!(
+                    "provisioning scripts passed on builder {builder_id}; image {image_name} requested"
+                )
+            } else {
+                format!("image {image_name} requested from builder {builder_id}")
+            };
+            Ok(cloud.progress(note))
         }
         _ => {
             let started = builder
@@ -109,7 +146,7 @@ pub(super) async fn reconcile(
             if now.saturating_sub(started) > limit {
                 terminate(cloud, &builder).await?;
                 return Err(Error::Terminal(format!(
-                    "builder {builder_id} did not power off within {} s: the provisioning scripts failed or hang (see /var/log/tenant-image-build.log on it); it was terminated",
+                    "builder {builder_id} did not power off within {} s: a provisioning script hangs (a failing one would have reported and powered off); it was terminated",
                     cloud.infra.builder_timeout_secs
                 )));
             }
@@ -192,6 +229,27 @@ async fn find_builder(
         .cloned())
 }
 
+/// The key stem of `builder`'s script report (its `report` tag; builders of earlier versions
+/// have none).
+fn report_stem(builder: &Instance) -> Option<&str> {
+    builder
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some(TAG_REPORT))
+        .and_then(|t| t.value())
+}
+
+/// What `builder`'s script report says, `None` for a builder without one.
+async fn build_report(
+    cloud: &AwsCloud,
+    builder: &Instance,
+) -> Result<Option<reports::Found>, Error> {
+    match report_stem(builder) {
+        Some(stem) => Ok(Some(reports::under(cloud, stem).await?)),
+        None => Ok(None),
+    }
+}
+
 async fn terminate(cloud: &AwsCloud, builder: &Instance) -> Result<(), Error> {
     let Some(id) = builder.instance_id() else {
         return Ok(());
@@ -213,19 +271,32 @@ async fn terminate(cloud: &AwsCloud, builder: &Instance) -> Result<(), Error> {
     }
 }
 
-/// The builder's user data: fetch the infra artifact, run its provisioning scripts, power off.
-pub(super) fn builder_user_data(bucket: &str, key: &str) -> String {
+/// The builder's user data: fetch and unpack the infra artifact, run its provisioning scripts
+/// in name order, each through [`report::runner_script`]'s `run_step`; upload the script report
+/// to `<report>.ok.log` or, at the first failure, `<report>.failed.log`; power off either way.
+pub(super) fn builder_user_data(bucket: &str, key: &str, report: &str) -> String {
+    use crate::report::{FAILED_SUFFIX, OK_SUFFIX, runner_script};
+    let log = "/var/log/tenant-image-build.log";
+    let runner = runner_script("/var/log/tenant-image-build.report", log);
     format!(
         "#!/bin/bash\n\
-         # Written by the tenant-host orchestrator: builds the image, then powers off.\n\
-         set -euo pipefail\n\
-         exec >/var/log/tenant-image-build.log 2>&1\n\
+         # Written by the tenant-host orchestrator: builds the image, reports, then powers off.\n\
+         set -uo pipefail\n\
+         exec >>{log} 2>&1\n\
+         {runner}\
+         finish() {{\n\
+         \x20 aws s3 cp \"$report_file\" \"s3://{bucket}/{report}$1\" || echo 'the report could not be uploaded'\n\
+         \x20 shutdown -h now\n\
+         \x20 exit 0\n\
+         }}\n\
          mkdir -p /opt/tenant/infra\n\
-         aws s3 cp 's3://{bucket}/{key}' /tmp/infra.tar.gz\n\
-         tar -xzf /tmp/infra.tar.gz -C /opt/tenant/infra\n\
+         run_step fetch aws s3 cp 's3://{bucket}/{key}' /tmp/infra.tar.gz || finish {FAILED_SUFFIX}\n\
+         run_step unpack tar -xzf /tmp/infra.tar.gz -C /opt/tenant/infra || finish {FAILED_SUFFIX}\n\
          cd /opt/tenant/infra\n\
-         for script in $(ls provision/*.sh 2>/dev/null | sort); do bash \"$script\"; done\n\
-         shutdown -h now\n"
+         for script in $(ls provision/*.sh 2>/dev/null | sort); do\n\
+         \x20 run_step \"$script\" bash \"$script\" || finish {FAILED_SUFFIX}\n\
+         done\n\
+         finish {OK_SUFFIX}\n"
     )
 }
 
@@ -242,14 +313,17 @@ async fn launch_builder(
     identity::ensure(cloud, names, invocation).await?;
     let recorded = invocation.task.resources.infra_source.as_ref();
     let key = source::in_prefix(cloud, names, RepoKind::Infra, sha, recorded).await?;
-    let user_data = builder_user_data(&infra.artifact_bucket, &key);
+    let report = names.build_report(sha, &launch_token(names, invocation, sha));
+    let user_data = builder_user_data(&infra.artifact_bucket, &key, &report);
     let mut tags = ec2_tags(names, invocation.task.run, &name);
-    tags.push(
-        aws_sdk_ec2::types::Tag::builder()
-            .key(super::names::TAG_INFRA_SHA)
-            .value(sha.as_str())
-            .build(),
-    );
+    for (key, value) in [(TAG_INFRA_SHA, sha.as_str()), (TAG_REPORT, &report)] {
+        tags.push(
+            aws_sdk_ec2::types::Tag::builder()
+                .key(key)
+                .value(value)
+                .build(),
+        );
+    }
     let mut request = cloud
         .clients
         .ec2
@@ -428,6 +502,91 @@ async fn create_image(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Report;
+
+    /// Runs the builder's user data in bash with its paths moved into a temporary directory and
+    /// stand-ins for `aws` (copies between the directory's `bucket/` and local files) and
+    /// `shutdown`; returns the uploaded keys and the text of the first.
+    fn build(scripts: &[(&str, &str)]) -> (Vec<String>, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        let src = root.join("src/provision");
+        std::fs::create_dir_all(&src).expect("mkdir");
+        for (name, body) in scripts {
+            std::fs::write(src.join(name), body).expect("script");
+        }
+        std::fs::create_dir_all(root.join("bucket/acme/dev/infra")).expect("mkdir");
+        let tarred = std::process::Command::new("tar")
+            .args(["-czf", "bucket/acme/dev/infra/a.tar.gz", "-C", "src", "."])
+            .current_dir(root)
+            .status()
+            .expect("tar");
+        assert!(tarred.success());
+        let data = builder_user_data("b", "acme/dev/infra/a.tar.gz", "acme/dev/logs/image/a-t")
+            // First: the temporary directory is under /tmp itself.
+            .replace("/tmp/", &format!("{}/", root.display()))
+            .replace("/var/log/", &format!("{}/", root.display()))
+            .replace("/opt/tenant/", &format!("{}/opt/", root.display()));
+        let fakes = format!(
+            "aws() {{ local from=\"${{3/s3:\\/\\/b\\//{r}/bucket/}}\" to=\"${{4/s3:\\/\\/b\\//{r}/bucket/}}\"; mkdir -p \"$(dirname \"$to\")\"; cp \"$from\" \"$to\"; }}\n\
+             shutdown() {{ touch {r}/powered-off; }}\n",
+            r = root.display()
+        );
+        let status = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("{fakes}{data}"))
+            .status()
+            .expect("bash runs");
+        assert!(status.success());
+        assert!(root.join("powered-off").exists(), "it powers off");
+        let logs = root.join("bucket/acme/dev/logs/image");
+        let mut keys: Vec<String> = std::fs::read_dir(&logs)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        keys.sort();
+        let text = keys
+            .first()
+            .map(|k| std::fs::read_to_string(logs.join(k)).expect("report"))
+            .unwrap_or_default();
+        (keys, text)
+    }
+
+    #[test]
+    fn a_builder_runs_every_script_in_order_and_reports_success() {
+        let (keys, text) = build(&[
+            ("20-app.sh", "echo two >> \"$(dirname \"$0\")/../order\""),
+            ("10-base.sh", "echo one > \"$(dirname \"$0\")/../order\""),
+        ]);
+        assert_eq!(keys, ["a-t.ok.log"]);
+        let report = Report::parse(&text);
+        assert_eq!(
+            report.summary(),
+            "fetch, unpack, provision/10-base.sh, provision/20-app.sh"
+        );
+    }
+
+    #[test]
+    fn a_failing_script_stops_the_build_and_reports_its_output() {
+        let (keys, text) = build(&[
+            (
+                "10-base.sh",
+                "echo installing; echo 'E: no package nginxx' >&2; exit 100",
+            ),
+            ("20-app.sh", "echo never"),
+        ]);
+        assert_eq!(keys, ["a-t.failed.log"]);
+        let report = Report::parse(&text);
+        let message = report.failure("builder i-1").expect("failed");
+        assert_eq!(
+            message,
+            "provision/10-base.sh exited 100 on builder i-1; its last lines:\n  installing\n  E: no package nginxx"
+        );
+        assert!(!text.contains("20-app.sh"), "nothing ran after it");
+    }
     use workflows::{Domain, WorkflowKey};
     use workflows::{Environment, Release, Resources, RunId, StepTask, TenantId, Timestamp};
 

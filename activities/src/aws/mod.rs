@@ -40,6 +40,7 @@ mod image;
 mod names;
 mod network;
 mod ownership;
+mod reports;
 mod rollout;
 mod routing;
 pub mod sandbox;

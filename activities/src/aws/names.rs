@@ -21,6 +21,8 @@ pub(crate) const TAG_MANAGED_BY: &str = "managed-by";
 pub(crate) const TAG_NAME: &str = "Name";
 /// On a builder instance: the infrastructure commit it builds.
 pub(crate) const TAG_INFRA_SHA: &str = "infra-sha";
+/// On a builder instance: the key stem its script report is uploaded under.
+pub(crate) const TAG_REPORT: &str = "report";
 
 /// The names of one environment's resources.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +120,23 @@ impl Names {
     /// (and no other environment's may).
     pub fn artifact_prefix(&self) -> String {
         format!("{}/{}/", self.key.tenant, self.key.env)
+    }
+
+    /// `<tenant>/<env>/logs/`: where the environment's instances upload their script reports
+    /// (the only part of the bucket they may write).
+    pub fn logs_prefix(&self) -> String {
+        format!("{}logs/", self.artifact_prefix())
+    }
+
+    /// The key stem of the script report of one build of `sha` (`build` tells the builds of
+    /// one commit apart: the launch token).
+    pub fn build_report(&self, sha: &GitSha, build: &str) -> String {
+        format!("{}image/{sha}-{build}", self.logs_prefix())
+    }
+
+    /// The prefix of the `install.sh` reports of run `run`'s instances (one per instance).
+    pub fn install_reports(&self, run: RunId) -> String {
+        format!("{}rollout/{}/", self.logs_prefix(), self.group(run))
     }
 
     /// The environment's IAM role and instance profile (at most 64 characters).

@@ -3,10 +3,14 @@
 //! Each run gets a launch template `<t>-<e>-<run>` (found by name on a retry) with the image
 //! and user data that installs the app artifact, and a new group
 //! `<t>-<e>-<run>` on the environment's target group. Once as many of its instances are
-//! healthy targets as the group's size, the groups of earlier runs are detached from the
+//! healthy targets as the group's size, and as many have reported a successful start, the groups of earlier runs are detached from the
 //! target group and deleted, and the step is done. If the new group's targets are not healthy
 //! within `rollout_timeout_secs` of the step's first attempt, the new group is deleted and the
-//! step fails: the previous group never stopped serving.
+//! step fails: the previous group never stopped serving. Each instance uploads a script report
+//! of its start (see [`crate::report`]); every look lists the run's reports, and a failed one
+//! (an `install.sh` that exits non-zero, a secret it may not read) deletes the new group at once
+//! and fails the step with the failed part's name, exit code and last lines, instead of
+//! waiting out `rollout_timeout_secs`.
 //!
 //! A step message of an older run that arrives late (redelivered, or of a cancelled run) finds
 //! a group of a newer run and neither creates its own nor deletes the newer one.
@@ -24,7 +28,7 @@ use workflows::{DeploymentOutput, RepoKind, RunId, StepKind, StepOutput};
 use super::error::{classify, code};
 use super::names::{TAG_ENV, TAG_MANAGED_BY, TAG_NAME, TAG_RUN, TAG_TENANT};
 use super::network::ec2_tags;
-use super::{AwsCloud, Error, MANAGED_BY, Names, identity, ownership, source, tags};
+use super::{AwsCloud, Error, MANAGED_BY, Names, identity, ownership, reports, source, tags};
 use crate::{Invocation, Outcome};
 
 pub(super) async fn reconcile(
@@ -80,9 +84,35 @@ pub(super) async fn reconcile(
         .await?;
         return Ok(cloud.progress(format!("group {name} created; waiting for healthy targets")));
     };
+    let serving = || {
+        task.resources
+            .deployment
+            .as_ref()
+            .map_or("nothing (first rollout)".to_owned(), |d| {
+                d.group_name.clone()
+            })
+    };
+    let installed = match reports::under(cloud, &names.install_reports(run)).await? {
+        reports::Found::Failed(key, report) => {
+            delete_group(cloud, &name).await?;
+            delete_template(cloud, &name).await?;
+            let failure = report
+                .failure(&format!("an instance of group {name}"))
+                .unwrap_or_else(|| "the instance's start failed".to_owned());
+            return Err(Error::Terminal(format!(
+                "{failure}\ngroup {name} rolled back (deleted); {} keeps serving; the whole report is s3://{}/{key}",
+                serving(),
+                cloud.infra.artifact_bucket
+            )));
+        }
+        reports::Found::Passed(keys) => keys.len(),
+        reports::Found::None => 0,
+    };
     let healthy = healthy_targets(cloud, mine, &routing.target_group_arn).await?;
     let size = usize::try_from(cloud.infra.group_size).unwrap_or(1);
-    if healthy >= size {
+    // Both: a target can pass its health check on what the image serves before (or
+    // although) the release was installed.
+    if healthy >= size && installed >= size {
         for old in groups
             .iter()
             .filter(|g| g.auto_scaling_group_name() != Some(name.as_str()))
@@ -106,19 +136,15 @@ pub(super) async fn reconcile(
     if waited_ms > limit_ms {
         delete_group(cloud, &name).await?;
         delete_template(cloud, &name).await?;
-        let serving = task
-            .resources
-            .deployment
-            .as_ref()
-            .map_or("nothing (first rollout)".to_owned(), |d| {
-                d.group_name.clone()
-            });
         return Err(Error::Terminal(format!(
-            "group {name} had {healthy} of {size} healthy targets after {} s: rolled back (deleted); {serving} keeps serving",
-            cloud.infra.rollout_timeout_secs
+            "group {name} had {healthy} of {size} healthy targets after {} s: rolled back (deleted); {} keeps serving",
+            cloud.infra.rollout_timeout_secs,
+            serving()
         )));
     }
-    Ok(cloud.progress(format!("group {name}: {healthy} of {size} targets healthy")))
+    Ok(cloud.progress(format!(
+        "group {name}: {healthy} of {size} targets healthy, {installed} instances installed"
+    )))
 }
 
 /// The run a managed group belongs to (its `run` tag).
@@ -183,24 +209,45 @@ pub(super) async fn managed_groups(
         .collect())
 }
 
-/// The app instance's user data: write the environment file (`app_env`, base64 in the script
-/// so that no value can end it early), then fetch the app artifact, unpack it and run its
-/// `install.sh` with bash (as the provisioning scripts are run, so it need not be executable)
-/// with the file's variables exported.
+/// The app instance's user data, each part run through [`crate::report::runner_script`]'s
+/// `run_step`: write the environment file (`app_env`, base64 in the script so that no value can
+/// end it early; secret references resolved with the instance's role), then fetch the app
+/// artifact, unpack it and run its `install.sh` with bash (as the provisioning scripts are run,
+/// so it need not be executable) with the file's variables exported. The script report is
+/// uploaded to `<reports><instance id>.ok.log`, or `.failed.log` at the first failure, which
+/// the rollout reads to fail fast.
 pub(super) fn app_user_data(
     bucket: &str,
     key: Option<&str>,
     env_file: &str,
     secrets: &[(&str, &str)],
+    reports: &str,
 ) -> String {
     use crate::app_env::{APP_USER, ENV_FILE, secret_script};
+    use crate::report::{FAILED_SUFFIX, OK_SUFFIX, runner_script};
+    let log = "/var/log/tenant-app-install.log";
+    let runner = runner_script("/var/log/tenant-app-install.report", log);
     let encoded = base64::engine::general_purpose::STANDARD.encode(env_file);
     let resolved = secret_script(secrets, ENV_FILE);
     let mut script = format!(
         "#!/bin/bash\n\
          # Written by the tenant-host orchestrator: the environment file, then the release.\n\
-         set -euo pipefail\n\
-         exec >/var/log/tenant-app-install.log 2>&1\n\
+         set -uo pipefail\n\
+         exec >>{log} 2>&1\n\
+         {runner}\
+         imds() {{\n\
+         \x20 local token\n\
+         \x20 token=\"$(curl -sf -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 300')\" &&\n\
+         \x20 curl -sf -H \"X-aws-ec2-metadata-token: $token\" \"http://169.254.169.254/latest/meta-data/$1\"\n\
+         }}\n\
+         instance=\"$(imds instance-id || hostname)\"\n\
+         finish() {{\n\
+         \x20 aws s3 cp \"$report_file\" \"s3://{bucket}/{reports}$instance$1\" || echo 'the report could not be uploaded'\n\
+         \x20 [ \"$1\" = {OK_SUFFIX} ]\n\
+         \x20 exit\n\
+         }}\n\
+         write_environment() {{\n\
+         set -e\n\
          id -u {APP_USER} >/dev/null 2>&1 || useradd --system --user-group --no-create-home --shell /sbin/nologin {APP_USER}\n\
          install -d -m 0755 \"$(dirname {ENV_FILE})\"\n\
          umask 077\n\
@@ -209,17 +256,21 @@ pub(super) fn app_user_data(
          umask 022\n\
          chown {APP_USER}:{APP_USER} {ENV_FILE}\n\
          chmod 0600 {ENV_FILE}\n\
+         set +e\n\
+         }}\n\
+         run_step environment write_environment || finish {FAILED_SUFFIX}\n\
          set -a; . {ENV_FILE}; set +a\n"
     );
     if let Some(key) = key {
         script.push_str(&format!(
             "mkdir -p /opt/tenant/app\n\
-             aws s3 cp 's3://{bucket}/{key}' /tmp/app.tar.gz\n\
-             tar -xzf /tmp/app.tar.gz -C /opt/tenant/app\n\
+             run_step fetch aws s3 cp 's3://{bucket}/{key}' /tmp/app.tar.gz || finish {FAILED_SUFFIX}\n\
+             run_step unpack tar -xzf /tmp/app.tar.gz -C /opt/tenant/app || finish {FAILED_SUFFIX}\n\
              cd /opt/tenant/app\n\
-             if [ -f install.sh ]; then bash install.sh; fi\n"
+             if [ -f install.sh ]; then run_step install.sh bash install.sh || finish {FAILED_SUFFIX}; fi\n"
         ));
     }
+    script.push_str(&format!("finish {OK_SUFFIX}\n"));
     script
 }
 
@@ -344,7 +395,13 @@ fn template_data(
         invocation.config,
     ));
     let secrets = crate::app_env::secret_refs(invocation.config);
-    let user_data = app_user_data(&cloud.infra.artifact_bucket, app_key, &env_file, &secrets);
+    let user_data = app_user_data(
+        &cloud.infra.artifact_bucket,
+        app_key,
+        &env_file,
+        &secrets,
+        &names.install_reports(task.run),
+    );
     let group = names.group(task.run);
     Ok(RequestLaunchTemplateData::builder()
         .image_id(image_id)
@@ -575,7 +632,13 @@ mod tests {
             "STRIPE_KEY",
             "arn:aws:secretsmanager:eu-west-1:123456789012:secret:s",
         );
-        let script = app_user_data("bucket", Some("acme/dev/app/1.tar.gz"), env_file, &[secret]);
+        let script = app_user_data(
+            "bucket",
+            Some("acme/dev/app/1.tar.gz"),
+            env_file,
+            &[secret],
+            "r/",
+        );
         let encoded = base64::engine::general_purpose::STANDARD.encode(env_file);
         let at = |needle: &str| {
             script
@@ -586,10 +649,92 @@ mod tests {
         assert!(at("--secret-id 'arn:aws:secretsmanager") < at("umask 022"));
         assert!(at("umask 022") < at("chmod 0600 /etc/tenant/app.env"));
         assert!(at("chown app:app /etc/tenant/app.env") < at("set -a; . /etc/tenant/app.env"));
-        // Run with bash, as the provisioning scripts are: it need not be executable.
-        assert!(at("set -a; . /etc/tenant/app.env") < at("bash install.sh"));
         // Without an app release the file is still written.
-        let bare = app_user_data("bucket", None, env_file, &[]);
+        let bare = app_user_data("bucket", None, env_file, &[], "r/");
         assert!(bare.contains(&encoded) && !bare.contains("install.sh"));
+    }
+
+    /// Runs the app instance's user data in bash with its paths moved into a temporary
+    /// directory and stand-ins for `aws`, `curl` (the instance metadata), `id` and `chown`;
+    /// returns the uploaded report keys, the first report's text and the environment file.
+    fn start(install: Option<&str>) -> (Vec<String>, String, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("src")).expect("mkdir");
+        if let Some(body) = install {
+            std::fs::write(root.join("src/install.sh"), body).expect("install.sh");
+        }
+        std::fs::create_dir_all(root.join("bucket/acme/dev/app")).expect("mkdir");
+        let tarred = std::process::Command::new("tar")
+            .args(["-czf", "bucket/acme/dev/app/a.tar.gz", "-C", "src", "."])
+            .current_dir(root)
+            .status()
+            .expect("tar");
+        assert!(tarred.success());
+        let env_file = "GREETING='hello there'\n";
+        let data = app_user_data(
+            "b",
+            Some("acme/dev/app/a.tar.gz"),
+            env_file,
+            &[],
+            "acme/dev/logs/rollout/acme-dev-r2/",
+        )
+        // First: the temporary directory is under /tmp itself.
+        .replace("/tmp/", &format!("{}/", root.display()))
+        .replace("/var/log/", &format!("{}/", root.display()))
+        .replace("/opt/tenant/", &format!("{}/opt/", root.display()))
+        .replace("/etc/tenant/", &format!("{}/etc/", root.display()));
+        let fakes = format!(
+            "aws() {{ local from=\"${{3/s3:\\/\\/b\\//{r}/bucket/}}\" to=\"${{4/s3:\\/\\/b\\//{r}/bucket/}}\"; mkdir -p \"$(dirname \"$to\")\"; cp \"$from\" \"$to\"; }}\n\
+             curl() {{ echo i-0abc; }}\n\
+             id() {{ return 0; }}\n\
+             chown() {{ return 0; }}\n",
+            r = root.display()
+        );
+        let _ = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!("{fakes}{data}"))
+            .status()
+            .expect("bash runs");
+        let logs = root.join("bucket/acme/dev/logs/rollout/acme-dev-r2");
+        let keys: Vec<String> = std::fs::read_dir(&logs)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let text = keys
+            .first()
+            .map(|k| std::fs::read_to_string(logs.join(k)).expect("report"))
+            .unwrap_or_default();
+        let env = std::fs::read_to_string(root.join("etc/app.env")).unwrap_or_default();
+        (keys, text, env)
+    }
+
+    #[test]
+    fn install_runs_with_the_environment_and_reports_per_instance() {
+        let (keys, text, env) = start(Some("[ \"$GREETING\" = 'hello there' ] || exit 7"));
+        assert_eq!(keys, ["i-0abc.ok.log"], "{text}");
+        assert_eq!(env, "GREETING='hello there'\n");
+        assert_eq!(
+            crate::report::Report::parse(&text).summary(),
+            "environment, fetch, unpack, install.sh"
+        );
+    }
+
+    #[test]
+    fn a_failing_install_is_reported_with_its_output() {
+        let (keys, text, _) = start(Some(
+            "echo 'migrating'; echo 'table users exists' >&2; exit 2",
+        ));
+        assert_eq!(keys, ["i-0abc.failed.log"]);
+        let message = crate::report::Report::parse(&text)
+            .failure("instance i-0abc")
+            .expect("failed");
+        assert_eq!(
+            message,
+            "install.sh exited 2 on instance i-0abc; its last lines:\n  migrating\n  table users exists"
+        );
     }
 }

@@ -76,6 +76,21 @@ struct Mocks {
     elb: Option<aws_sdk_elasticloadbalancingv2::Client>,
     rds: Option<aws_sdk_rds::Client>,
     iam: Option<aws_sdk_iam::Client>,
+    s3: Option<aws_sdk_s3::Client>,
+}
+
+/// An S3 client whose every listing holds reports with these keys.
+fn reports(keys: &'static [&'static str]) -> aws_sdk_s3::Client {
+    let list = mock!(aws_sdk_s3::Client::list_objects_v2).then_output(|| {
+        aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output::builder()
+            .set_contents(Some(
+                keys.iter()
+                    .map(|k| aws_sdk_s3::types::Object::builder().key(*k).build())
+                    .collect(),
+            ))
+            .build()
+    });
+    mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&list])
 }
 
 fn cloud(m: Mocks, clock: &ManualClock) -> AwsCloud {
@@ -93,7 +108,7 @@ fn cloud_with(m: Mocks, clock: &ManualClock, allocations: MemoryAllocations) -> 
             .elb
             .unwrap_or_else(|| idle(aws_sdk_elasticloadbalancingv2::Client::new)),
         rds: m.rds.unwrap_or_else(|| idle(aws_sdk_rds::Client::new)),
-        s3: idle(aws_sdk_s3::Client::new),
+        s3: m.s3.unwrap_or_else(|| idle(aws_sdk_s3::Client::new)),
         secrets: idle(aws_sdk_secretsmanager::Client::new),
         iam: m.iam.unwrap_or_else(|| idle(aws_sdk_iam::Client::new)),
     };
@@ -633,6 +648,7 @@ async fn a_group_whose_targets_stay_unhealthy_is_rolled_back() {
             ec2: Some(ec2),
             autoscaling: Some(autoscaling),
             elb: Some(elb),
+            s3: Some(reports(&[])),
             ..Mocks::default()
         },
         &clock,
@@ -696,6 +712,9 @@ async fn a_healthy_group_retires_the_previous_one() {
             ec2: Some(ec2),
             autoscaling: Some(autoscaling),
             elb: Some(elb),
+            s3: Some(reports(&[
+                "acme/staging/logs/rollout/acme-staging-r2/i-1.ok.log",
+            ])),
             ..Mocks::default()
         },
         &clock,
@@ -907,4 +926,65 @@ async fn someone_elses_group_of_the_name_is_refused_and_left_alone() {
         other => panic!("{other:?}"),
     }
     assert_eq!(create.num_calls(), 0, "nothing is created over it");
+}
+
+#[tokio::test]
+async fn a_failed_install_report_rolls_back_at_once() {
+    let clock = ManualClock::new(Timestamp::from_unix_millis(NOW_MS));
+    let describe =
+        mock!(aws_sdk_autoscaling::Client::describe_auto_scaling_groups).then_output(|| {
+            DescribeAutoScalingGroupsOutput::builder()
+                .auto_scaling_groups(group("acme-staging-r1", "r1"))
+                .auto_scaling_groups(group("acme-staging-r2", "r2"))
+                .build()
+        });
+    let delete = mock!(aws_sdk_autoscaling::Client::delete_auto_scaling_group)
+        .match_requests(|r| r.auto_scaling_group_name() == Some("acme-staging-r2"))
+        .then_output(|| DeleteAutoScalingGroupOutput::builder().build());
+    let autoscaling = mock_client!(
+        aws_sdk_autoscaling,
+        RuleMode::MatchAny,
+        [&describe, &delete]
+    );
+    let delete_template = mock!(aws_sdk_ec2::Client::delete_launch_template)
+        .then_output(|| DeleteLaunchTemplateOutput::builder().build());
+    let ec2 = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&delete_template]);
+    let key = "acme/staging/logs/rollout/acme-staging-r2/i-7.failed.log";
+    let list = mock!(aws_sdk_s3::Client::list_objects_v2).then_output(move || {
+        aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output::builder()
+            .contents(aws_sdk_s3::types::Object::builder().key(key).build())
+            .build()
+    });
+    let get = mock!(aws_sdk_s3::Client::get_object)
+        .match_requests(move |r| r.key() == Some(key))
+        .then_output(|| {
+            aws_sdk_s3::operation::get_object::GetObjectOutput::builder()
+                .body(aws_sdk_s3::primitives::ByteStream::from_static(
+                    b"# tenant-host script report v1\nok environment\nok fetch\nfailed 2 install.sh\n| migrating\n| table users exists\n",
+                ))
+                .build()
+        });
+    let s3 = mock_client!(aws_sdk_s3, RuleMode::MatchAny, [&list, &get]);
+    let c = cloud(
+        Mocks {
+            ec2: Some(ec2),
+            autoscaling: Some(autoscaling),
+            s3: Some(s3),
+            ..Mocks::default()
+        },
+        &clock,
+    );
+    match invoke(&c, &task(StepKind::Rollout, 2)).await {
+        Outcome::Terminal(e) => {
+            assert!(
+                e.starts_with(
+                    "install.sh exited 2 on an instance of group acme-staging-r2; its last lines:\n  migrating\n  table users exists\n"
+                ),
+                "{e}"
+            );
+            assert!(e.contains("acme-staging-r1 keeps serving"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!((delete.num_calls(), delete_template.num_calls()), (1, 1));
 }

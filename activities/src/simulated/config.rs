@@ -60,6 +60,14 @@ pub struct SimConfig {
     /// invocation reports `RequestTimeout` (retryable), and the next one must find what this
     /// one created. Default 0.
     pub lost_response_probability: f64,
+    /// Chance that an image build's provisioning scripts fail: the builder powers off with a
+    /// failed script report and the image step fails terminally with its last lines, as on
+    /// AWS. Default 0.
+    pub script_failure_probability: f64,
+    /// Chance that a rollout's `install.sh` fails on its instances: the new group is deleted
+    /// at a quarter of the rollout latency and the step fails terminally with the output, as
+    /// on AWS. Default 0.
+    pub install_failure_probability: f64,
     /// Seed of the fault draws; `None` seeds from the system. Default `None`.
     pub seed: Option<u64>,
     /// The image rolled out while a release has no infrastructure commit. Default `ami-base`.
@@ -86,6 +94,8 @@ impl Default for SimConfig {
             server_error_probability: 0.0,
             terminal_probability: 0.0,
             lost_response_probability: 0.0,
+            script_failure_probability: 0.0,
+            install_failure_probability: 0.0,
             seed: None,
             base_image_id: "ami-base".to_owned(),
             first_listener_priority: 1,
@@ -117,6 +127,14 @@ impl SimConfig {
             ("server_error_probability", self.server_error_probability),
             ("terminal_probability", self.terminal_probability),
             ("lost_response_probability", self.lost_response_probability),
+            (
+                "script_failure_probability",
+                self.script_failure_probability,
+            ),
+            (
+                "install_failure_probability",
+                self.install_failure_probability,
+            ),
         ];
         for (name, p) in probabilities {
             if !(0.0..=1.0).contains(&p) {

@@ -31,6 +31,9 @@ pub(super) struct Cx<'a> {
     pub(super) config: &'a SimConfig,
     /// The environment's config vars (what its instances are given).
     pub(super) env_config: &'a workflows::EnvConfig,
+    /// A uniform sample in `[0, 1)` deciding whether the scripts of a builder or group created
+    /// by this invocation fail (1 when no failures are configured).
+    pub(super) sample: f64,
 }
 
 impl Cx<'_> {
@@ -104,6 +107,9 @@ struct ArtifactAttrs {
 struct BuilderAttrs {
     infra_sha: GitSha,
     base_image_id: String,
+    /// Whether its provisioning scripts fail (drawn at launch).
+    #[serde(default)]
+    scripts_fail: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -142,6 +148,9 @@ struct GroupAttrs {
     /// of a simulation file from before there was one.
     #[serde(default)]
     env_file: String,
+    /// Whether `install.sh` fails on its instances (drawn at creation).
+    #[serde(default)]
+    install_fails: bool,
 }
 
 /// Runs the reconciler of `cx.task.step` once.
@@ -287,6 +296,7 @@ fn image(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
                     |_, _| BuilderAttrs {
                         infra_sha: sha.clone(),
                         base_image_id: cx.config.base_image_id.clone(),
+                        scripts_fail: cx.sample < cx.config.script_failure_probability,
                     },
                 )?;
                 if !cx.is_ready(&builder) {
@@ -302,7 +312,19 @@ fn image(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
                     format!("builder {} running the provisioning scripts", builder.id),
                 ));
             }
-            Some(_stopped) => {
+            Some(stopped) => {
+                let attrs: BuilderAttrs = stopped.attrs()?;
+                if attrs.scripts_fail {
+                    store::delete(conn, ResourceKind::Builder, &builder_name)?;
+                    // An outcome, not an error: the deletion must be committed.
+                    return Ok(Outcome::Terminal(format!(
+                        "{}\n(the builder was terminated)",
+                        simulated_failure(
+                            "provision/10-base.sh",
+                            &format!("builder {}", stopped.id)
+                        )
+                    )));
+                }
                 store::create(
                     conn,
                     cx.new_resource(
@@ -324,6 +346,17 @@ fn image(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
         name: image_name,
         reason: "the image reconciler did not settle".to_owned(),
     })
+}
+
+/// The failure a script report of the simulated `script` on `what` describes.
+fn simulated_failure(script: &str, what: &str) -> String {
+    let text = format!(
+        "{}\nok fetch\nok unpack\nfailed 1 {script}\n| simulated failure of {script}\n",
+        crate::report::HEADER
+    );
+    crate::report::Report::parse(&text)
+        .failure(what)
+        .unwrap_or_default()
 }
 
 /// The builder of `key`'s image build of `sha`.
@@ -488,6 +521,14 @@ fn rollout(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
                     None,
                     cx.env_config,
                 )),
+                install_fails: cx.sample < cx.config.install_failure_probability,
+            };
+            let latency = cx.config.latency(StepKind::Rollout);
+            // A failing install is reported as soon as the instances have run it.
+            let ready = if attrs.install_fails {
+                latency / 4
+            } else {
+                latency
             };
             let row = store::create(
                 conn,
@@ -495,7 +536,7 @@ fn rollout(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
                     ResourceKind::AutoScalingGroup,
                     &name,
                     Some(&workflow),
-                    cx.ready_at(cx.config.latency(StepKind::Rollout)),
+                    cx.ready_at(ready),
                 ),
                 |_| name.clone(),
                 |_, _| &attrs,
@@ -508,6 +549,17 @@ fn rollout(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
             group.ready_at_ms,
             format!("group {name} waiting for healthy targets"),
         ));
+    }
+    if attrs.install_fails {
+        store::delete(conn, ResourceKind::AutoScalingGroup, &group.name)?;
+        let serving = groups
+            .first()
+            .map_or("nothing (first rollout)", |(row, _)| row.name.as_str());
+        // An outcome, not an error: the deletion must be committed.
+        return Ok(Outcome::Terminal(format!(
+            "{}\ngroup {name} rolled back (deleted); {serving} keeps serving",
+            simulated_failure("install.sh", &format!("an instance of group {name}"))
+        )));
     }
     for (older, _) in &groups {
         store::delete(conn, ResourceKind::AutoScalingGroup, &older.name)?;

@@ -1269,3 +1269,100 @@ async fn a_group_records_the_environment_file_its_instances_get() {
         assert!(env_file.lines().any(|l| l == line), "{line} in {env_file}");
     }
 }
+
+/// Invokes `task` until it is no longer progressing, moving the clock; returns that outcome
+/// and the (simulated) time it took.
+async fn until_settled(s: &Sim, key: &WorkflowKey, task: &StepTask) -> (Outcome, Duration) {
+    let start = s.cloud.now();
+    loop {
+        match s.invoke(key, task).await {
+            Outcome::Progress { recheck_after, .. } => s.clock.advance(recheck_after),
+            other => return (other, s.cloud.now().since(start)),
+        }
+    }
+}
+
+#[tokio::test]
+async fn failing_provisioning_scripts_fail_the_build_when_the_builder_powers_off() {
+    let s = sim(SimConfig {
+        script_failure_probability: 1.0,
+        ..SimConfig::default()
+    });
+    let key = staging();
+    let build = task(
+        StepKind::Image,
+        1,
+        release(Some(1), None),
+        Resources::default(),
+    );
+    let (outcome, took) = until_settled(&s, &key, &build).await;
+    let Outcome::Terminal(message) = outcome else {
+        panic!("a failed build: {outcome:?}");
+    };
+    assert!(
+        message.starts_with("provision/10-base.sh exited 1 on builder i-"),
+        "{message}"
+    );
+    assert!(message.contains("\n  simulated failure of provision/10-base.sh"));
+    assert_eq!(
+        took,
+        SimConfig::default().latency(StepKind::Image) / 2,
+        "noticed when the builder powers off, not at a timeout"
+    );
+    assert!(names(&s.cloud, ResourceKind::Builder).is_empty());
+    assert!(names(&s.cloud, ResourceKind::Image).is_empty());
+}
+
+#[tokio::test]
+async fn a_failing_install_rolls_back_early_and_the_old_group_keeps_serving() {
+    // Two clouds on one file and one clock: the first release installs, the second does not.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("sim.db");
+    let clock = ManualClock::new(Timestamp::from_unix_millis(START_MS));
+    let open = |install_failure_probability| Sim {
+        cloud: SimulatedCloud::open_with_clock(
+            &file,
+            SimConfig {
+                install_failure_probability,
+                ..SimConfig::default()
+            },
+            Arc::new(clock.clone()),
+        )
+        .expect("cloud"),
+        clock: clock.clone(),
+    };
+    let key = staging();
+    let first = task(
+        StepKind::Rollout,
+        1,
+        release(None, Some(1)),
+        Resources::default(),
+    );
+    open(0.0).until_done(&key, &first).await;
+    let failing = open(1.0);
+    let second = task(
+        StepKind::Rollout,
+        2,
+        release(None, Some(2)),
+        Resources::default(),
+    );
+    let (outcome, took) = until_settled(&failing, &key, &second).await;
+    let Outcome::Terminal(message) = outcome else {
+        panic!("a failed rollout: {outcome:?}");
+    };
+    assert!(
+        message.starts_with("install.sh exited 1 on an instance of group acme-staging-r2"),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(
+            "group acme-staging-r2 rolled back (deleted); acme-staging-r1 keeps serving"
+        ),
+        "{message}"
+    );
+    assert_eq!(took, SimConfig::default().latency(StepKind::Rollout) / 4);
+    assert_eq!(
+        names(&failing.cloud, ResourceKind::AutoScalingGroup),
+        ["acme-staging-r1"]
+    );
+}

@@ -524,7 +524,13 @@ async fn each_environment_has_a_role_of_its_own() {
         let env_file = script
             .split_whitespace()
             .filter_map(|word| word.strip_prefix('\'').and_then(|w| w.strip_suffix('\'')))
-            .map(decode_base64)
+            .filter_map(|word| {
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(word)
+                    .ok()?;
+                String::from_utf8(bytes).ok()
+            })
             .find(|text| text.contains("DB_SECRET_ARN="))
             .unwrap_or_else(|| panic!("no environment file in\n{script}"));
         let (host, port) = database.endpoint.rsplit_once(':').expect("host:port");

@@ -137,6 +137,17 @@ impl Fixture {
         }
     }
 
+    /// Completes every step in flight, and those they let start, except `step`.
+    fn complete_all_but(&self, d: &mut Driver, step: StepKind) {
+        while let Some(i) = d.in_flight.iter().position(|m| m.step() != step) {
+            let message = d.in_flight.remove(i);
+            let event = Driver::delivery(&message, |task| StepOutcome::Done {
+                output: workflows::testing::output_for(task),
+            });
+            self.drive(d, &event);
+        }
+    }
+
     /// Workflows of acme (registered with the default branches) and a corrupt one of globex:
     /// - acme#production: deployed r1 (infra 1, app 2), then r2 for app 3 with `source_app`
     ///   waiting to retry, app 4 pending, and a refused `approve`;
@@ -2086,4 +2097,83 @@ fn a_config_change_of_an_environment_with_a_workflow_is_sent_to_it() {
         }
         other => panic!("one Configure event expected, got {other:?}"),
     }
+}
+
+/// A failed build's script output: `show` prints it under the steps, `logs` prints the run's
+/// image and rollout reports with it in full, and escapes what could drive a terminal.
+#[test]
+fn logs_and_show_print_a_failed_scripts_last_lines() {
+    let f = Fixture::new();
+    f.add_tenant("acme", 11, 12);
+    let mut d = Driver::new(Environment::Staging);
+    f.push(&mut d, RepoKind::Infra, 1);
+    f.complete_all_but(&mut d, StepKind::Image);
+    f.deliver(
+        &mut d,
+        StepKind::Image,
+        StepOutcome::Progress {
+            recheck_after: Duration::from_secs(30),
+            note: "builder i-1 running the provisioning scripts".into(),
+        },
+    );
+    f.deliver(
+        &mut d,
+        StepKind::Image,
+        StepOutcome::Terminal {
+            error: "provision/20-app.sh exited 3 on builder i-1; its last lines:\n  E: nginxx not found\n  \u{1b}[2Jgone\n(the builder was terminated)".into(),
+        },
+    );
+    assert_eq!(d.state(), workflows::State::Failed);
+
+    let show = f.wfctl(&["show", "acme", "--env", "staging"]);
+    show.ok();
+    assert!(
+        show.stdout
+            .contains("provision/20-app.sh exited 3 on builder i-1; its last lines: (below)"),
+        "{}",
+        show.stdout
+    );
+    assert!(
+        show.stdout.contains("\n      E: nginxx not found\n"),
+        "{}",
+        show.stdout
+    );
+    assert!(!show.stdout.contains('\u{1b}'), "escapes are escaped");
+
+    let logs = f.wfctl(&["logs", "acme", "--env", "staging"]);
+    logs.ok();
+    let lines: Vec<&str> = logs.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{}", logs.stdout);
+    assert!(
+        lines[0].contains("r1 image    progress  builder i-1 running"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains("r1 image    failed    provision/20-app.sh exited 3"));
+    assert_eq!(lines[2], "      E: nginxx not found");
+    assert_eq!(lines[3], "      \\u{1b}[2Jgone");
+
+    let json = f.wfctl(&[
+        "-o", "json", "logs", "acme", "--env", "staging", "--step", "image", "--run", "r1",
+    ]);
+    json.ok();
+    let v: Value = serde_json::from_str(&json.stdout).expect("json");
+    let all = v.as_array().expect("array");
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[1]["outcome"], "failed");
+    assert_eq!(all[1]["run"], "r1");
+    assert!(
+        all[1]["text"]
+            .as_str()
+            .expect("text")
+            .contains("\n  E: nginxx not found\n")
+    );
+
+    let none = f.wfctl(&["logs", "acme", "--env", "staging", "--step", "rollout"]);
+    none.ok();
+    assert!(none.stdout.is_empty());
+    assert!(none.stderr.contains("nothing captured"), "{}", none.stderr);
+    f.wfctl(&["logs", "acme", "--env", "dev"]).code(1);
+    f.wfctl(&["logs", "acme", "--env", "staging", "--run", "rx"])
+        .code(2);
 }

@@ -241,7 +241,7 @@ async fn gitlab_pushes_over_http_reach_live_on_aws() {
     let infra_sha = repository(
         &repos,
         "acme-infra",
-        &[("provision/10-web.sh", "dnf install -y nginx\n")],
+        &[("provision/10-web.sh", "echo installing nginx\n")],
     );
     let app_sha = repository(&repos, "acme-app", &[("install.sh", "true\n")]);
     env.init(&format!(
@@ -291,8 +291,8 @@ async fn gitlab_pushes_over_http_reach_live_on_aws() {
         "worker.log",
     );
 
-    // The builders power off as their scripts would.
-    let stopper = env.moto.power_off_builders();
+    // The instances run their user data: builders report and power off, app instances report.
+    let stopper = env.moto.run_user_data();
 
     // GitLab's documented push payload (ref master, so production), once per repository.
     let payload: Value = serde_json::from_str(
