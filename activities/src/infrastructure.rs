@@ -56,8 +56,16 @@ pub struct Infrastructure {
     /// Production databases cannot be deleted while this holds; decommission lifts it as its
     /// last act before the final snapshot.
     pub production_db_deletion_protection: bool,
-    /// Instances per Auto Scaling group.
+    /// Instances per Auto Scaling group: the desired size of every environment that does not
+    /// set its own (`wfctl tenant set --desired`).
     pub group_size: i32,
+    /// The groups' minimum size by default (default: `group_size`).
+    pub min_size: Option<u32>,
+    /// The groups' maximum size by default (default: `group_size`).
+    pub max_size: Option<u32>,
+    /// The groups' target-tracking policy by default, e.g. `scaling = { cpu = 60 }` or
+    /// `{ requests_per_target = 1000 }` (default: none, a fixed size).
+    pub scaling: Option<workflows::Scaling>,
     /// The port the application listens on.
     pub app_port: i32,
     /// The target group's health check path.
@@ -98,6 +106,9 @@ impl Default for Infrastructure {
             production_db_multi_az: true,
             production_db_deletion_protection: true,
             group_size: 1,
+            min_size: None,
+            max_size: None,
+            scaling: None,
             app_port: 80,
             health_check_path: "/".to_owned(),
             builder_timeout_secs: 3600,
@@ -165,6 +176,18 @@ impl Infrastructure {
             "source_url (where the repositories are, with {tenant} and {repo})",
         );
         missing
+    }
+
+    /// The sizing of an environment that sets none of its own.
+    pub fn default_sizing(&self) -> workflows::Sizing {
+        let size = u32::try_from(self.group_size.max(1)).unwrap_or(1);
+        workflows::Sizing {
+            min: self.min_size.unwrap_or(size),
+            max: self.max_size.unwrap_or(size),
+            desired: size,
+            instance_type: self.instance_type.clone(),
+            scaling: self.scaling,
+        }
     }
 
     /// How long to wait before looking again at something under way (at least a second).

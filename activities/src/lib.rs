@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use workflows::{Domain, RetryPolicy, StepKind, StepOutput, StepTask, WorkflowKey};
 
-#[cfg(feature = "aws")]
 pub mod app_env;
+#[cfg(feature = "aws")]
 pub mod aws;
 pub mod clock;
 pub mod gate;
@@ -58,7 +58,21 @@ pub struct Invocation<'a> {
     /// The environment's config vars as the tenant record holds them now (the rollout gives
     /// them to the app; [`NO_CONFIG`] when there are none).
     pub config: &'a workflows::EnvConfig,
+    /// The environment's settings as the tenant record holds them now (the rollout sizes its
+    /// group by them; [`NO_SETTINGS`] when there are none).
+    pub settings: &'a workflows::EnvSettings,
 }
+
+/// An environment that takes every default.
+pub static NO_SETTINGS: workflows::EnvSettings = workflows::EnvSettings {
+    min_size: None,
+    max_size: None,
+    desired_size: None,
+    instance_type: None,
+    scaling: None,
+    keep_releases: None,
+    decommissioned: false,
+};
 
 /// An environment that has no config vars.
 pub static NO_CONFIG: workflows::EnvConfig = workflows::EnvConfig {

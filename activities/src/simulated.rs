@@ -27,8 +27,9 @@
 //! actions (image, rollout) take them all in that invocation.
 //!
 //! Two guards keep late step messages (redelivered, or of a cancelled run) from undoing
-//! newer work: nothing is created for an environment once it was decommissioned
-//! ([`Error::Decommissioned`], terminal), and a rollout that finds a group of a newer run
+//! newer work: nothing is created for an environment by a step whose attempts began before it
+//! was last decommissioned ([`Error::Decommissioned`], terminal; a run that provisions it
+//! again began later), and a rollout that finds a group of a newer run
 //! neither creates its own nor deletes the newer one ([`Error::Superseded`], terminal).
 //!
 //! # Faults
@@ -120,6 +121,7 @@ struct Job {
     domain: Domain,
     task: StepTask,
     env_config: workflows::EnvConfig,
+    env_settings: workflows::EnvSettings,
 }
 
 /// A fault drawn for one invocation.
@@ -262,6 +264,7 @@ impl SimulatedCloud {
             domain: invocation.domain.clone(),
             task: invocation.task.clone(),
             env_config: invocation.config.clone(),
+            env_settings: invocation.settings.clone(),
         };
         let inner = Arc::clone(&self.inner);
         let span = tracing::Span::current();
@@ -360,6 +363,7 @@ impl Inner {
                 now_ms: self.clock.now().as_unix_millis(),
                 config: &self.config,
                 env_config: &job.env_config,
+                env_settings: &job.env_settings,
                 sample: self.draw_script_sample(),
             };
             let result = conn

@@ -69,7 +69,8 @@
 //! db_subnet_group = "..."
 //! source_url = "https://gitlab.example.com/{tenant}/{repo}.git"
 //! # kms_key_id, deploy_token_secret, instance_type, builder_instance_type, db_instance_class,
-//! # db_allocated_storage_gib, group_size, app_port, health_check_path, builder_timeout_secs,
+//! # db_allocated_storage_gib, group_size, min_size, max_size, scaling, app_port,
+//! # health_check_path, builder_timeout_secs,
 //! # rollout_timeout_secs, recheck_secs, source_timeout_secs, source_max_mib: see `activities::infrastructure::Infrastructure`
 //! ```
 

@@ -2,7 +2,7 @@
 //! applied step report is one entry: a progress note, the step's end, or a failure with what
 //! the instance reported (a provisioning script's or `install.sh`'s name, exit code and last
 //! lines). The whole script reports of instances stay in the artifact bucket under
-//! `<tenant>/<env>/logs/`; what is shown here is what the workflow recorded, so it needs
+//! `_logs/<tenant>/<env>/`; what is shown here is what the workflow recorded, so it needs
 //! only read access to the tables.
 
 use serde::Serialize;

@@ -12,7 +12,7 @@ use orchestrator::ports::{Queue, QueueKind, Store};
 use wfctl::config::Change;
 use wfctl::dlq::{self, Selection};
 use wfctl::output::{Format, Printer, color_enabled};
-use wfctl::signal::SignalRequest;
+use wfctl::signal::{Action, SignalRequest};
 use wfctl::tenant::{AddRequest, SetRequest, parse_branch, parse_grace};
 use wfctl::workflow::{HistoryRequest, ListRequest};
 use wfctl::{BackendArgs, EXIT_FAILED, EXIT_OK, Error, open_backend, parse_state};
@@ -118,9 +118,19 @@ enum Command {
     /// Roll out the deployed release again (a new Auto Scaling group from the same image).
     #[command(after_long_help = SIGNAL_HELP)]
     Redeploy(SignalArgs),
-    /// Release everything the environment holds: group, routing, database. Final.
+    /// Roll out a kept earlier release as a new run (the same blue/green rollout and approval
+    /// rules): the one before what serves, or --to rN.
+    #[command(after_long_help = SIGNAL_HELP)]
+    Rollback(RollbackArgs),
+    /// Release everything the environment holds: group, routing, database (after a final
+    /// snapshot). Pushes to it are then answered as ignored until it is provisioned again.
     #[command(after_long_help = SIGNAL_HELP)]
     Decommission(SignalArgs),
+    /// Provision an environment: one never pushed to (base image, no app), or a decommissioned
+    /// one again, from scratch with its branches' newest commits (--from-snapshot: its
+    /// database restored from the final snapshot).
+    #[command(after_long_help = SIGNAL_HELP)]
+    Provision(ProvisionArgs),
     /// Dead letters: list them, show one, put them back once the cause is fixed, or discard
     /// them.
     #[command(subcommand)]
@@ -363,6 +373,26 @@ struct SignalArgs {
     timeout: Duration,
 }
 
+#[derive(Debug, Args)]
+struct RollbackArgs {
+    #[command(flatten)]
+    signal: SignalArgs,
+    /// The run whose release to roll out again (\"r4\" or 4; `wfctl show` lists the kept
+    /// releases). Default: the release before the one serving.
+    #[arg(long, value_name = "RUN", value_parser = parse_run)]
+    to: Option<workflows::RunId>,
+}
+
+#[derive(Debug, Args)]
+struct ProvisionArgs {
+    #[command(flatten)]
+    signal: SignalArgs,
+    /// For a decommissioned environment: restore its database from the final snapshot taken
+    /// when it was decommissioned, instead of starting with an empty one.
+    #[arg(long)]
+    from_snapshot: bool,
+}
+
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("invalid duration {s:?} ({e}): write it like 30s, 5m or 1h"))
@@ -387,14 +417,24 @@ enum TenantCommand {
         /// The tenant's id.
         id: TenantId,
     },
-    /// Change a tenant's branch map (--branch, replacing the whole map) or whether production
-    /// waits for approval (--production-approval true|false), and show it.
+    /// Change a tenant: its domain, branch map (--branch, replacing the whole map), whether
+    /// production waits for approval, or one environment's sizing, scaling and releases kept
+    /// (--env with --min, --max, --desired, --instance-type, --scaling, --keep-releases); and
+    /// show it.
     ///
-    /// Written only if the tenant is still as it was read (a concurrent change makes this one
-    /// fail with exit code 3, nothing lost). Runs already started keep the approval setting
-    /// they started with; pushes are mapped by the new branches from the next one on.
+    /// Everything is checked before anything is written (a minimum over the maximum is refused
+    /// naming the field); the tenant is written only if it is still as it was read (a
+    /// concurrent change makes this one fail with exit code 3, nothing lost). A new domain or
+    /// new sizing rolls out like a config change: every environment concerned that has a
+    /// workflow gets a run that routes and rolls out again. Runs already started keep the
+    /// approval setting they started with; pushes are mapped by the new branches from the next
+    /// one on.
     #[command(after_long_help = TENANT_JSON)]
     Set(TenantSetArgs),
+    /// Remove a tenant: refused while any of its environments is not decommissioned (or never
+    /// provisioned); with --decommission, decommissions them all, waits, then removes it. Its
+    /// projects and domain are free afterwards; workflow records and history stay.
+    Remove(TenantRemoveArgs),
     /// Replace a tenant's webhook secret token and print the new one, once; the old one stays
     /// accepted for a grace period.
     ///
@@ -466,12 +506,68 @@ struct TenantAddArgs {
 struct TenantSetArgs {
     /// The tenant's id.
     id: TenantId,
+    /// A new domain: every environment is then served at <env>.<domain> (its listener rule
+    /// moves to the new host in a rollout of its own).
+    #[arg(long)]
+    domain: Option<Domain>,
     /// The new branch map, one BRANCH=ENV per flag; it replaces the whole current map.
     #[arg(long = "branch", value_name = "BRANCH=ENV", value_parser = parse_branch)]
     branches: Vec<(String, Environment)>,
     /// Whether production runs wait for `approve` before rolling out.
     #[arg(long, value_name = "true|false")]
     production_approval: Option<bool>,
+    /// The environment the settings below are for.
+    #[arg(long, value_name = "ENV", help_heading = "Environment settings")]
+    env: Option<Environment>,
+    /// The Auto Scaling group's minimum size.
+    #[arg(long = "min", value_name = "N", help_heading = "Environment settings")]
+    min_size: Option<u32>,
+    /// The Auto Scaling group's maximum size.
+    #[arg(long = "max", value_name = "N", help_heading = "Environment settings")]
+    max_size: Option<u32>,
+    /// The Auto Scaling group's desired size when it is created.
+    #[arg(
+        long = "desired",
+        value_name = "N",
+        help_heading = "Environment settings"
+    )]
+    desired_size: Option<u32>,
+    /// The app instances' EC2 type, e.g. t3.small.
+    #[arg(long, value_name = "TYPE", help_heading = "Environment settings")]
+    instance_type: Option<String>,
+    /// A target-tracking policy: cpu:PERCENT (average CPU) or requests:COUNT (requests per
+    /// target per minute), or `none`.
+    #[arg(long, value_name = "POLICY", value_parser = parse_scaling, help_heading = "Environment settings")]
+    scaling: Option<ScalingArg>,
+    /// How many deployed releases keep their images and artifacts for `rollback` (1 to 20;
+    /// default 3).
+    #[arg(long, value_name = "N", help_heading = "Environment settings")]
+    keep_releases: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+struct TenantRemoveArgs {
+    /// The tenant's id.
+    id: TenantId,
+    /// Decommission every environment that is not, wait for them, then remove the tenant.
+    #[arg(long)]
+    decommission: bool,
+    /// How long --decommission waits for each environment, e.g. 30m.
+    #[arg(long, default_value = "30m", value_parser = parse_duration_arg)]
+    timeout: Duration,
+}
+
+/// `--scaling`: a policy, or `none` (clap reads a bare `Option<Option<_>>` as an optional
+/// value, so the inner option is wrapped).
+#[derive(Debug, Clone, Copy)]
+struct ScalingArg(Option<workflows::Scaling>);
+
+fn parse_scaling(s: &str) -> Result<ScalingArg, String> {
+    if s == "none" {
+        Ok(ScalingArg(None))
+    } else {
+        workflows::Scaling::parse(s).map(|p| ScalingArg(Some(p)))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -554,7 +650,7 @@ const LOGS_JSON: &str = "\
 The image step's builder and the rollout's instances upload a report of the scripts they run
 (provision/*.sh, install.sh); a failure's name, exit code and last 30 lines are recorded in the
 workflow's history, which this prints. The whole reports stay in the artifact bucket under
-<tenant>/<env>/logs/.
+_logs/<tenant>/<env>/.
 
 JSON output (-o json): an array, oldest first, of
   at        when the report was applied
@@ -617,6 +713,7 @@ JSON output (-o json): an array with one object per environment:
               database_secret_arn, host, target_group_arn, rule_arn, rule_priority,
               auto_scaling_group, serving_image_id}
   deployed    null, or {release: {infra, app}, run, at}
+  releases    the releases kept for rollback, oldest first: [{release, run, at}]
   pending     [{repo, sha, ref, author, message, event_id, received_at}]";
 
 const HISTORY_JSON: &str = "\
@@ -691,6 +788,29 @@ fn config_change_of(command: &Command) -> Option<(TenantId, Environment, Change)
     }
 }
 
+/// Runs `$body` with `$store` and `$queue` bound to the configured backend's store and queue
+/// (the embedded file for both, or DynamoDB and SQS): for the commands that send to a queue.
+macro_rules! with_queue {
+    ($config:expr, |$store:ident, $queue:ident| $body:expr) => {
+        match $config.backend {
+            Backend::Embedded => {
+                let backend = open_backend(&$config, false)?;
+                let ($store, $queue) = (&backend, &backend);
+                $body
+            }
+            #[cfg(not(feature = "aws"))]
+            Backend::Aws => Err(aws_not_built()),
+            #[cfg(feature = "aws")]
+            Backend::Aws => {
+                let store = connect_aws_store(&$config).await?;
+                let queue = connect_aws_queue(&$config).await?;
+                let ($store, $queue) = (&store, &queue);
+                $body
+            }
+        }
+    };
+}
+
 /// Opens the configured backend's store and runs the command on it.
 async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
     let config = cli.backend.config()?;
@@ -712,20 +832,46 @@ async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
     }
     if let Some((tenant, env, change)) = config_change_of(&cli.command) {
         let actor = actor();
-        return match config.backend {
-            Backend::Embedded => {
-                let backend = open_backend(&config, false)?;
-                wfctl::config::change(&backend, &backend, &tenant, env, &change, &actor, p).await
-            }
-            #[cfg(not(feature = "aws"))]
-            Backend::Aws => Err(aws_not_built()),
-            #[cfg(feature = "aws")]
-            Backend::Aws => {
-                let store = connect_aws_store(&config).await?;
-                let queue = connect_aws_queue(&config).await?;
-                wfctl::config::change(&store, &queue, &tenant, env, &change, &actor, p).await
-            }
+        #[cfg(feature = "aws")]
+        if config.activities == orchestrator::config::ActivitiesKind::Aws {
+            check_secrets(&tenant, &change).await?;
+        }
+        return with_queue!(config, |store, queue| wfctl::config::change(
+            store, queue, &tenant, env, &change, &actor, p
+        )
+        .await);
+    }
+    if let Command::Tenant(TenantCommand::Set(a)) = &cli.command {
+        let req = SetRequest {
+            id: a.id.clone(),
+            domain: a.domain.clone(),
+            branches: (!a.branches.is_empty()).then(|| a.branches.clone()),
+            production_approval: a.production_approval,
+            env: a.env,
+            min_size: a.min_size,
+            max_size: a.max_size,
+            desired_size: a.desired_size,
+            instance_type: a.instance_type.clone(),
+            scaling: a.scaling.map(|s| s.0),
+            keep_releases: a.keep_releases,
+            defaults: config.infrastructure.default_sizing(),
+            actor: actor(),
         };
+        return with_queue!(config, |store, queue| wfctl::tenant::set(
+            store, queue, &req, p
+        )
+        .await);
+    }
+    if let Command::Tenant(TenantCommand::Remove(a)) = &cli.command {
+        let req = wfctl::tenant::RemoveRequest {
+            id: a.id.clone(),
+            decommission: a.decommission.then_some(a.timeout),
+            actor: actor(),
+        };
+        return with_queue!(config, |store, queue| wfctl::tenant::remove(
+            store, queue, &req, p
+        )
+        .await);
     }
     if let Some((args, signal)) = signal_of(&cli.command) {
         let req = SignalRequest {
@@ -736,20 +882,10 @@ async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
             wait: args.wait.then_some(args.timeout),
         };
         let now = SystemClock.now();
-        return match config.backend {
-            Backend::Embedded => {
-                let backend = open_backend(&config, false)?;
-                wfctl::signal::send(&backend, &backend, &req, now, p).await
-            }
-            #[cfg(not(feature = "aws"))]
-            Backend::Aws => Err(aws_not_built()),
-            #[cfg(feature = "aws")]
-            Backend::Aws => {
-                let store = connect_aws_store(&config).await?;
-                let queue = connect_aws_queue(&config).await?;
-                wfctl::signal::send(&store, &queue, &req, now, p).await
-            }
-        };
+        return with_queue!(config, |store, queue| wfctl::signal::send(
+            store, queue, &req, now, p
+        )
+        .await);
     }
     match config.backend {
         Backend::Embedded => {
@@ -797,13 +933,21 @@ async fn run_dlq<S: Store, Q: Queue>(
     }
 }
 
-fn signal_of(command: &Command) -> Option<(&SignalArgs, Signal)> {
+fn signal_of(command: &Command) -> Option<(&SignalArgs, Action)> {
+    let signal = |s| Action::Signal(s);
     match command {
-        Command::Approve(a) => Some((a, Signal::Approve)),
-        Command::Retry(a) => Some((a, Signal::Retry)),
-        Command::Cancel(a) => Some((a, Signal::Cancel)),
-        Command::Redeploy(a) => Some((a, Signal::Redeploy)),
-        Command::Decommission(a) => Some((a, Signal::Decommission)),
+        Command::Approve(a) => Some((a, signal(Signal::Approve))),
+        Command::Retry(a) => Some((a, signal(Signal::Retry))),
+        Command::Cancel(a) => Some((a, signal(Signal::Cancel))),
+        Command::Redeploy(a) => Some((a, signal(Signal::Redeploy))),
+        Command::Rollback(a) => Some((&a.signal, signal(Signal::Rollback { to: a.to }))),
+        Command::Decommission(a) => Some((a, signal(Signal::Decommission))),
+        Command::Provision(a) => Some((
+            &a.signal,
+            Action::Provision {
+                from_snapshot: a.from_snapshot,
+            },
+        )),
         _ => None,
     }
 }
@@ -816,6 +960,33 @@ fn aws_not_built() -> Error {
          --features aws)"
             .to_owned(),
     )
+}
+
+/// Refuses a `--secret` the platform could not grant the environment: one that does not exist,
+/// cannot be described, or is not tagged as the tenant's (checked with this process's AWS
+/// credentials, before anything is written).
+#[cfg(feature = "aws")]
+async fn check_secrets(tenant: &TenantId, change: &Change) -> Result<(), Error> {
+    let Change::Set(vars) = change else {
+        return Ok(());
+    };
+    let arns: Vec<(&String, &str)> = vars
+        .iter()
+        .filter_map(|(name, v)| match v {
+            ConfigValue::SecretArn(arn) => Some((name, arn.as_str())),
+            ConfigValue::Value(_) => None,
+        })
+        .collect();
+    if arns.is_empty() {
+        return Ok(());
+    }
+    let sdk = orchestrator::aws::load_sdk_config().await;
+    for (name, arn) in arns {
+        activities::aws::identity::check_secret(&sdk, tenant, arn)
+            .await
+            .map_err(|e| Error::Invalid(format!("--secret {name}: {e}; nothing was changed")))?;
+    }
+    Ok(())
 }
 
 /// Who sends a signal, for the history: `$USER@wfctl`, or `wfctl`.
@@ -840,14 +1011,6 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
             wfctl::tenant::add(store, &req, p).await
         }
         Command::Tenant(TenantCommand::List) => wfctl::tenant::list(store, p).await,
-        Command::Tenant(TenantCommand::Set(a)) => {
-            let req = SetRequest {
-                id: a.id.clone(),
-                branches: (!a.branches.is_empty()).then(|| a.branches.clone()),
-                production_approval: a.production_approval,
-            };
-            wfctl::tenant::set(store, &req, p).await
-        }
         Command::Tenant(TenantCommand::Show { id }) => wfctl::tenant::show(store, id, p).await,
         Command::Tenant(TenantCommand::RotateToken(a)) => {
             wfctl::tenant::rotate_token(store, &a.id, a.grace, p).await
@@ -896,11 +1059,14 @@ async fn run_on<S: Store>(cli: &Cli, store: &S, p: &mut Printer<'_>) -> Result<(
         // `run` sends signals, changes config and runs `dlq` before it gets here: they need
         // the queues too.
         Command::Config(ConfigCommand::Set(_) | ConfigCommand::Unset(_))
+        | Command::Tenant(TenantCommand::Set(_) | TenantCommand::Remove(_))
         | Command::Approve(_)
         | Command::Retry(_)
         | Command::Cancel(_)
         | Command::Redeploy(_)
+        | Command::Rollback(_)
         | Command::Decommission(_)
+        | Command::Provision(_)
         | Command::Dlq(_) => Err(Error::Invalid(
             "this command needs the queues as well as the store".to_owned(),
         )),

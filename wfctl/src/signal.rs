@@ -21,6 +21,28 @@ use crate::workflow::missing_workflow;
 use orchestrator::engine::enqueue;
 use orchestrator::ports::{Queue, Store};
 
+/// What an operator asks of a workflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// A signal.
+    Signal(Signal),
+    /// Provision the environment (again, after a decommission; restoring the database from
+    /// its final snapshot with `from_snapshot`).
+    Provision {
+        /// Restore the database from the final snapshot.
+        from_snapshot: bool,
+    },
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Signal(s) => s.fmt(f),
+            Action::Provision { .. } => f.write_str("provision"),
+        }
+    }
+}
+
 /// What to signal, and whether to wait for the engine's verdict.
 #[derive(Debug, Clone)]
 pub struct SignalRequest {
@@ -28,8 +50,8 @@ pub struct SignalRequest {
     pub tenant: TenantId,
     /// The workflow's environment.
     pub env: workflows::Environment,
-    /// The signal.
-    pub signal: Signal,
+    /// The signal, or a provision.
+    pub signal: Action,
     /// Who sends it (recorded in the history).
     pub actor: String,
     /// Wait up to this long for the engine to apply it.
@@ -116,20 +138,31 @@ pub async fn send<S: Store, Q: Queue>(
     let Some(tenant) = store.tenant(&req.tenant).await? else {
         return Err(unknown_tenant(store, &req.tenant).await);
     };
-    let Some(record) = store.workflow(&key).await? else {
-        return Err(missing_workflow(store, &req.tenant, req.env).await);
-    };
     let signal = req.signal;
+    let record = match store.workflow(&key).await? {
+        Some(record) => record,
+        // An environment never pushed to can be provisioned.
+        None if matches!(signal, Action::Provision { .. }) => {
+            workflows::WorkflowRecord::new(key.clone(), now)
+        }
+        None => return Err(missing_workflow(store, &req.tenant, req.env).await),
+    };
     let event_id = new_event_id(&format!("signal:{signal}"), &key, now)?;
-    let event = Event::Signal {
-        event_id: event_id.clone(),
-        signal,
-        actor: req.actor.clone(),
+    let event = match signal {
+        Action::Signal(signal) => Event::Signal {
+            event_id: event_id.clone(),
+            signal,
+            actor: req.actor.clone(),
+        },
+        Action::Provision { from_snapshot } => Event::Provision {
+            event_id: event_id.clone(),
+            from_snapshot,
+        },
     };
     let mut probe = record.clone();
     let input = Input {
         now,
-        settings: tenant.settings(),
+        settings: tenant.settings(req.env),
     };
     let mut view = SignalView {
         workflow: key.to_string(),
@@ -158,6 +191,17 @@ pub async fn send<S: Store, Q: Queue>(
             );
         }
         _ => {}
+    }
+    // The ingress answers pushes to a decommissioned environment as ignored until it is
+    // provisioned again; the mark is set before the decommission is sent and cleared before
+    // the provision is, so no push slips between.
+    let decommissioned = match signal {
+        Action::Signal(Signal::Decommission) => Some(true),
+        Action::Provision { .. } => Some(false),
+        Action::Signal(_) => None,
+    };
+    if let Some(mark) = decommissioned {
+        mark_decommissioned(store, &tenant, req.env, mark, now).await?;
     }
     enqueue(queue, &key, event, now).await?;
     let Some(wait) = req.wait else {
@@ -203,7 +247,7 @@ pub async fn send<S: Store, Q: Queue>(
             if state != entry.to {
                 text.push_str(&format!(", then {state}"));
             }
-            if state == State::Failed && signal != Signal::Cancel {
+            if state == State::Failed && signal != Action::Signal(Signal::Cancel) {
                 finish(p, &view, &text)?;
                 return Err(Error::Failed(format!(
                     "{signal}: {key} failed{}",
@@ -233,6 +277,26 @@ pub async fn send<S: Store, Q: Queue>(
             "{signal} for {key} was applied before"
         ))),
     }
+}
+
+/// Sets or clears `env`'s decommissioned mark in `tenant`'s record (nothing when it is so).
+async fn mark_decommissioned<S: Store>(
+    store: &S,
+    tenant: &workflows::Tenant,
+    env: workflows::Environment,
+    mark: bool,
+    now: Timestamp,
+) -> Result<(), Error> {
+    let mut settings = tenant.env_settings(env);
+    if settings.decommissioned == mark {
+        return Ok(());
+    }
+    settings.decommissioned = mark;
+    let mut changed = tenant.clone();
+    changed.set_env_settings(env, settings);
+    changed.updated_at = now;
+    store.update_tenant(tenant, &changed).await?;
+    Ok(())
 }
 
 fn finish(p: &mut Printer<'_>, view: &SignalView, text: &str) -> Result<(), Error> {

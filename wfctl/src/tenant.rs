@@ -11,12 +11,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
-use workflows::{Domain, Environment, Persisted, Tenant, TenantId, WebhookAuth};
+use workflows::{
+    ConfigChange, Domain, EnvSettings, Environment, Event, Persisted, Scaling, Sizing, State,
+    Tenant, TenantId, WebhookAuth, WorkflowKey,
+};
 
 use crate::output::{Cell, Printer, Style, Table, absolute};
 use crate::views::{NewTenantView, RotatedTokenView, SigningSecretView, TenantView};
 use crate::{Error, list_some};
-use orchestrator::ports::Store;
+use orchestrator::engine::enqueue;
+use orchestrator::ports::{Queue, Store};
 use orchestrator::tenants;
 
 /// What `tenant add` registers.
@@ -100,19 +104,68 @@ fn branch_map(branches: &[(String, Environment)]) -> Result<BTreeMap<String, Env
 pub struct SetRequest {
     /// The tenant.
     pub id: TenantId,
+    /// A new domain: every environment's host moves to `<env>.<domain>`.
+    pub domain: Option<Domain>,
     /// A new branch map, replacing the whole current one.
     pub branches: Option<Vec<(String, Environment)>>,
     /// Whether production runs wait for `approve`.
     pub production_approval: Option<bool>,
+    /// The environment the settings below are for.
+    pub env: Option<Environment>,
+    /// The group's minimum size.
+    pub min_size: Option<u32>,
+    /// The group's maximum size.
+    pub max_size: Option<u32>,
+    /// The group's desired size.
+    pub desired_size: Option<u32>,
+    /// The instances' type.
+    pub instance_type: Option<String>,
+    /// The target-tracking policy (`Some(None)`: none).
+    pub scaling: Option<Option<Scaling>>,
+    /// How many releases are kept for rollback.
+    pub keep_releases: Option<u32>,
+    /// The platform's sizing (`[infrastructure]`), which the environment's settings override.
+    pub defaults: Sizing,
+    /// Who asks (recorded with the rollouts a change starts).
+    pub actor: String,
 }
 
-/// Changes tenant `req.id`'s branch map or production approval, written only if the tenant
-/// is still as it was read, and prints the tenant. Runs already started keep the approval
-/// setting they started with; pushes are mapped by the new branches from the next one on.
-pub async fn set<S: Store>(store: &S, req: &SetRequest, p: &mut Printer<'_>) -> Result<(), Error> {
-    if req.branches.is_none() && req.production_approval.is_none() {
+impl SetRequest {
+    fn env_fields_given(&self) -> bool {
+        self.min_size.is_some()
+            || self.max_size.is_some()
+            || self.desired_size.is_some()
+            || self.instance_type.is_some()
+            || self.scaling.is_some()
+            || self.keep_releases.is_some()
+    }
+}
+
+/// Changes tenant `req.id`: domain, branch map, production approval, or one environment's
+/// settings (sizing, scaling, releases kept). Everything is checked before anything is
+/// written; the tenant is written only if it is still as it was read, and printed. A new
+/// domain or new sizing is rolled out like a config change: each affected environment that
+/// has a workflow gets a run that routes (the host may be new) and rolls out again. Runs
+/// already started keep the approval setting they started with; pushes are mapped by the new
+/// branches from the next one on.
+pub async fn set<S: Store, Q: Queue>(
+    store: &S,
+    queue: &Q,
+    req: &SetRequest,
+    p: &mut Printer<'_>,
+) -> Result<(), Error> {
+    if req.branches.is_none()
+        && req.production_approval.is_none()
+        && req.domain.is_none()
+        && !req.env_fields_given()
+    {
         return Err(Error::Invalid(
-            "nothing to change: give --branch or --production-approval".into(),
+            "nothing to change: give --domain, --branch, --production-approval, or --env with --min, --max, --desired, --instance-type, --scaling or --keep-releases".into(),
+        ));
+    }
+    if req.env_fields_given() && req.env.is_none() {
+        return Err(Error::Invalid(
+            "--min, --max, --desired, --instance-type, --scaling and --keep-releases are per environment: give --env".into(),
         ));
     }
     let branches = req.branches.as_deref().map(branch_map).transpose()?;
@@ -126,11 +179,164 @@ pub async fn set<S: Store>(store: &S, req: &SetRequest, p: &mut Printer<'_>) -> 
     if let Some(approval) = req.production_approval {
         tenant.production_approval = approval;
     }
+    let mut rollouts: Vec<Environment> = Vec::new();
+    if let Some(domain) = req.domain.as_ref().filter(|d| **d != read.domain) {
+        if let Some(owner) = store.tenant_by_domain(domain).await? {
+            return Err(Error::AlreadyExists(format!(
+                "domain {domain} already belongs to tenant {}",
+                owner.id
+            )));
+        }
+        tenant.domain = domain.clone();
+        rollouts.extend(Environment::ALL);
+    }
+    if let Some(env) = req.env {
+        let before = tenant.env_settings(env);
+        let settings = env_settings(req, before.clone())?;
+        settings
+            .sizing(&req.defaults)
+            .map_err(|e| Error::Invalid(format!("{env}: {e}; nothing was changed")))?;
+        let resized = sizing_fields(&settings) != sizing_fields(&before);
+        tenant.set_env_settings(env, settings);
+        if resized && !rollouts.contains(&env) {
+            rollouts.push(env);
+        }
+    }
     if tenant != read {
         tenant.updated_at = p.now;
         store.update_tenant(&read, &tenant).await?;
+        for env in rollouts {
+            let key = WorkflowKey::new(req.id.clone(), env);
+            if store.workflow(&key).await?.is_none() {
+                continue;
+            }
+            let event = Event::Configure(ConfigChange {
+                event_id: crate::signal::new_event_id("settings", &key, p.now)?,
+                version: tenant.config_of(env).version,
+                actor: req.actor.clone(),
+            });
+            enqueue(queue, &key, event, p.now).await?;
+            p.note(&format!("{key}: rolling out with the new settings"))?;
+        }
     }
     show(store, &req.id, p).await
+}
+
+/// What `tenant remove` does.
+#[derive(Debug, Clone)]
+pub struct RemoveRequest {
+    /// The tenant.
+    pub id: TenantId,
+    /// Decommission what is not, waiting this long for each environment.
+    pub decommission: Option<Duration>,
+    /// Who asks.
+    pub actor: String,
+}
+
+/// Removes tenant `req.id` once none of its environments holds anything: each is
+/// decommissioned or was never provisioned. Otherwise refused naming them, or with
+/// `decommission` they are decommissioned first (each waited for).
+pub async fn remove<S: Store, Q: Queue>(
+    store: &S,
+    queue: &Q,
+    req: &RemoveRequest,
+    p: &mut Printer<'_>,
+) -> Result<(), Error> {
+    if store.tenant(&req.id).await?.is_none() {
+        return Err(unknown_tenant(store, &req.id).await);
+    }
+    let filter = orchestrator::ports::WorkflowFilter {
+        tenant: Some(req.id.clone()),
+        ..Default::default()
+    };
+    let live: Vec<_> = crate::workflow::all_workflows(store, &filter)
+        .await?
+        .into_iter()
+        .filter(|s| !matches!(s.state, State::Decommissioned | State::Unprovisioned))
+        .collect();
+    if !live.is_empty() {
+        let Some(wait) = req.decommission else {
+            return Err(Error::Refused(format!(
+                "tenant {} still has environments that are not decommissioned: {}; decommission them first, or give --decommission; nothing was removed",
+                req.id,
+                list_some(
+                    live.iter().map(|s| format!("{} ({})", s.key.env, s.state)),
+                    3
+                )
+            )));
+        };
+        for summary in &live {
+            let signal = crate::signal::SignalRequest {
+                tenant: req.id.clone(),
+                env: summary.key.env,
+                signal: crate::signal::Action::Signal(workflows::Signal::Decommission),
+                actor: req.actor.clone(),
+                wait: Some(wait),
+            };
+            crate::signal::send(store, queue, &signal, p.now, p).await?;
+        }
+    }
+    // Read after the decommissions (they mark the environments in the tenant record).
+    let Some(read) = store.tenant(&req.id).await? else {
+        return Err(unknown_tenant(store, &req.id).await);
+    };
+    store.remove_tenant(&read).await?;
+    if p.is_json() {
+        p.json(&serde_json::json!({ "id": req.id, "removed": true }))?;
+    } else {
+        p.line(&format!(
+            "tenant {} removed; its GitLab projects and domain {} are free",
+            req.id, read.domain
+        ))?;
+    }
+    Ok(())
+}
+
+/// `before` with `req`'s per-environment fields applied; each checked alone (the sizing as a
+/// whole is checked by the caller).
+fn env_settings(req: &SetRequest, before: EnvSettings) -> Result<EnvSettings, Error> {
+    let mut s = before;
+    if let Some(n) = req.min_size {
+        s.min_size = Some(n);
+    }
+    if let Some(n) = req.max_size {
+        s.max_size = Some(n);
+    }
+    if let Some(n) = req.desired_size {
+        s.desired_size = Some(n);
+    }
+    if let Some(t) = &req.instance_type {
+        if !workflows::env_settings::valid_instance_type(t) {
+            return Err(Error::Invalid(format!(
+                "--instance-type {t:?} is not an EC2 instance type (family.size, like t3.micro); nothing was changed"
+            )));
+        }
+        s.instance_type = Some(t.clone());
+    }
+    if let Some(scaling) = req.scaling {
+        s.scaling = scaling;
+    }
+    if let Some(n) = req.keep_releases {
+        if !(1..=workflows::env_settings::MAX_KEEP_RELEASES).contains(&n) {
+            return Err(Error::Invalid(format!(
+                "--keep-releases {n} is not within 1 and {}; nothing was changed",
+                workflows::env_settings::MAX_KEEP_RELEASES
+            )));
+        }
+        s.keep_releases = Some(n);
+    }
+    Ok(s)
+}
+
+/// What a group is made with (a change rolls out again).
+fn sizing_fields(s: &EnvSettings) -> impl PartialEq + use<'_> {
+    (
+        s.min_size,
+        s.max_size,
+        s.desired_size,
+        s.instance_type.as_deref(),
+        s.scaling,
+    )
 }
 
 /// Registers a tenant, prints its secret once, and stores only the secret's hash.
@@ -183,6 +389,7 @@ pub async fn add<S: Store>(store: &S, req: &AddRequest, p: &mut Printer<'_>) -> 
             signing_secret: None,
         },
         config: std::collections::BTreeMap::new(),
+        environments: std::collections::BTreeMap::new(),
         created_at: now,
         updated_at: now,
     };

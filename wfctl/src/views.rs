@@ -371,6 +371,8 @@ pub struct WorkflowView {
     pub resources: Option<ResourcesView>,
     /// What is serving.
     pub deployed: Option<DeployedView>,
+    /// The releases kept for rollback, oldest first (the last one serves).
+    pub releases: Vec<DeployedView>,
     /// Pushes waiting for the current run (infra first).
     pub pending: Vec<PushView>,
 }
@@ -391,6 +393,7 @@ impl From<&WorkflowRecord> for WorkflowView {
             run: w.run.as_ref().map(RunView::from),
             resources: Some((&w.resources).into()),
             deployed: w.deployed.as_ref().map(DeployedView::from),
+            releases: w.releases.iter().map(DeployedView::from).collect(),
             pending: [w.pending.infra.as_ref(), w.pending.app.as_ref()]
                 .into_iter()
                 .flatten()
@@ -416,6 +419,7 @@ impl WorkflowView {
             run: None,
             resources: None,
             deployed: None,
+            releases: Vec::new(),
             pending: Vec::new(),
         }
     }

@@ -474,6 +474,15 @@ fn render_workflow(
             ),
         ]);
     }
+    if !w.releases.is_empty() {
+        let kept: Vec<String> = w
+            .releases
+            .iter()
+            .rev()
+            .map(|d| format!("{} ({})", d.run, describe_release(&d.release)))
+            .collect();
+        res.row(["kept for rollback".to_owned(), kept.join(", ")]);
+    }
     if res.is_empty() {
         res.row(["none yet"]);
     }

@@ -37,6 +37,15 @@ pub struct StepTask {
     pub release: Release,
     /// The environment's resources as recorded when the step was dispatched.
     pub resources: Resources,
+    /// Rollout only: the releases whose images and artifacts stay (the run's own and the
+    /// newest deployed ones); the others of the environment are deleted once the rollout is
+    /// done. Empty: nothing is deleted (tasks before schema version 3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<Release>,
+    /// Database only: restore the database from the environment's newest final snapshot
+    /// instead of creating an empty one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restore_database: bool,
 }
 
 /// A command for the engine.

@@ -57,8 +57,9 @@ impl Envelope {
 
 impl Persisted for Envelope {
     const KIND: &'static str = "queue envelope";
-    /// Version 2: a push may carry `before`.
-    const SCHEMA_VERSION: u32 = 2;
+    /// Version 2: a push may carry `before`. Version 3: the `rollback` signal, `provision`'s `from_snapshot`, and a
+    /// rollout task's `keep` and a database task's `restore_database`.
+    const SCHEMA_VERSION: u32 = 3;
     const OLDEST_SCHEMA_VERSION: u32 = 1;
     fn schema_version(&self) -> u32 {
         self.schema_version

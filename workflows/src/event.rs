@@ -73,6 +73,13 @@ pub enum Signal {
     Cancel,
     /// Roll out the last deployed release again.
     Redeploy,
+    /// Roll out a kept earlier release as a new run: run `to`'s, or the one before what
+    /// serves.
+    Rollback {
+        /// The run whose release to roll out again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<RunId>,
+    },
     /// Release everything the environment holds; final.
     Decommission,
 }
@@ -84,6 +91,7 @@ impl fmt::Display for Signal {
             Self::Retry => "retry",
             Self::Cancel => "cancel",
             Self::Redeploy => "redeploy",
+            Self::Rollback { .. } => "rollback",
             Self::Decommission => "decommission",
         })
     }
@@ -180,6 +188,10 @@ pub enum Event {
     Provision {
         /// The request's id.
         event_id: EventId,
+        /// For a decommissioned environment: restore its database from the final snapshot
+        /// instead of creating an empty one.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        from_snapshot: bool,
     },
     /// An operator's signal.
     Signal {
@@ -213,7 +225,7 @@ impl Event {
         match self {
             Event::Push(p) => p.event_id.clone(),
             Event::Configure(c) => c.event_id.clone(),
-            Event::Provision { event_id }
+            Event::Provision { event_id, .. }
             | Event::Signal { event_id, .. }
             | Event::Rearm { event_id } => event_id.clone(),
             Event::Step(r) => step_event_id(r.run, r.step, r.token),

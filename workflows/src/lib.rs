@@ -12,6 +12,7 @@
 pub mod codec;
 pub mod command;
 pub mod config;
+pub mod env_settings;
 pub mod envelope;
 pub mod event;
 pub mod history;
@@ -29,6 +30,7 @@ pub mod time;
 pub use codec::{Persisted, decode, encode};
 pub use command::{Command, StepTask};
 pub use config::{ConfigValue, EnvConfig};
+pub use env_settings::{EnvSettings, Scaling, Sizing};
 pub use envelope::{Body, Envelope};
 pub use event::{ConfigChange, Event, Push, RepoKind, Signal, StepOutcome, StepReport, TimerFired};
 pub use history::HistoryEntry;

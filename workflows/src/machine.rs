@@ -38,11 +38,27 @@ use crate::step::{Release, Resources, StepKind, StepProgress, StepStatus};
 use crate::time::Timestamp;
 
 /// The tenant's settings that shape a workflow, supplied by the engine with every event.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// Production runs wait for an `approve` signal before rolling out.
     pub production_approval: bool,
+    /// How many deployed releases are kept for `rollback` (their images and artifacts stay).
+    #[serde(default = "default_keep_releases")]
+    pub keep_releases: u32,
+}
+
+fn default_keep_releases() -> u32 {
+    crate::env_settings::DEFAULT_KEEP_RELEASES
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            production_approval: false,
+            keep_releases: crate::env_settings::DEFAULT_KEEP_RELEASES,
+        }
+    }
 }
 
 /// What the engine passes in with an event: the time and the tenant's settings.
@@ -261,6 +277,14 @@ pub struct Run {
     pub needs_approval: bool,
     /// It has been approved.
     pub approved: bool,
+    /// The releases whose images and artifacts its rollout keeps: its own and the newest
+    /// deployed ones, `keep_releases` in all (absent in records before schema version 3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep: Vec<Release>,
+    /// Its database is restored from the environment's final snapshot (`wfctl provision
+    /// --from-snapshot` of a decommissioned environment).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restore_database: bool,
     /// Its steps, in a topological order.
     pub steps: Vec<StepProgress>,
     /// The next token to hand out; tokens tell current step messages from stale ones.
@@ -390,6 +414,10 @@ pub struct Workflow {
     /// What is serving.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployed: Option<Deployed>,
+    /// The releases kept for `rollback`, oldest first, each release once, at most
+    /// `keep_releases` (the last one is what serves). Absent before schema version 3.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releases: Vec<Deployed>,
     /// What the environment holds.
     pub resources: Resources,
 }
@@ -421,6 +449,7 @@ impl Workflow {
             pending: Pending::default(),
             heads: Heads::default(),
             deployed: None,
+            releases: Vec::new(),
             resources: Resources::default(),
         }
     }
@@ -436,6 +465,21 @@ impl Workflow {
 
     /// Ends the active run (if any) and starts a new one of `kind` towards `desired`.
     fn start_run(&mut self, kind: RunKind, trigger: &EventId, ctx: &mut Ctx) -> Outcome<State> {
+        self.start_run_with(kind, trigger, RunOptions::default(), ctx)
+    }
+
+    /// [`Self::start_run`] with `options`.
+    pub(crate) fn start_run_with(
+        &mut self,
+        kind: RunKind,
+        trigger: &EventId,
+        options: RunOptions,
+        ctx: &mut Ctx,
+    ) -> Outcome<State> {
+        let RunOptions {
+            restore_database,
+            reroute,
+        } = options;
         if let Some(run) = self.active_run_mut() {
             run.end(RunEnd::Abandoned, ctx.now);
         }
@@ -448,7 +492,8 @@ impl Workflow {
                 let mut steps: Vec<StepProgress> = StepKind::PREPARATION
                     .into_iter()
                     .map(|k| {
-                        let status = if self.resources.satisfies(k, &release) {
+                        let rerouted = reroute && k == StepKind::Routing;
+                        let status = if self.resources.satisfies(k, &release) && !rerouted {
                             StepStatus::Skipped
                         } else {
                             StepStatus::Pending
@@ -482,6 +527,10 @@ impl Workflow {
                 )
             }
         };
+        let keep = match kind {
+            RunKind::Deploy => self.keep_with(&release, ctx.settings.keep_releases),
+            RunKind::Decommission => Vec::new(),
+        };
         self.run = Some(Run {
             id,
             kind,
@@ -494,10 +543,100 @@ impl Workflow {
                 && self.key.env == Environment::Production
                 && ctx.settings.production_approval,
             approved: false,
+            keep,
+            restore_database,
             steps,
             next_token: 1,
         });
         Transition(self.advance(ctx))
+    }
+
+    /// The releases a rollout of `release` keeps: it and the newest kept ones before it,
+    /// `keep_releases` in all.
+    fn keep_with(&self, release: &Release, keep_releases: u32) -> Vec<Release> {
+        let keep = usize::try_from(keep_releases.max(1)).unwrap_or(1);
+        let mut kept: Vec<Release> = self
+            .releases
+            .iter()
+            .rev()
+            .map(|d| d.release.clone())
+            .filter(|r| r != release)
+            .take(keep - 1)
+            .collect();
+        kept.reverse();
+        kept.push(release.clone());
+        kept
+    }
+
+    /// The kept release a `rollback` goes to: run `to`'s, or without it the newest one before
+    /// what serves. Refused (with the reason) when there is none.
+    pub fn rollback_target(&self, to: Option<RunId>) -> Result<&Deployed, String> {
+        let kept = || {
+            if self.releases.is_empty() {
+                "none".to_owned()
+            } else {
+                self.releases
+                    .iter()
+                    .map(|d| d.run.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let serving = self.deployed.as_ref().map(|d| &d.release);
+        let target = match to {
+            Some(run) => self
+                .releases
+                .iter()
+                .find(|d| d.run == run)
+                .ok_or_else(|| format!("{run} is not a kept release (kept: {})", kept()))?,
+            None => self
+                .releases
+                .iter()
+                .rev()
+                .find(|d| Some(&d.release) != serving)
+                .ok_or_else(|| format!("no earlier release is kept (kept: {})", kept()))?,
+        };
+        if Some(&target.release) == serving {
+            return Err(format!(
+                "{} is the release serving: redeploy rolls it out again",
+                target.run
+            ));
+        }
+        Ok(target)
+    }
+
+    /// Starts a run that rolls out the kept release `to` (see [`Self::rollback_target`]).
+    fn rollback(&mut self, to: Option<RunId>, trigger: &EventId, ctx: &mut Ctx) -> Outcome<State> {
+        match self.rollback_target(to) {
+            Ok(target) => {
+                self.desired = target.release.clone();
+                self.start_run(RunKind::Deploy, trigger, ctx)
+            }
+            Err(reason) => ctx.refuse(reason),
+        }
+    }
+
+    /// Makes a decommissioned environment new again and starts its first run: the newest
+    /// commits it had accepted, everything built again, the database restored from its final
+    /// snapshot with `from_snapshot`.
+    fn provision_again(
+        &mut self,
+        from_snapshot: bool,
+        trigger: &EventId,
+        ctx: &mut Ctx,
+    ) -> Outcome<State> {
+        self.resources = Resources::default();
+        self.releases.clear();
+        self.deployed = None;
+        self.desired = Release {
+            infra: self.heads.get(RepoKind::Infra).map(|l| l.head.clone()),
+            app: self.heads.get(RepoKind::App).map(|l| l.head.clone()),
+        };
+        let options = RunOptions {
+            restore_database: from_snapshot,
+            reroute: false,
+        };
+        self.start_run_with(RunKind::Deploy, trigger, options, ctx)
     }
 
     /// Keeps `push` as the pending push of its repository while a run is busy.
@@ -776,11 +915,17 @@ impl Workflow {
             }
             StepStatus::Done | StepStatus::Skipped => {
                 run.end(RunEnd::Succeeded, now);
-                self.deployed = Some(Deployed {
+                let deployed = Deployed {
                     release: run.release.clone(),
                     run: run.id,
                     at: now,
-                });
+                };
+                self.releases.retain(|r| r.release != deployed.release);
+                self.releases.push(deployed.clone());
+                let keep = usize::try_from(ctx.settings.keep_releases.max(1)).unwrap_or(1);
+                let extra = self.releases.len().saturating_sub(keep);
+                self.releases.drain(..extra);
+                self.deployed = Some(deployed);
                 if self.pending.is_empty() {
                     State::Live
                 } else {
@@ -793,7 +938,11 @@ impl Workflow {
                         .map(|p| p.event_id.clone())
                         .or_else(|| self.pending.config.as_ref().map(|c| c.event_id.clone()))
                         .unwrap_or_else(|| run.trigger.clone());
-                    match self.start_run(RunKind::Deploy, &trigger, ctx) {
+                    let options = RunOptions {
+                        reroute: self.pending.config.is_some(),
+                        ..RunOptions::default()
+                    };
+                    match self.start_run_with(RunKind::Deploy, &trigger, options, ctx) {
                         Transition(state) => state,
                         _ => unreachable!("start_run always transitions"),
                     }
@@ -814,6 +963,16 @@ impl Workflow {
                 .is_some_and(|r| r.outstanding().next().is_some()),
         }
     }
+}
+
+/// How a run starts besides its kind.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RunOptions {
+    /// Its database step restores the environment's final snapshot.
+    pub(crate) restore_database: bool,
+    /// Its routing step runs even though routing exists: a tenant's settings changed (its
+    /// domain, so its host, may be new).
+    pub(crate) reroute: bool,
 }
 
 /// Whether a dispatch starts a new attempt or repeats the current one (a progress recheck).
@@ -841,15 +1000,22 @@ fn dispatch(
         step.attempt = step.attempt.saturating_add(1);
     }
     let first_attempt_at = *step.first_attempt_at.get_or_insert(ctx.now);
+    let (kind, step_attempt) = (step.kind, step.attempt);
     ctx.commands.push(Command::RunStep(Box::new(StepTask {
         run: run.id,
-        step: step.kind,
+        step: kind,
         token,
-        attempt: step.attempt,
+        attempt: step_attempt,
         first_attempt_at,
         delay,
         release: run.release.clone(),
         resources: resources.clone(),
+        keep: if kind == StepKind::Rollout {
+            run.keep.clone()
+        } else {
+            Vec::new()
+        },
+        restore_database: kind == StepKind::Database && run.restore_database,
     })));
 }
 

@@ -50,8 +50,11 @@ impl Persisted for WorkflowRecord {
     const KIND: &'static str = "workflow record";
     /// Version 2: pushes may carry `before`, and the machine keeps each repository's lineage
     /// (`heads`); a version 1 record starts with none, so its protection against late
-    /// resends begins with the first push after the upgrade.
-    const SCHEMA_VERSION: u32 = 2;
+    /// resends begins with the first push after the upgrade. Version 3: the kept releases
+    /// (`releases`; a version 2 record starts with none, so its first rollback target is the
+    /// release deployed after the upgrade), a run's `keep` and `restore_database`, and the
+    /// event and task fields of the envelope's version 3.
+    const SCHEMA_VERSION: u32 = 3;
     const OLDEST_SCHEMA_VERSION: u32 = 1;
     fn schema_version(&self) -> u32 {
         self.schema_version

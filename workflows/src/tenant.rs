@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Persisted;
 use crate::config::EnvConfig;
+use crate::env_settings::EnvSettings;
 use crate::event::RepoKind;
 use crate::id::{Domain, Environment, TenantId};
 use crate::machine::Settings;
@@ -69,6 +70,10 @@ pub struct Tenant {
     /// Each environment's config vars (absent: none; not in records of schema version 1).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<Environment, EnvConfig>,
+    /// Each environment's settings: sizing, releases kept, decommissioned (absent: the
+    /// defaults; not in records before schema version 3).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub environments: BTreeMap<Environment, EnvSettings>,
     /// When it was registered.
     pub created_at: Timestamp,
     /// When it last changed.
@@ -77,8 +82,9 @@ pub struct Tenant {
 
 impl Persisted for Tenant {
     const KIND: &'static str = "tenant record";
-    /// Version 2: each environment's config vars (`config`).
-    const SCHEMA_VERSION: u32 = 2;
+    /// Version 2: each environment's config vars (`config`). Version 3: each environment's
+    /// settings (`environments`).
+    const SCHEMA_VERSION: u32 = 3;
     const OLDEST_SCHEMA_VERSION: u32 = 1;
     fn schema_version(&self) -> u32 {
         self.schema_version
@@ -114,6 +120,7 @@ impl Tenant {
                 signing_secret: None,
             },
             config: BTreeMap::new(),
+            environments: BTreeMap::new(),
             created_at: now,
             updated_at: now,
         }
@@ -155,10 +162,25 @@ impl Tenant {
         }
     }
 
-    /// The settings its workflows run with.
-    pub fn settings(&self) -> Settings {
+    /// The settings of `env` (the defaults when it has none).
+    pub fn env_settings(&self, env: Environment) -> EnvSettings {
+        self.environments.get(&env).cloned().unwrap_or_default()
+    }
+
+    /// Changes the settings of `env`; settings back at the defaults are not kept.
+    pub fn set_env_settings(&mut self, env: Environment, settings: EnvSettings) {
+        if settings.is_default() {
+            self.environments.remove(&env);
+        } else {
+            self.environments.insert(env, settings);
+        }
+    }
+
+    /// The settings the workflow of `env` runs with.
+    pub fn settings(&self, env: Environment) -> Settings {
         Settings {
             production_approval: self.production_approval,
+            keep_releases: self.env_settings(env).keep_releases(),
         }
     }
 }

@@ -70,6 +70,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::Signal(Signal::Retry)),
         1 => Just(Action::Signal(Signal::Cancel)),
         1 => Just(Action::Signal(Signal::Redeploy)),
+        1 => Just(Action::Signal(Signal::Rollback { to: None })),
         1 => prop_oneof![19 => Just(None), 1 => Just(Some(Signal::Decommission))]
             .prop_map(|s| s.map_or(Action::Rearm, Action::Signal)),
         1 => Just(Action::Provision),
@@ -100,6 +101,7 @@ impl World {
                 env,
                 Settings {
                     production_approval: approval,
+                    ..Settings::default()
                 },
             ),
             model: Model {
@@ -141,8 +143,11 @@ impl World {
             );
             assert!(applied.commands.is_empty());
         }
-        if before.state() == State::Decommissioned {
-            assert_eq!(self.d.state(), State::Decommissioned, "left decommissioned");
+        if before.state() == State::Decommissioned && self.d.state() != State::Decommissioned {
+            assert!(
+                matches!(event, Event::Provision { .. }) && applied.verdict == Verdict::Accepted,
+                "only provision leaves decommissioned, not {event:?}"
+            );
         }
         if event.is_external() && applied.verdict != Verdict::Duplicate {
             self.external.push(event.clone());
@@ -188,6 +193,32 @@ impl World {
                 },
                 Verdict::Accepted,
             ) => self.model.decommissioned = true,
+            // A rollback deploys the kept release it chose.
+            (
+                Event::Signal {
+                    signal: Signal::Rollback { .. },
+                    ..
+                },
+                Verdict::Accepted,
+            ) => {
+                let run = w.active_run().expect("a rollback starts a run");
+                assert!(
+                    w.releases.iter().any(|k| k.release == run.release),
+                    "a rollback deploys a kept release"
+                );
+                self.model.expected = run.release.clone();
+            }
+            // Provisioned again: the newest commit of each branch, from scratch.
+            (Event::Provision { .. }, Verdict::Accepted)
+                if applied.from == State::Decommissioned =>
+            {
+                self.model.decommissioned = false;
+                self.model.expected = Release {
+                    infra: w.heads.get(RepoKind::Infra).map(|l| l.head.clone()),
+                    app: w.heads.get(RepoKind::App).map(|l| l.head.clone()),
+                };
+                assert!(w.releases.is_empty() && w.deployed.is_none());
+            }
             _ => {}
         }
     }
@@ -255,7 +286,10 @@ impl World {
             }
             Action::Provision => {
                 let event_id = self.d.fresh_id("provision");
-                self.apply(&Event::Provision { event_id });
+                self.apply(&Event::Provision {
+                    event_id,
+                    from_snapshot: false,
+                });
             }
             Action::Rearm => self.rearm(),
             Action::Configure => {

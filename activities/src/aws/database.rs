@@ -4,7 +4,9 @@
 //! `ManageMasterUserPassword` (RDS keeps the master password in a Secrets Manager secret and
 //! the orchestrator never sees it), in the configured DB subnet group, behind the network
 //! step's database security group, not publicly accessible. The step is done when the
-//! instance is available; its output is the endpoint and the secret's ARN.
+//! instance is available; its output is the endpoint and the secret's ARN. A database task of
+//! an environment provisioned again with `--from-snapshot` restores the newest final snapshot
+//! of the environment's database (tagged as its own) with the same settings instead.
 
 use aws_sdk_rds::types::{DbInstance, Tag};
 use workflows::{DatabaseOutput, StepOutput};
@@ -39,6 +41,10 @@ pub(super) async fn reconcile(
 ) -> Result<Outcome, Error> {
     let id = names.database();
     let Some(db) = find(cloud, &id).await? else {
+        if invocation.task.restore_database {
+            let snapshot = restore(cloud, names, invocation, &id).await?;
+            return Ok(cloud.progress(format!("database {id} restoring from {snapshot}")));
+        }
         create(cloud, names, invocation, &id).await?;
         return Ok(cloud.progress(format!("database {id} creating")));
     };
@@ -110,14 +116,90 @@ pub(super) async fn find(cloud: &AwsCloud, id: &str) -> Result<Option<DbInstance
     }
 }
 
-async fn create(
+/// The newest final snapshot of the environment's database (tagged as its own), made when it
+/// was decommissioned.
+async fn final_snapshot(cloud: &AwsCloud, names: &Names) -> Result<Option<String>, Error> {
+    let out = cloud
+        .clients
+        .rds
+        .describe_db_snapshots()
+        .snapshot_type("manual")
+        .send()
+        .await
+        .map_err(|e| classify("rds:DescribeDBSnapshots", names.base(), &e))?;
+    let stem = names.final_snapshot();
+    let mut ours: Vec<_> = out
+        .db_snapshots()
+        .iter()
+        .filter(|s| {
+            s.db_snapshot_identifier()
+                .is_some_and(|id| id.starts_with(&stem))
+                && s.status() == Some("available")
+                && ownership::is_ours(names, s.tag_list().iter().map(|t| (t.key(), t.value())))
+        })
+        .collect();
+    ours.sort_by_key(|s| {
+        s.snapshot_create_time()
+            .map(|t| (t.secs(), t.subsec_nanos()))
+    });
+    Ok(ours
+        .last()
+        .and_then(|s| s.db_snapshot_identifier())
+        .map(str::to_owned))
+}
+
+/// Restores the database from its newest final snapshot, with the settings it is created
+/// with; returns the snapshot's identifier. No snapshot is a terminal error.
+async fn restore(
     cloud: &AwsCloud,
     names: &Names,
     invocation: Invocation<'_>,
     id: &str,
-) -> Result<(), Error> {
+) -> Result<String, Error> {
     let infra = &cloud.infra;
-    let group = invocation
+    let snapshot = final_snapshot(cloud, names).await?.ok_or_else(|| {
+        Error::Terminal(format!(
+            "no available final snapshot {}-* of the environment to restore from: provision without --from-snapshot",
+            names.final_snapshot()
+        ))
+    })?;
+    let group = security_group(invocation)?;
+    let production = names.key().env == workflows::Environment::Production;
+    let result = cloud
+        .clients
+        .rds
+        .restore_db_instance_from_db_snapshot()
+        .db_snapshot_identifier(&snapshot)
+        .db_instance_identifier(id)
+        .multi_az(production && infra.production_db_multi_az)
+        .deletion_protection(production && infra.production_db_deletion_protection)
+        .backup_retention_period(if production {
+            infra.production_db_backup_days
+        } else {
+            infra.db_backup_days
+        })
+        .db_instance_class(&infra.db_instance_class)
+        .manage_master_user_password(true)
+        .set_master_user_secret_kms_key_id(infra.kms_key_id.clone())
+        .db_subnet_group_name(&infra.db_subnet_group)
+        .vpc_security_group_ids(group)
+        .publicly_accessible(false)
+        .copy_tags_to_snapshot(true)
+        .set_tags(Some(rds_tags(names, invocation)))
+        .send()
+        .await;
+    match result {
+        Ok(_) => {
+            tracing::info!(database = id, snapshot = %snapshot, "database restore requested");
+            Ok(snapshot)
+        }
+        Err(e) if code(&e) == Some("DBInstanceAlreadyExists") => Ok(snapshot),
+        Err(e) => Err(classify("rds:RestoreDBInstanceFromDBSnapshot", id, &e)),
+    }
+}
+
+fn security_group(invocation: Invocation<'_>) -> Result<String, Error> {
+    invocation
         .task
         .resources
         .network
@@ -125,11 +207,25 @@ async fn create(
         .map(|n| n.database_security_group.clone())
         .ok_or_else(|| {
             Error::Terminal("the database needs the network step's security group".to_owned())
-        })?;
-    let rds_tags: Vec<Tag> = tags(names, invocation.task.run)
+        })
+}
+
+fn rds_tags(names: &Names, invocation: Invocation<'_>) -> Vec<Tag> {
+    tags(names, invocation.task.run)
         .into_iter()
         .map(|(k, v)| Tag::builder().key(k).value(v).build())
-        .collect();
+        .collect()
+}
+
+async fn create(
+    cloud: &AwsCloud,
+    names: &Names,
+    invocation: Invocation<'_>,
+    id: &str,
+) -> Result<(), Error> {
+    let infra = &cloud.infra;
+    let group = security_group(invocation)?;
+    let rds_tags = rds_tags(names, invocation);
     let production = names.key().env == workflows::Environment::Production;
     let result = cloud
         .clients

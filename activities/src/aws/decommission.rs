@@ -69,7 +69,11 @@ pub(super) async fn reconcile(
 
     going.extend(terminate_instances(cloud, names).await?);
     let snapshots = deregister_images(cloud, names).await?;
-    going.extend(delete_snapshots(cloud, names, snapshots).await?);
+    going.extend(
+        delete_snapshots(cloud, names, snapshots, |_| false)
+            .await?
+            .1,
+    );
 
     let db = names.database();
     if let Some(instance) = database::find(cloud, &db).await?
@@ -160,7 +164,7 @@ async fn owned(cloud: &AwsCloud, names: &Names, what: &str, arn: &str) -> Result
 }
 
 /// Filters on the tags the orchestrator puts on everything of `names`' environment.
-fn env_filters(names: &Names) -> [Filter; 3] {
+pub(super) fn env_filters(names: &Names) -> [Filter; 3] {
     [
         Filter::builder()
             .name(format!("tag:{TAG_MANAGED_BY}"))
@@ -249,52 +253,20 @@ async fn terminate_instances(cloud: &AwsCloud, names: &Names) -> Result<Vec<Stri
 /// Deregisters the environment's images; returns the ids of their EBS snapshots, which an
 /// image does not take with it (images made before snapshots were tagged are found only so).
 async fn deregister_images(cloud: &AwsCloud, names: &Names) -> Result<Vec<String>, Error> {
-    let [managed, tenant, env] = env_filters(names);
-    let out = cloud
-        .clients
-        .ec2
-        .describe_images()
-        .owners("self")
-        .filters(managed)
-        .filters(tenant)
-        .filters(env)
-        .send()
-        .await
-        .map_err(|e| classify("ec2:DescribeImages", names.base(), &e))?;
-    let mut snapshots = Vec::new();
-    for image in out.images() {
-        let Some(id) = image.image_id() else { continue };
-        snapshots.extend(
-            image
-                .block_device_mappings()
-                .iter()
-                .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()))
-                .map(str::to_owned),
-        );
-        match cloud
-            .clients
-            .ec2
-            .deregister_image()
-            .image_id(id)
-            .send()
-            .await
-        {
-            Ok(_) => tracing::info!(image = id, "image deregistered"),
-            Err(e) if code(&e).is_some_and(|c| c.starts_with("InvalidAMIID")) => {}
-            Err(e) => return Err(classify("ec2:DeregisterImage", id, &e)),
-        }
-    }
-    Ok(snapshots)
+    Ok(super::retention::deregister_images(cloud, names, |_| false)
+        .await?
+        .0)
 }
 
-/// Deletes the snapshots of the environment's images: those tagged as its own and those of the
-/// images just deregistered (`of_images`). One still held by an image being deregistered is
-/// reported as still going.
-async fn delete_snapshots(
+/// Deletes the snapshots of the environment's images: those tagged as its own (unless `kept`)
+/// and those of the images just deregistered (`of_images`). Returns how many were deleted and
+/// those still held by an image being deregistered, as still going.
+pub(super) async fn delete_snapshots(
     cloud: &AwsCloud,
     names: &Names,
     of_images: Vec<String>,
-) -> Result<Vec<String>, Error> {
+    kept: impl Fn(&aws_sdk_ec2::types::Snapshot) -> bool,
+) -> Result<(usize, Vec<String>), Error> {
     let [managed, tenant, env] = env_filters(names);
     let out = cloud
         .clients
@@ -310,6 +282,7 @@ async fn delete_snapshots(
     let mut ids: Vec<String> = out
         .snapshots()
         .iter()
+        .filter(|s| ownership::is_ours(names, network::ec2_pairs(s.tags())) && !kept(s))
         .filter_map(|s| s.snapshot_id())
         .map(str::to_owned)
         .chain(of_images)
@@ -317,6 +290,7 @@ async fn delete_snapshots(
     ids.sort_unstable();
     ids.dedup();
     let mut going = Vec::new();
+    let mut deleted = 0;
     for id in ids {
         match cloud
             .clients
@@ -326,7 +300,10 @@ async fn delete_snapshots(
             .send()
             .await
         {
-            Ok(_) => tracing::info!(snapshot = %id, "image snapshot deleted"),
+            Ok(_) => {
+                deleted += 1;
+                tracing::info!(snapshot = %id, "image snapshot deleted");
+            }
             Err(e) if code(&e) == Some("InvalidSnapshot.NotFound") => {}
             Err(e) if code(&e) == Some("InvalidSnapshot.InUse") => {
                 going.push(format!("snapshot {id} (its image is being deregistered)"));
@@ -334,5 +311,5 @@ async fn delete_snapshots(
             Err(e) => return Err(classify("ec2:DeleteSnapshot", &id, &e)),
         }
     }
-    Ok(going)
+    Ok((deleted, going))
 }

@@ -31,7 +31,7 @@ const POLICY_NAME: &str = "environment-artifacts";
 const TRUST_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"ec2.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
 
 /// The inline policy of `names`' role: read the environment's artifacts in `bucket`, write its
-/// script reports under `<tenant>/<env>/logs/` (see [`crate::report`]), and read the
+/// script reports under `_logs/<tenant>/<env>/` (see [`crate::report`]), and read the
 /// `secrets` its instances need (the database's master-user secret once there is one, and the
 /// secrets its config vars reference), nothing else. `partition` is that of the account
 /// (`aws`, `aws-cn`, `aws-us-gov`).
@@ -209,15 +209,33 @@ pub(super) async fn ensure(
 /// a database secret of the platform, one that does not exist or cannot be read) is a
 /// terminal error naming it, so that no config var can open another tenant's secret.
 async fn check_referenced_secret(cloud: &AwsCloud, names: &Names, arn: &str) -> Result<(), Error> {
-    let described = cloud
-        .clients
-        .secrets
+    secret_of_tenant(&cloud.clients.secrets, &names.key().tenant, arn).await
+}
+
+/// Checks, with `sdk`'s credentials, that secret `arn` exists, can be described, and is tagged
+/// `tenant=<tenant>` (what [`ensure`] requires of a referenced secret); `wfctl config set`
+/// refuses a `--secret` that is not, before anything is written.
+pub async fn check_secret(
+    sdk: &aws_config::SdkConfig,
+    tenant: &workflows::TenantId,
+    arn: &str,
+) -> Result<(), Error> {
+    let client = aws_sdk_secretsmanager::Client::new(sdk);
+    secret_of_tenant(&client, tenant, arn).await
+}
+
+async fn secret_of_tenant(
+    client: &aws_sdk_secretsmanager::Client,
+    tenant: &workflows::TenantId,
+    arn: &str,
+) -> Result<(), Error> {
+    let described = client
         .describe_secret()
         .secret_id(arn)
         .send()
         .await
         .map_err(|e| classify("secretsmanager:DescribeSecret", arn, &e))?;
-    let tenant = names.key().tenant.as_str();
+    let tenant = tenant.as_str();
     let owner = described
         .tags()
         .iter()
@@ -308,7 +326,7 @@ mod tests {
         assert_eq!(statements[0]["Resource"], "arn:aws:s3:::bucket/acme/dev/*");
         assert_eq!(statements[1]["Action"], "s3:PutObject");
         assert_eq!(
-            statements[1]["Resource"], "arn:aws:s3:::bucket/acme/dev/logs/*",
+            statements[1]["Resource"], "arn:aws:s3:::bucket/_logs/acme/dev/*",
             "it writes only its own reports"
         );
         let prod = policy(

@@ -15,6 +15,10 @@
 //! | builder stopped, its report passed | create the image from it (a duplicate name means another attempt did: adopt); wait |
 //! | builder stopped, no report | terminate it; fail terminally (its start failed before it could report, or it was stopped by hand) |
 //!
+//! Before launching a builder, an available image of the same commit built for another of the
+//! tenant's environments (tagged as the tenant's) is copied instead (`CopyImage`, minutes
+//! instead of a build): build once, promote.
+//!
 //! The builder's user data fetches the infra artifact, runs `provision/*.sh` in name order,
 //! uploads a script report (see [`crate::report`]) under the key its `report` tag names, and
 //! powers off, at once after the first failure (its shutdown behaviour is `stop`, so the
@@ -90,6 +94,13 @@ pub(super) async fn reconcile(
         }
     }
     let Some(builder) = builder else {
+        // Build once, promote: the same commit built for another of the tenant's
+        // environments is copied, not built again.
+        if let Some(source) = promotable(cloud, names, sha).await? {
+            let from = source.name().unwrap_or_default().to_owned();
+            copy_image(cloud, names, invocation, &source, &image_name).await?;
+            return Ok(cloud.progress(format!("image {image_name} copied from {from}")));
+        }
         launch_builder(cloud, names, invocation, sha).await?;
         return Ok(cloud.progress("builder launched"));
     };
@@ -171,6 +182,108 @@ pub(super) async fn abandon(
         Some(builder) => terminate(cloud, &builder).await,
         None => Ok(()),
     }
+}
+
+/// An available image of `sha` built for another of the tenant's environments (named and
+/// tagged as that environment's), if there is one.
+async fn promotable(cloud: &AwsCloud, names: &Names, sha: &GitSha) -> Result<Option<Image>, Error> {
+    let key = names.key();
+    let candidates: Vec<String> = workflows::Environment::ALL
+        .into_iter()
+        .filter(|env| *env != key.env)
+        .map(|env| Names::new(&workflows::WorkflowKey::new(key.tenant.clone(), env)).image(sha))
+        .collect();
+    let out = cloud
+        .clients
+        .ec2
+        .describe_images()
+        .owners("self")
+        .filters(
+            Filter::builder()
+                .name("name")
+                .set_values(Some(candidates.clone()))
+                .build(),
+        )
+        .filters(
+            Filter::builder()
+                .name(format!("tag:{TAG_TENANT}"))
+                .values(key.tenant.as_str())
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| classify("ec2:DescribeImages", &names.image(sha), &e))?;
+    // Names and tags are checked here as well: not every endpoint applies every filter.
+    Ok(out
+        .images()
+        .iter()
+        .find(|i| {
+            let tagged = |k: &str, v: &str| {
+                i.tags()
+                    .iter()
+                    .any(|t| t.key() == Some(k) && t.value() == Some(v))
+            };
+            i.state() == Some(&ImageState::Available)
+                && i.name().is_some_and(|n| candidates.iter().any(|c| c == n))
+                && tagged(TAG_MANAGED_BY, MANAGED_BY)
+                && tagged(TAG_TENANT, key.tenant.as_str())
+        })
+        .cloned())
+}
+
+/// Copies `source` (another environment's image of the commit) as this environment's image
+/// `name`, tagged as its own (in the request, and again after it for endpoints that do not
+/// take tags there), encrypted with the configured KMS key when there is one.
+async fn copy_image(
+    cloud: &AwsCloud,
+    names: &Names,
+    invocation: Invocation<'_>,
+    source: &Image,
+    name: &str,
+) -> Result<(), Error> {
+    let source_id = source.image_id().unwrap_or_default();
+    let tags = ec2_tags(names, invocation.task.run, name);
+    let mut request = cloud
+        .clients
+        .ec2
+        .copy_image()
+        .source_image_id(source_id)
+        .source_region(cloud.infra.region().unwrap_or("us-east-1"))
+        .name(name)
+        .description(format!(
+            "{} at {} (copied from {source_id})",
+            names.key(),
+            invocation.task.release
+        ))
+        .client_token(names.token(
+            StepKind::Image,
+            &format!("copy|{source_id}|{}", invocation.task.run),
+        ))
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Image)
+                .set_tags(Some(tags.clone()))
+                .build(),
+        );
+    if let Some(kms) = &cloud.infra.kms_key_id {
+        request = request.encrypted(true).kms_key_id(kms);
+    }
+    let out = request
+        .send()
+        .await
+        .map_err(|e| classify("ec2:CopyImage", name, &e))?;
+    let id = out.image_id().unwrap_or_default();
+    cloud
+        .clients
+        .ec2
+        .create_tags()
+        .resources(id)
+        .set_tags(Some(tags))
+        .send()
+        .await
+        .map_err(|e| classify("ec2:CreateTags", name, &e))?;
+    tracing::info!(image = %name, id, source = source_id, "image copied from another environment");
+    Ok(())
 }
 
 /// The image named `name` owned by this account.
@@ -522,7 +635,7 @@ mod tests {
             .status()
             .expect("tar");
         assert!(tarred.success());
-        let data = builder_user_data("b", "acme/dev/infra/a.tar.gz", "acme/dev/logs/image/a-t")
+        let data = builder_user_data("b", "acme/dev/infra/a.tar.gz", "_logs/acme/dev/image/a-t")
             // First: the temporary directory is under /tmp itself.
             .replace("/tmp/", &format!("{}/", root.display()))
             .replace("/var/log/", &format!("{}/", root.display()))
@@ -539,7 +652,7 @@ mod tests {
             .expect("bash runs");
         assert!(status.success());
         assert!(root.join("powered-off").exists(), "it powers off");
-        let logs = root.join("bucket/acme/dev/logs/image");
+        let logs = root.join("bucket/_logs/acme/dev/image");
         let mut keys: Vec<String> = std::fs::read_dir(&logs)
             .map(|d| {
                 d.filter_map(Result::ok)
@@ -608,6 +721,8 @@ mod tests {
                 app: None,
             },
             resources: Resources::default(),
+            keep: Vec::new(),
+            restore_database: false,
         };
         let token = |task: &StepTask| {
             launch_token(
@@ -617,6 +732,7 @@ mod tests {
                     domain: &domain,
                     task,
                     config: &crate::NO_CONFIG,
+                    settings: &crate::NO_SETTINGS,
                 },
                 &sha,
             )

@@ -41,16 +41,18 @@ mod names;
 mod network;
 mod ownership;
 mod reports;
+mod retention;
 mod rollout;
 mod routing;
 pub mod sandbox;
+mod scaling;
 mod source;
 #[cfg(test)]
 mod tests;
 
 pub use crate::infrastructure::Infrastructure;
 pub use error::Error;
-pub use names::{MANAGED_BY, Names};
+pub use names::{LOGS_PREFIX, MANAGED_BY, Names};
 
 /// Exclusive values of named pools (listener rule priorities), held by owners: the store's
 /// allocations (a conditional write), so no two workflows ever hold one priority.

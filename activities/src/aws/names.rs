@@ -24,6 +24,10 @@ pub(crate) const TAG_INFRA_SHA: &str = "infra-sha";
 /// On a builder instance: the key stem its script report is uploaded under.
 pub(crate) const TAG_REPORT: &str = "report";
 
+/// Where in the artifact bucket every environment's script reports are (see
+/// [`Names::logs_prefix`]).
+pub const LOGS_PREFIX: &str = "_logs/";
+
 /// The names of one environment's resources.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
@@ -122,10 +126,11 @@ impl Names {
         format!("{}/{}/", self.key.tenant, self.key.env)
     }
 
-    /// `<tenant>/<env>/logs/`: where the environment's instances upload their script reports
-    /// (the only part of the bucket they may write).
+    /// `_logs/<tenant>/<env>/`: where the environment's instances upload their script reports
+    /// (the only part of the bucket they may write). Under one bucket-wide `_logs/` (no tenant id starts with `_`, so it is no tenant's prefix) so that
+    /// one lifecycle rule expires every environment's reports.
     pub fn logs_prefix(&self) -> String {
-        format!("{}logs/", self.artifact_prefix())
+        format!("{LOGS_PREFIX}{}/{}/", self.key.tenant, self.key.env)
     }
 
     /// The key stem of the script report of one build of `sha` (`build` tells the builds of

@@ -12,6 +12,9 @@
 //! and fails the step with the failed part's name, exit code and last lines, instead of
 //! waiting out `rollout_timeout_secs`.
 //!
+//! Once done, it deletes the environment's images (with their snapshots) and artifacts of
+//! releases its task does not keep (`retention`).
+//!
 //! A step message of an older run that arrives late (redelivered, or of a cancelled run) finds
 //! a group of a newer run and neither creates its own nor deletes the newer one.
 
@@ -28,7 +31,10 @@ use workflows::{DeploymentOutput, RepoKind, RunId, StepKind, StepOutput};
 use super::error::{classify, code};
 use super::names::{TAG_ENV, TAG_MANAGED_BY, TAG_NAME, TAG_RUN, TAG_TENANT};
 use super::network::ec2_tags;
-use super::{AwsCloud, Error, MANAGED_BY, Names, identity, ownership, reports, source, tags};
+use super::{
+    AwsCloud, Error, MANAGED_BY, Names, identity, ownership, reports, retention, scaling, source,
+    tags,
+};
 use crate::{Invocation, Outcome};
 
 pub(super) async fn reconcile(
@@ -51,6 +57,7 @@ pub(super) async fn reconcile(
         (None, _) => cloud.infra.base_image_id.clone(),
     };
     let name = names.group(run);
+    let sizing = scaling::sizing(cloud, invocation)?;
     let groups = managed_groups(cloud, names).await?;
     if let Some(newer) = groups
         .iter()
@@ -80,6 +87,7 @@ pub(super) async fn reconcile(
             &name,
             &template,
             &routing.target_group_arn,
+            &sizing,
         )
         .await?;
         return Ok(cloud.progress(format!("group {name} created; waiting for healthy targets")));
@@ -109,15 +117,21 @@ pub(super) async fn reconcile(
         reports::Found::None => 0,
     };
     let healthy = healthy_targets(cloud, mine, &routing.target_group_arn).await?;
-    let size = usize::try_from(cloud.infra.group_size).unwrap_or(1);
+    let size = usize::try_from(sizing.desired).unwrap_or(1);
     // Both: a target can pass its health check on what the image serves before (or
     // although) the release was installed.
     if healthy >= size && installed >= size {
+        if let Some(policy) = sizing.scaling {
+            scaling::ensure_policy(cloud, &name, policy, &routing.target_group_arn).await?;
+        }
         for old in groups
             .iter()
             .filter(|g| g.auto_scaling_group_name() != Some(name.as_str()))
         {
             retire(cloud, old, &routing.target_group_arn).await?;
+        }
+        if !task.keep.is_empty() {
+            retention::prune(cloud, names, &task.keep).await?;
         }
         return Ok(Outcome::Done(StepOutput::Rollout(DeploymentOutput {
             group_name: name,
@@ -406,7 +420,7 @@ fn template_data(
     Ok(RequestLaunchTemplateData::builder()
         .image_id(image_id)
         .instance_type(aws_sdk_ec2::types::InstanceType::from(
-            cloud.infra.instance_type.as_str(),
+            scaling::sizing(cloud, invocation)?.instance_type.as_str(),
         ))
         .security_group_ids(&network.instance_security_group)
         .iam_instance_profile(
@@ -438,6 +452,7 @@ async fn create_group(
     name: &str,
     template: &str,
     target_group: &str,
+    sizing: &workflows::Sizing,
 ) -> Result<(), Error> {
     let mut group_tags: Vec<Tag> = tags(names, run)
         .into_iter()
@@ -460,7 +475,7 @@ async fn create_group(
             .resource_type("auto-scaling-group")
             .build(),
     );
-    let size = cloud.infra.group_size;
+    let as_i32 = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
     let result = cloud
         .clients
         .autoscaling
@@ -472,9 +487,9 @@ async fn create_group(
                 .version("1")
                 .build(),
         )
-        .min_size(size)
-        .max_size(size)
-        .desired_capacity(size)
+        .min_size(as_i32(sizing.min))
+        .max_size(as_i32(sizing.max))
+        .desired_capacity(as_i32(sizing.desired))
         .vpc_zone_identifier(cloud.infra.subnet_ids.join(","))
         .target_group_arns(target_group)
         .health_check_type("ELB")
@@ -677,7 +692,7 @@ mod tests {
             Some("acme/dev/app/a.tar.gz"),
             env_file,
             &[],
-            "acme/dev/logs/rollout/acme-dev-r2/",
+            "_logs/acme/dev/rollout/acme-dev-r2/",
         )
         // First: the temporary directory is under /tmp itself.
         .replace("/tmp/", &format!("{}/", root.display()))
@@ -696,7 +711,7 @@ mod tests {
             .arg(format!("{fakes}{data}"))
             .status()
             .expect("bash runs");
-        let logs = root.join("bucket/acme/dev/logs/rollout/acme-dev-r2");
+        let logs = root.join("bucket/_logs/acme/dev/rollout/acme-dev-r2");
         let keys: Vec<String> = std::fs::read_dir(&logs)
             .map(|d| {
                 d.filter_map(Result::ok)

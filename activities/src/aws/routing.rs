@@ -7,7 +7,9 @@
 //! not manage is marked as held by that rule, and another one is taken on the next attempt.
 //! A retry finds its rule by host header on the listener before creating one; a rule or target
 //! group found by host or name is adopted only when tagged as the environment's (see
-//! `ownership`): another tenant's rule for the same host is never modified.
+//! `ownership`): another tenant's rule for the same host is never modified. When the tenant's
+//! domain changed, the rule the environment has (recorded in its resources) is modified to the
+//! new host and keeps its priority.
 
 use aws_sdk_elasticloadbalancingv2::types::{
     Action, ActionTypeEnum, HostHeaderConditionConfig, ProtocolEnum, Rule, RuleCondition, Tag,
@@ -59,6 +61,36 @@ pub(super) async fn reconcile(
                 .map_err(|e| classify("elasticloadbalancing:ModifyRule", &arn, &e))?;
         }
         return Ok(done(host, target_group, arn, priority));
+    }
+    // The tenant's domain changed: the environment's rule is moved to the new host (it keeps
+    // its priority), rather than a second rule made beside it.
+    if let Some(recorded) = invocation
+        .task
+        .resources
+        .routing
+        .as_ref()
+        .filter(|r| r.host != host)
+    {
+        let arn = &recorded.rule_arn;
+        check_tags(
+            cloud,
+            names,
+            &format!("listener rule {arn} for host {}", recorded.host),
+            arn,
+        )
+        .await?;
+        cloud
+            .clients
+            .elb
+            .modify_rule()
+            .rule_arn(arn)
+            .conditions(host_condition(&host))
+            .actions(forward(&target_group))
+            .send()
+            .await
+            .map_err(|e| classify("elasticloadbalancing:ModifyRule", arn, &e))?;
+        tracing::info!(from = %recorded.host, to = %host, rule = %arn, "listener rule moved to the new host");
+        return Ok(done(host, target_group, arn.clone(), recorded.priority));
     }
     let priority = acquire(cloud, &owner).await?;
     let created = cloud

@@ -280,10 +280,66 @@ async fn bucket(clients: &Clients, name: &str) -> Result<(), Error> {
         Err(e) => return Err(classify("s3:HeadBucket", name, &e)),
     }
     match clients.s3.create_bucket().bucket(name).send().await {
-        Ok(_) => Ok(()),
-        Err(e) if code(&e) == Some("BucketAlreadyOwnedByYou") => Ok(()),
-        Err(e) => Err(classify("s3:CreateBucket", name, &e)),
+        Ok(_) => {}
+        Err(e) if code(&e) == Some("BucketAlreadyOwnedByYou") => {}
+        Err(e) => return Err(classify("s3:CreateBucket", name, &e)),
     }
+    lifecycle(clients, name).await
+}
+
+/// How long script reports stay in the artifact bucket.
+pub const REPORT_RETENTION_DAYS: i32 = 30;
+
+/// The artifact bucket's lifecycle rules, a safety net under the rollout's own pruning:
+/// script reports (`_logs/`) expire after [`REPORT_RETENTION_DAYS`] and incomplete multipart
+/// uploads are aborted after a day. Source artifacts are not expired by age: the instances of
+/// a kept release download theirs whenever their group scales out.
+pub async fn lifecycle(clients: &Clients, bucket: &str) -> Result<(), Error> {
+    use aws_sdk_s3::types::{
+        AbortIncompleteMultipartUpload, BucketLifecycleConfiguration, ExpirationStatus,
+        LifecycleExpiration, LifecycleRule, LifecycleRuleFilter,
+    };
+    let rule = |id: &str| {
+        LifecycleRule::builder()
+            .id(id)
+            .status(ExpirationStatus::Enabled)
+    };
+    let reports = rule("expire-script-reports")
+        .filter(
+            LifecycleRuleFilter::builder()
+                .prefix(super::LOGS_PREFIX)
+                .build(),
+        )
+        .expiration(
+            LifecycleExpiration::builder()
+                .days(REPORT_RETENTION_DAYS)
+                .build(),
+        )
+        .build()
+        .map_err(|e| Error::Terminal(format!("lifecycle rule: {e}")))?;
+    let uploads = rule("abort-incomplete-uploads")
+        .filter(LifecycleRuleFilter::builder().prefix("").build())
+        .abort_incomplete_multipart_upload(
+            AbortIncompleteMultipartUpload::builder()
+                .days_after_initiation(1)
+                .build(),
+        )
+        .build()
+        .map_err(|e| Error::Terminal(format!("lifecycle rule: {e}")))?;
+    let config = BucketLifecycleConfiguration::builder()
+        .rules(reports)
+        .rules(uploads)
+        .build()
+        .map_err(|e| Error::Terminal(format!("lifecycle configuration: {e}")))?;
+    clients
+        .s3
+        .put_bucket_lifecycle_configuration()
+        .bucket(bucket)
+        .lifecycle_configuration(config)
+        .send()
+        .await
+        .map_err(|e| classify("s3:PutBucketLifecycleConfiguration", bucket, &e))?;
+    Ok(())
 }
 
 async fn db_subnets(clients: &Clients, name: &str, subnets: &[String]) -> Result<(), Error> {

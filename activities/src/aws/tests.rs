@@ -159,6 +159,8 @@ fn task(step: StepKind, run: u32) -> StepTask {
             app: None,
         },
         resources,
+        keep: Vec::new(),
+        restore_database: false,
     }
 }
 
@@ -168,6 +170,7 @@ async fn invoke(c: &AwsCloud, task: &StepTask) -> Outcome {
         domain: &domain(),
         task,
         config: &crate::NO_CONFIG,
+        settings: &crate::NO_SETTINGS,
     })
     .await
 }
@@ -713,7 +716,7 @@ async fn a_healthy_group_retires_the_previous_one() {
             autoscaling: Some(autoscaling),
             elb: Some(elb),
             s3: Some(reports(&[
-                "acme/staging/logs/rollout/acme-staging-r2/i-1.ok.log",
+                "_logs/acme/staging/rollout/acme-staging-r2/i-1.ok.log",
             ])),
             ..Mocks::default()
         },
@@ -949,7 +952,7 @@ async fn a_failed_install_report_rolls_back_at_once() {
     let delete_template = mock!(aws_sdk_ec2::Client::delete_launch_template)
         .then_output(|| DeleteLaunchTemplateOutput::builder().build());
     let ec2 = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&delete_template]);
-    let key = "acme/staging/logs/rollout/acme-staging-r2/i-7.failed.log";
+    let key = "_logs/acme/staging/rollout/acme-staging-r2/i-7.failed.log";
     let list = mock!(aws_sdk_s3::Client::list_objects_v2).then_output(move || {
         aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output::builder()
             .contents(aws_sdk_s3::types::Object::builder().key(key).build())

@@ -31,6 +31,8 @@ pub(super) struct Cx<'a> {
     pub(super) config: &'a SimConfig,
     /// The environment's config vars (what its instances are given).
     pub(super) env_config: &'a workflows::EnvConfig,
+    /// The environment's settings (its group's sizing).
+    pub(super) env_settings: &'a workflows::EnvSettings,
     /// A uniform sample in `[0, 1)` deciding whether the scripts of a builder or group created
     /// by this invocation fail (1 when no failures are configured).
     pub(super) sample: f64,
@@ -123,6 +125,9 @@ struct DatabaseAttrs {
     secret_arn: String,
     engine: String,
     storage_encrypted: bool,
+    /// The final snapshot it was restored from, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    restored_from: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -151,12 +156,26 @@ struct GroupAttrs {
     /// Whether `install.sh` fails on its instances (drawn at creation).
     #[serde(default)]
     install_fails: bool,
+    /// Its sizing: min, max and desired instances (absent in files from before sizing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<(u32, u32, u32)>,
+    /// Its instances' type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    instance_type: Option<String>,
+    /// Its target-tracking policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scaling: Option<workflows::Scaling>,
 }
 
 /// Runs the reconciler of `cx.task.step` once.
 pub(super) fn reconcile(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
     let step = cx.task.step;
-    if step != StepKind::Decommission && store::is_decommissioned(conn, &cx.workflow())? {
+    // A step whose attempts began before the environment was decommissioned is a late message
+    // of a run that ended; one that began later belongs to a run that provisions it again.
+    if step != StepKind::Decommission
+        && store::decommissioned_at(conn, &cx.workflow())?
+            .is_some_and(|at| at >= cx.task.first_attempt_at.as_unix_millis())
+    {
         return Err(Error::Decommissioned(cx.workflow()));
     }
     match step {
@@ -284,6 +303,30 @@ fn image(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
         }
         match store::find(conn, ResourceKind::Builder, &builder_name)? {
             None => {
+                // Build once, promote: another environment's image of the commit is copied
+                // (a quarter of the image latency) instead of built.
+                if let Some(source) = promotable(conn, cx, sha)? {
+                    let image = store::create(
+                        conn,
+                        cx.new_resource(
+                            ResourceKind::Image,
+                            &image_name,
+                            Some(&workflow),
+                            cx.ready_at(latency / 4),
+                        ),
+                        |n| format!("ami-{n:017x}"),
+                        |_, _| ImageAttrs {
+                            infra_sha: sha.clone(),
+                        },
+                    )?;
+                    if !cx.is_ready(&image) {
+                        return Ok(cx.progress(
+                            image.ready_at_ms,
+                            format!("image {} copying from {}", image.id, source.name),
+                        ));
+                    }
+                    continue;
+                }
                 let builder = store::create(
                     conn,
                     cx.new_resource(
@@ -359,6 +402,22 @@ fn simulated_failure(script: &str, what: &str) -> String {
         .unwrap_or_default()
 }
 
+/// An available image of `sha` built for another of the tenant's environments.
+fn promotable(conn: &Connection, cx: &Cx<'_>, sha: &GitSha) -> Result<Option<Row>, Error> {
+    for env in workflows::Environment::ALL {
+        if env == cx.key.env {
+            continue;
+        }
+        let name = format!("{}-{env}-{sha}", cx.key.tenant);
+        if let Some(row) = store::find(conn, ResourceKind::Image, &name)?
+            && cx.is_ready(&row)
+        {
+            return Ok(Some(row));
+        }
+    }
+    Ok(None)
+}
+
 /// The builder of `key`'s image build of `sha`.
 fn builder_name(key: &WorkflowKey, sha: &GitSha) -> String {
     format!("{}-{}-builder-{sha}", key.tenant, key.env)
@@ -380,6 +439,16 @@ pub(super) fn abandon(conn: &Connection, key: &WorkflowKey, task: &StepTask) -> 
 fn database(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
     let name = cx.stem();
     let workflow = cx.workflow();
+    let restored_from = if cx.task.restore_database {
+        if !store::is_decommissioned(conn, &workflow)? {
+            return Ok(Outcome::Terminal(format!(
+                "no available final snapshot {name}-final-* of the environment to restore from: provision without --from-snapshot"
+            )));
+        }
+        Some(format!("{name}-final"))
+    } else {
+        None
+    };
     let row = match store::find(conn, ResourceKind::Database, &name)? {
         Some(row) => row,
         None => store::create(
@@ -398,6 +467,7 @@ fn database(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
                 ),
                 engine: "mysql".to_owned(),
                 storage_encrypted: true,
+                restored_from: restored_from.clone(),
             },
         )?,
     };
@@ -463,7 +533,13 @@ fn routing(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
     if ready_at > cx.now_ms {
         return Ok(cx.progress(ready_at, format!("listener rule {name} provisioning")));
     }
-    let attrs: ListenerRuleAttrs = rule.attrs()?;
+    let mut attrs: ListenerRuleAttrs = rule.attrs()?;
+    // The tenant's domain changed: the rule moves to the new host and keeps its priority.
+    let host = format!("{}.{}", cx.key.env, cx.domain);
+    if attrs.host != host {
+        attrs.host = host;
+        store::set_attrs(conn, ResourceKind::ListenerRule, &name, &attrs)?;
+    }
     Ok(Outcome::Done(StepOutput::Routing(RoutingOutput {
         host: attrs.host,
         target_group_arn: target_group.id,
@@ -478,6 +554,17 @@ fn rollout(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
     let run = cx.task.run;
     let workflow = cx.workflow();
     let name = format!("{}-{run}", cx.stem());
+    let sizing = match cx
+        .env_settings
+        .sizing(&crate::infrastructure::Infrastructure::default().default_sizing())
+    {
+        Ok(sizing) => sizing,
+        Err(e) => {
+            return Err(Error::InvalidParameter(format!(
+                "the environment's sizing: {e}"
+            )));
+        }
+    };
     let mut groups = Vec::new();
     for row in store::list_workflow(conn, &workflow, Some(ResourceKind::AutoScalingGroup))? {
         let attrs: GroupAttrs = row.attrs()?;
@@ -522,6 +609,9 @@ fn rollout(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
                     cx.env_config,
                 )),
                 install_fails: cx.sample < cx.config.install_failure_probability,
+                size: Some((sizing.min, sizing.max, sizing.desired)),
+                instance_type: Some(sizing.instance_type.clone()),
+                scaling: sizing.scaling,
             };
             let latency = cx.config.latency(StepKind::Rollout);
             // A failing install is reported as soon as the instances have run it.
@@ -564,12 +654,36 @@ fn rollout(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
     for (older, _) in &groups {
         store::delete(conn, ResourceKind::AutoScalingGroup, &older.name)?;
     }
+    prune_images(conn, cx)?;
     Ok(Outcome::Done(StepOutput::Rollout(DeploymentOutput {
         group_name: group.name,
         image_id: attrs.image_id,
         run: attrs.run,
         release: attrs.release,
     })))
+}
+
+/// Release retention: deletes the environment's images of infra commits no release in the
+/// task's `keep` has (nothing when `keep` is empty, as in tasks of older versions). Source
+/// artifacts are shared by every environment here (content-addressed), so they stay.
+fn prune_images(conn: &Connection, cx: &Cx<'_>) -> Result<(), Error> {
+    if cx.task.keep.is_empty() {
+        return Ok(());
+    }
+    let kept: Vec<&GitSha> = cx
+        .task
+        .keep
+        .iter()
+        .filter_map(|r| r.infra.as_ref())
+        .collect();
+    for image in store::list_workflow(conn, &cx.workflow(), Some(ResourceKind::Image))? {
+        let attrs: ImageAttrs = image.attrs()?;
+        if !kept.contains(&&attrs.infra_sha) {
+            store::delete(conn, ResourceKind::Image, &image.name)?;
+            tracing::debug!(image = %image.name, "image past retention deleted");
+        }
+    }
+    Ok(())
 }
 
 /// Deletes everything of the environment at once (groups, rule and its priority, target

@@ -405,6 +405,23 @@ pub(super) fn create<A: Serialize>(
 }
 
 /// Deletes a resource; `false` if it did not exist.
+/// Replaces the attributes of resource `name` of `kind` (a modification in place).
+pub(super) fn set_attrs<A: Serialize>(
+    conn: &Connection,
+    kind: ResourceKind,
+    name: &str,
+    attrs: &A,
+) -> Result<(), Error> {
+    let json = serde_json::to_string(attrs).map_err(|e| Error::Corrupt {
+        kind: kind.to_string(),
+        name: name.to_owned(),
+        reason: e.to_string(),
+    })?;
+    conn.prepare_cached("UPDATE sim_resources SET attrs = ?3 WHERE kind = ?1 AND name = ?2")?
+        .execute(params![kind.as_str(), name, json])?;
+    Ok(())
+}
+
 pub(super) fn delete(conn: &Connection, kind: ResourceKind, name: &str) -> Result<bool, Error> {
     let n = conn
         .prepare_cached("DELETE FROM sim_resources WHERE kind = ?1 AND name = ?2")?
@@ -482,23 +499,29 @@ pub(super) fn priorities(conn: &Connection) -> Result<Vec<PriorityAllocation>, E
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Whether `workflow` was decommissioned.
-pub(super) fn is_decommissioned(conn: &Connection, workflow: &str) -> Result<bool, Error> {
+/// When `workflow` was last decommissioned, if it was.
+pub(super) fn decommissioned_at(conn: &Connection, workflow: &str) -> Result<Option<i64>, Error> {
     Ok(conn
-        .prepare_cached("SELECT 1 FROM sim_decommissioned WHERE workflow = ?1")?
-        .query_row([workflow], |_| Ok(()))
-        .optional()?
-        .is_some())
+        .prepare_cached("SELECT at_ms FROM sim_decommissioned WHERE workflow = ?1")?
+        .query_row([workflow], |row| row.get(0))
+        .optional()?)
 }
 
-/// Records that `workflow` was decommissioned (the first time counts).
+/// Whether `workflow` was decommissioned.
+pub(super) fn is_decommissioned(conn: &Connection, workflow: &str) -> Result<bool, Error> {
+    Ok(decommissioned_at(conn, workflow)?.is_some())
+}
+
+/// Records that `workflow` was decommissioned at `now_ms` (the latest time counts: an
+/// environment provisioned again can be decommissioned again).
 pub(super) fn mark_decommissioned(
     conn: &Connection,
     workflow: &str,
     now_ms: i64,
 ) -> Result<(), Error> {
     conn.prepare_cached(
-        "INSERT OR IGNORE INTO sim_decommissioned (workflow, at_ms) VALUES (?1, ?2)",
+        "INSERT INTO sim_decommissioned (workflow, at_ms) VALUES (?1, ?2) \
+         ON CONFLICT (workflow) DO UPDATE SET at_ms = max(at_ms, excluded.at_ms)",
     )?
     .execute(params![workflow, now_ms])?;
     Ok(())

@@ -43,6 +43,8 @@ fn task(step: StepKind, run: u32, release: Release, resources: Resources) -> Ste
         delay: Duration::ZERO,
         release,
         resources,
+        keep: Vec::new(),
+        restore_database: false,
     }
 }
 
@@ -66,6 +68,7 @@ async fn invoke(cloud: &SimulatedCloud, key: &WorkflowKey, task: &StepTask) -> O
             domain: &domain,
             task,
             config: &crate::NO_CONFIG,
+            settings: &crate::NO_SETTINGS,
         })
         .await
 }
@@ -1038,6 +1041,7 @@ async fn a_workflow_driven_by_the_machine_goes_live_and_is_decommissioned() {
                             domain,
                             task,
                             config: &crate::NO_CONFIG,
+                            settings: &crate::NO_SETTINGS,
                         })
                         .await;
                     match outcome {
@@ -1192,6 +1196,7 @@ async fn an_abandoned_build_loses_its_builder_and_starts_again() {
             domain: &domain,
             task: &image,
             config: &crate::NO_CONFIG,
+            settings: &crate::NO_SETTINGS,
         })
     };
     abandon().await.expect("abandoned");
@@ -1229,6 +1234,7 @@ async fn abandoning_fails_retryably_under_faults_and_ignores_other_steps() {
                 domain: &domain,
                 task: &t,
                 config: &crate::NO_CONFIG,
+                settings: &crate::NO_SETTINGS,
             })
             .await;
         assert_eq!(

@@ -556,7 +556,13 @@ async fn inject_event<S: Store, Q: Queue, J: Journal>(
         Inject::Provision { tenant, env } => {
             let key = WorkflowKey::new(tenant.clone(), *env);
             let event_id = EventId::new(format!("provision:{key}:{}", now.as_unix_millis()))?;
-            (key, Event::Provision { event_id })
+            (
+                key,
+                Event::Provision {
+                    event_id,
+                    from_snapshot: false,
+                },
+            )
         }
     };
     if parts.store.tenant(&key.tenant).await?.is_none() {

@@ -32,7 +32,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         };
         let input = |now| Input {
             now,
-            settings: tenant.settings(),
+            settings: tenant.settings(key.env),
         };
         let mut fresh = false;
         for _ in 0..self.config.max_conflicts {

@@ -448,10 +448,15 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
     }
 
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, Error> {
+        self.tenant_within(id, self.config.tenant_ttl).await
+    }
+
+    /// The tenant `id`, from the cache if it was read less than `ttl` ago (zero: read now).
+    async fn tenant_within(&self, id: &TenantId, ttl: Duration) -> Result<Option<Tenant>, Error> {
         let now = self.clock.now();
         if let Ok(cache) = self.tenants.lock()
             && let Some((t, at)) = cache.get(id)
-            && now.since(*at) < self.config.tenant_ttl
+            && now.since(*at) < ttl
         {
             return Ok(Some(t.clone()));
         }

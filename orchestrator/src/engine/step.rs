@@ -7,8 +7,8 @@ use std::time::Duration;
 use activities::{Activities, Invocation, Outcome};
 use tracing::{Instrument, debug, warn};
 use workflows::{
-    Body, Domain, EnvConfig, Event, Run, StepKind, StepOutcome, StepProgress, StepReport,
-    StepStatus, StepTask, Tenant, Timestamp, WorkflowKey, WorkflowRecord,
+    Body, Event, Run, StepKind, StepOutcome, StepProgress, StepReport, StepStatus, StepTask,
+    Tenant, Timestamp, WorkflowKey, WorkflowRecord,
 };
 
 use super::{Engine, Handled, bump, event_span, holder_of, message, metrics};
@@ -101,7 +101,14 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         ack: (QueueKind, Receipt),
         delivery: &Delivery,
     ) -> Result<Handled, Error> {
-        let Some(tenant) = self.tenant(&key.tenant).await? else {
+        // Routing and rollout make what the tenant's settings say at that moment (the host, the
+        // launch template's config vars and sizing): they read the tenant afresh, so that a
+        // change that started their run is never met by a cached copy from before it.
+        let ttl = match task.step {
+            StepKind::Routing | StepKind::Rollout => Duration::ZERO,
+            _ => self.config.tenant_ttl,
+        };
+        let Some(tenant) = self.tenant_within(&key.tenant, ttl).await? else {
             return self
                 .quarantine(delivery, &format!("unknown tenant {}", key.tenant))
                 .await;
@@ -115,8 +122,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
         if let SlotTurn::Waiting = turn {
             return Ok(Handled::Done(Vec::new()));
         }
-        let config = tenant.config_of(key.env);
-        let (kind, outcome) = self.invoke(key, &tenant.domain, &config, task).await;
+        let (kind, outcome) = self.invoke(key, &tenant, task).await;
         let event = Event::Step(StepReport {
             run: task.run,
             step: task.step,
@@ -187,10 +193,7 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
                 SlotHold::Driven => {}
                 SlotHold::Done => self.release_slot(task.step, &holder).await,
                 SlotHold::Stopped => {
-                    let config = tenant.config_of(key.env);
-                    send = self
-                        .abandon(key, &tenant.domain, &config, task, &holder)
-                        .await;
+                    send = self.abandon(key, tenant, task, &holder).await;
                 }
             }
         }
@@ -261,19 +264,21 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
     async fn invoke(
         &self,
         key: &WorkflowKey,
-        domain: &Domain,
-        config: &EnvConfig,
+        tenant: &Tenant,
         task: &StepTask,
     ) -> (OutcomeKind, StepOutcome) {
         bump(&self.stats.activities);
         let started = std::time::Instant::now();
+        let config = tenant.config_of(key.env);
+        let settings = tenant.env_settings(key.env);
         let outcome = self
             .activities
             .invoke(Invocation {
                 key,
-                domain,
+                domain: &tenant.domain,
                 task,
-                config,
+                config: &config,
+                settings: &settings,
             })
             .await;
         let kind = OutcomeKind::of(&outcome);
@@ -319,16 +324,18 @@ impl<S: Store, Q: Queue, J: Journal, A: Activities> Engine<S, Q, J, A> {
     async fn abandon(
         &self,
         key: &WorkflowKey,
-        domain: &Domain,
-        config: &EnvConfig,
+        tenant: &Tenant,
         task: &StepTask,
         holder: &str,
     ) -> Vec<Outgoing> {
+        let config = tenant.config_of(key.env);
+        let settings = tenant.env_settings(key.env);
         let invocation = Invocation {
             key,
-            domain,
+            domain: &tenant.domain,
             task,
-            config,
+            config: &config,
+            settings: &settings,
         };
         match self.activities.abandon(invocation).await {
             Ok(()) => {
@@ -433,6 +440,9 @@ fn copy_of(run: &Run, s: &StepProgress, record: &WorkflowRecord) -> StepTask {
         delay: Duration::ZERO,
         release: run.release.clone(),
         resources: record.workflow().resources.clone(),
+        // A copy only abandons what the step holds: nothing is deleted or restored by it.
+        keep: Vec::new(),
+        restore_database: false,
     }
 }
 

@@ -8,7 +8,7 @@
 //! | request | answer |
 //! |---|---|
 //! | push to a mapped branch | `202` `{"status":"accepted","event_id":…,"workflow":"acme#production"}` |
-//! | unmapped branch, tag push, branch deletion, other `X-Gitlab-Event` kinds | `202` `{"status":"ignored","reason":…}`, nothing queued |
+//! | unmapped branch, tag push, branch deletion, other `X-Gitlab-Event` kinds, a push to a decommissioned environment | `202` `{"status":"ignored","reason":…}`, nothing queued |
 //! | missing or wrong `X-Gitlab-Token`, a bad Standard Webhooks signature, or a project no tenant registered | `401`, the same answer whatever the project (so project ids cannot be enumerated) |
 //! | more failed authentications from the source address than `auth_failure_rate` allows | `429` with `Retry-After`, before anything is read |
 //! | more accepted pushes of the tenant than `push_rate` allows | `429` with `Retry-After`, nothing queued |
@@ -566,6 +566,16 @@ impl<S: Store, Q: Queue> Ingress<S, Q> {
                 mapped.join(", ")
             ));
         };
+        if tenant
+            .environments
+            .get(&env)
+            .is_some_and(|s| s.decommissioned)
+        {
+            return Answer::ignored(format!(
+                "environment {env} of {} is decommissioned: `wfctl provision {} --env {env}` provisions it again",
+                tenant.id, tenant.id
+            ));
+        }
         let Some(repo) = tenant.repo_for_project(project) else {
             return Answer::error(
                 StatusCode::NOT_FOUND,

@@ -214,6 +214,13 @@ pub trait Store: Send + Sync + 'static {
         tenant: &Tenant,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
+    /// Removes `read`, the tenant as the caller read it, with its GitLab projects and domain
+    /// (free for another tenant after). If the stored tenant is no longer `read`, nothing is
+    /// removed and the error is the retryable `Error::Unavailable` of
+    /// [`Store::update_tenant`]; a tenant already gone is no error. Its workflow records and
+    /// history stay.
+    fn remove_tenant(&self, read: &Tenant) -> impl Future<Output = Result<(), Error>> + Send;
+
     /// The tenant `id`.
     fn tenant(&self, id: &TenantId) -> impl Future<Output = Result<Option<Tenant>, Error>> + Send;
 

@@ -734,6 +734,14 @@ impl Store for SqliteBackend {
         .await
     }
 
+    async fn remove_tenant(&self, read: &Tenant) -> Result<(), Error> {
+        self.request(|reply| Op::RemoveTenant {
+            expected: Box::new(read.clone()),
+            reply,
+        })
+        .await
+    }
+
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, Error> {
         let id = id.to_string();
         self.read(move |conn| one_tenant(conn, "SELECT record FROM tenants WHERE id = ?1", id))

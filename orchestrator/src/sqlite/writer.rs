@@ -75,6 +75,11 @@ pub(super) enum Op {
         expected: Option<Box<Tenant>>,
         reply: Reply<()>,
     },
+    RemoveTenant {
+        /// The tenant as the caller read it: removed only if still stored.
+        expected: Box<Tenant>,
+        reply: Reply<()>,
+    },
     /// Answers whether `owner` holds `value` now.
     Allocate {
         pool: String,
@@ -124,6 +129,7 @@ impl Op {
             | Op::Quarantine { reply, .. }
             | Op::MarkCorrupt { reply, .. }
             | Op::PutTenant { reply, .. }
+            | Op::RemoveTenant { reply, .. }
             | Op::Release { reply, .. } => refuse(reply, error),
             Op::Receive { reply, .. } => refuse(reply, error),
             Op::Ack { reply, .. } => refuse(reply, error),
@@ -354,6 +360,29 @@ fn execute(conn: &Connection, op: Op, now: i64, config: &SqliteConfig) -> Answer
             }
             let projects = (infra_project, app_project);
             put_tenant(conn, &id, &domain, projects, &record, create_only)
+        }),
+        Op::RemoveTenant { expected, reply } => run_op(conn, reply, |conn| {
+            let id = expected.id.as_str();
+            let stored: Option<Vec<u8>> = conn
+                .prepare_cached("SELECT record FROM tenants WHERE id = ?1")
+                .map_err(sql)?
+                .query_row([id], |r| r.get(0))
+                .optional()
+                .map_err(sql)?;
+            if stored.is_none() {
+                return Ok(());
+            }
+            still_stored(conn, &expected)?;
+            for statement in [
+                "DELETE FROM tenant_domains WHERE tenant = ?1",
+                "DELETE FROM tenants WHERE id = ?1",
+            ] {
+                conn.prepare_cached(statement)
+                    .map_err(sql)?
+                    .execute([id])
+                    .map_err(sql)?;
+            }
+            Ok(())
         }),
         Op::Allocate {
             pool,

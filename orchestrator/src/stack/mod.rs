@@ -128,6 +128,9 @@ impl<S: Store, Q: Queue, J: Journal> Store for Stack<S, Q, J> {
     async fn update_tenant(&self, read: &Tenant, tenant: &Tenant) -> Result<(), Error> {
         self.store.update_tenant(read, tenant).await
     }
+    async fn remove_tenant(&self, read: &Tenant) -> Result<(), Error> {
+        self.store.remove_tenant(read).await
+    }
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, Error> {
         self.store.tenant(id).await
     }

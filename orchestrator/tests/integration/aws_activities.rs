@@ -655,6 +655,7 @@ async fn two_tenants_two_environments_on_moto() {
                     domain: &domain,
                     task: &task,
                     config: &activities::NO_CONFIG,
+                    settings: &activities::NO_SETTINGS,
                 })
                 .await;
             let Outcome::Done(output) = outcome else {
@@ -892,6 +893,8 @@ async fn a_deploy_token_is_read_from_secrets_manager() {
             app: Some(sha.clone()),
         },
         resources: workflows::Resources::default(),
+        keep: Vec::new(),
+        restore_database: false,
     };
     let invoke = || {
         cloud.invoke(Invocation {
@@ -899,6 +902,7 @@ async fn a_deploy_token_is_read_from_secrets_manager() {
             domain: &domain,
             task: &task,
             config: &activities::NO_CONFIG,
+            settings: &activities::NO_SETTINGS,
         })
     };
     match invoke().await {
@@ -1001,6 +1005,8 @@ async fn an_abandoned_build_has_its_builder_terminated_and_starts_again() {
             app: None,
         },
         resources: workflows::Resources::default(),
+        keep: Vec::new(),
+        restore_database: false,
     };
     let invoke = async |task: &StepTask| {
         w.cloud
@@ -1009,6 +1015,7 @@ async fn an_abandoned_build_has_its_builder_terminated_and_starts_again() {
                 domain: &domain,
                 task,
                 config: &activities::NO_CONFIG,
+                settings: &activities::NO_SETTINGS,
             })
             .await
     };
@@ -1039,6 +1046,7 @@ async fn an_abandoned_build_has_its_builder_terminated_and_starts_again() {
                 domain: &domain,
                 task,
                 config: &activities::NO_CONFIG,
+                settings: &activities::NO_SETTINGS,
             })
             .await
     };
@@ -1108,12 +1116,15 @@ async fn a_source_over_the_cap_or_from_a_stalled_remote_is_given_up() {
             app: Some(sha),
         },
         resources: workflows::Resources::default(),
+        keep: Vec::new(),
+        restore_database: false,
     };
     let invocation = Invocation {
         key: &key,
         domain: &domain,
         task: &task,
         config: &activities::NO_CONFIG,
+        settings: &activities::NO_SETTINGS,
     };
     match cloud(&infra).invoke(invocation).await {
         Outcome::Terminal(e) => assert!(e.contains("more than 1 MiB"), "{e}"),

@@ -84,6 +84,8 @@ impl Sandbox {
             delay: Duration::ZERO,
             release: Release::default(),
             resources,
+            keep: Vec::new(),
+            restore_database: false,
         };
         self.cloud
             .invoke(Invocation {
@@ -91,6 +93,7 @@ impl Sandbox {
                 domain: &domain,
                 task: &task,
                 config,
+                settings: &activities::NO_SETTINGS,
             })
             .await
     }

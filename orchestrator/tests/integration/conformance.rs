@@ -71,6 +71,7 @@ macro_rules! conformance_tests {
             tenants_are_found_by_id_and_project,
             domains_belong_to_one_tenant,
             tenant_updates_are_conditional_on_what_was_read,
+            a_removed_tenant_frees_its_projects_and_domain,
             allocations_are_exclusive,
             a_commit_is_all_or_nothing,
             commits_of_a_batch_succeed_or_fail_alone,
@@ -723,6 +724,40 @@ pub(crate) async fn tenant_updates_are_conditional_on_what_was_read<H: Harness>(
     let stored = b.tenant(&read.id).await.expect("get").expect("exists");
     assert_eq!(stored.webhook.token_sha256, "11".repeat(32));
     assert!(stored.webhook.signing_secret.is_some());
+}
+
+pub(crate) async fn a_removed_tenant_frees_its_projects_and_domain<H: Harness>(h: &H) {
+    let b = h.backend();
+    b.put_tenant(&tenant("acme", 11, 12), true)
+        .await
+        .expect("create");
+    let id = TenantId::new("acme").expect("id");
+    let read = b.tenant(&id).await.expect("get").expect("exists");
+    // A change since the read keeps the tenant.
+    let mut changed = read.clone();
+    changed.production_approval = !read.production_approval;
+    b.update_tenant(&read, &changed).await.expect("change");
+    let e = b.remove_tenant(&read).await.expect_err("stale read");
+    assert!(e.is_retryable(), "{e}");
+    assert!(b.tenant(&id).await.expect("get").is_some());
+    // Read again, it goes, with its projects and domain.
+    b.remove_tenant(&changed).await.expect("remove");
+    assert!(b.tenant(&id).await.expect("get").is_none());
+    assert!(b.tenant_by_project(11).await.expect("get").is_none());
+    assert!(
+        b.tenant_by_domain(&changed.domain)
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(b.tenants().await.expect("list").is_empty());
+    // Gone already: no error. Another tenant may take what it had.
+    b.remove_tenant(&changed).await.expect("again");
+    let mut heir = tenant("globex", 11, 12);
+    heir.domain = changed.domain.clone();
+    b.put_tenant(&heir, true)
+        .await
+        .expect("projects and domain are free");
 }
 
 pub(crate) async fn allocations_are_exclusive<H: Harness>(h: &H) {

@@ -202,6 +202,7 @@ async fn crash<B: Queue + Store>(backend: &B, env: &WorkerEnv, kills: usize, wor
         let ghost = key("ghost", Environment::Dev);
         let event = Event::Provision {
             event_id: EventId::new(format!("ghost-{i}")).expect("id"),
+            from_snapshot: false,
         };
         enqueue(
             backend,

@@ -678,6 +678,45 @@ async fn what_is_not_a_mapped_branch_push_is_acknowledged_and_not_queued() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_a_decommissioned_environment_is_answered_as_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backend =
+        SqliteBackend::open(SqliteConfig::new(dir.path().join("i.sqlite"))).expect("open");
+    registry(&backend).await;
+    let id = workflows::TenantId::new("globex").expect("id");
+    let read = backend.tenant(&id).await.expect("read").expect("globex");
+    let mut marked = read.clone();
+    marked.set_env_settings(
+        workflows::Environment::Production,
+        workflows::EnvSettings {
+            decommissioned: true,
+            ..workflows::EnvSettings::default()
+        },
+    );
+    backend.update_tenant(&read, &marked).await.expect("mark");
+    let queue = Arc::new(backend.clone());
+    let s = start_with(backend, queue, IngressConfig::default(), dir).await;
+    // gitlab-docs_push is to master: production.
+    let body = with_project(payload("gitlab-docs_push"), GLOBEX_INFRA);
+    let (status, answer) = s
+        .post(
+            &[
+                ("x-gitlab-event", "Push Hook"),
+                ("x-gitlab-token", GLOBEX_TOKEN),
+            ],
+            serde_json::to_vec(&body).expect("json"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(answer["status"], "ignored");
+    assert_eq!(
+        answer["reason"],
+        "environment production of globex is decommissioned: `wfctl provision globex --env production` provisions it again"
+    );
+    assert!(s.queued().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_checked_per_tenant() {
     let s = start(IngressConfig::default()).await;
     let acme = with_project(payload("gitlab-docs_push"), ACME_INFRA);

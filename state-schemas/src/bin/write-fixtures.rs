@@ -17,10 +17,10 @@ use anyhow::{Context as _, bail};
 use state_schemas::{HISTORY_ENTRY, QUEUE_ENVELOPE, TENANT_RECORD, WORKFLOW_RECORD};
 use workflows::{
     Body, Command, ConfigChange, ConfigValue, DatabaseOutput, DeploymentOutput, Domain, EnvConfig,
-    Envelope, Environment, Event, EventId, GitSha, HistoryEntry, ImageOutput, Input, NetworkOutput,
-    Persisted, Push, RepoKind, RoutingOutput, Settings, Signal, SourceOutput, State, StepKind,
-    StepOutcome, StepOutput, StepReport, StepTask, Tenant, TenantId, TimerFired, Timestamp,
-    Verdict, WebhookAuth, WorkflowKey, WorkflowRecord,
+    EnvSettings, Envelope, Environment, Event, EventId, GitSha, HistoryEntry, ImageOutput, Input,
+    NetworkOutput, Persisted, Push, RepoKind, RoutingOutput, Scaling, Settings, Signal,
+    SourceOutput, State, StepKind, StepOutcome, StepOutput, StepReport, StepTask, Tenant, TenantId,
+    TimerFired, Timestamp, Verdict, WebhookAuth, WorkflowKey, WorkflowRecord,
 };
 
 /// 2025-06-03T09:14:07Z, when the staging story starts.
@@ -454,7 +454,7 @@ fn staging(out: &mut Fixtures) -> anyhow::Result<()> {
         &envelope(&key, d.now, Body::Event(configure.clone()), None),
     )?;
     let entry = d.apply(configure);
-    d.expect(State::RollingOut)?;
+    d.expect(State::Preparing)?;
     out.add(HISTORY_ENTRY, "accepted-configure", &entry)?;
     d.finish_all()?;
     d.expect(State::Live)?;
@@ -520,6 +520,31 @@ fn staging(out: &mut Fixtures) -> anyhow::Result<()> {
     d.finish(StepKind::Decommission)?;
     d.expect(State::Decommissioned)?;
     out.add(WORKFLOW_RECORD, "decommissioned", &d.record)?;
+
+    // Provisioned again a week later, its database restored from the final snapshot.
+    d.wait(7 * 86_400);
+    let again = Event::Provision {
+        event_id: id("provision:acme-shop:staging:1749552000000:8c2d")?,
+        from_snapshot: true,
+    };
+    out.add(
+        QUEUE_ENVELOPE,
+        "provision-from-snapshot",
+        &envelope(&key, d.now, Body::Event(again.clone()), None),
+    )?;
+    d.apply(again);
+    d.expect(State::Preparing)?;
+    d.finish(StepKind::Network)?;
+    let task = d.task(StepKind::Database)?;
+    if !task.restore_database {
+        bail!("the database task of a provision from snapshot restores");
+    }
+    out.add(
+        QUEUE_ENVELOPE,
+        "step-task-database-restore",
+        &envelope(&key, d.now, Body::Step(Box::new(task)), None),
+    )?;
+    out.add(WORKFLOW_RECORD, "provisioned-again", &d.record)?;
     Ok(())
 }
 
@@ -529,11 +554,13 @@ fn production(out: &mut Fixtures) -> anyhow::Result<()> {
     let key = WorkflowKey::new(TenantId::new(TENANT)?, Environment::Production);
     let settings = Settings {
         production_approval: true,
+        ..Settings::default()
     };
     let start = Timestamp::from_unix_millis(START_MS).saturating_add(Duration::from_secs(86_400));
     let mut d = Driver::new(key.clone(), start, settings);
     let provision = Event::Provision {
         event_id: id("provision:acme-shop:production:9848e53b")?,
+        from_snapshot: false,
     };
     out.add(
         QUEUE_ENVELOPE,
@@ -566,6 +593,54 @@ fn production(out: &mut Fixtures) -> anyhow::Result<()> {
     out.add(WORKFLOW_RECORD, "rolling-out", &d.record)?;
     d.finish_all()?;
     d.expect(State::Live)?;
+
+    // An app release, approved and live, then rolled back to the first one.
+    d.wait(7_200);
+    d.apply(push(
+        "2b1f0c3e-9d8a-4e7b-86c5-4d3e2f1a0b9c",
+        RepoKind::App,
+        APP_0,
+        APP_1,
+        "jlee",
+        "Checkout: retry declined cards once",
+        d.now,
+    )?);
+    d.finish_all()?;
+    d.apply(signal(
+        "c0ffee00-1d2e-4f3a-8b4c-5d6e7f8a9b0c",
+        Signal::Approve,
+        "ops:kwright",
+    )?);
+    d.finish_all()?;
+    d.expect(State::Live)?;
+    d.wait(600);
+    let rollback = signal(
+        "0d9c8b7a-6f5e-4d3c-2b1a-0f9e8d7c6b5a",
+        Signal::Rollback { to: None },
+        "ops:kwright",
+    )?;
+    out.add(
+        QUEUE_ENVELOPE,
+        "signal-rollback",
+        &envelope(&key, d.now, Body::Event(rollback.clone()), None),
+    )?;
+    let entry = d.apply(rollback);
+    d.expect(State::AwaitingApproval)?;
+    out.add(HISTORY_ENTRY, "accepted-rollback", &entry)?;
+    d.apply(signal(
+        "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d",
+        Signal::Approve,
+        "ops:kwright",
+    )?);
+    let rollout = d.task(StepKind::Rollout)?;
+    out.add(
+        QUEUE_ENVELOPE,
+        "step-task-rollout-keeping-releases",
+        &envelope(&key, d.now, Body::Step(Box::new(rollout)), None),
+    )?;
+    d.finish_all()?;
+    d.expect(State::Live)?;
+    out.add(WORKFLOW_RECORD, "rolled-back", &d.record)?;
     Ok(())
 }
 
@@ -589,6 +664,28 @@ fn tenants(out: &mut Fixtures) -> anyhow::Result<()> {
             signing_secret: Some("whsec_RkbzSCvAYS2T0UMYhgIU4aKq/Zy4pnu2".into()),
         },
         config: BTreeMap::new(),
+        environments: [
+            (
+                Environment::Production,
+                EnvSettings {
+                    min_size: Some(2),
+                    max_size: Some(6),
+                    instance_type: Some("m7g.large".into()),
+                    scaling: Some(Scaling::Cpu(60)),
+                    keep_releases: Some(5),
+                    ..EnvSettings::default()
+                },
+            ),
+            (
+                Environment::Dev,
+                EnvSettings {
+                    decommissioned: true,
+                    ..EnvSettings::default()
+                },
+            ),
+        ]
+        .into_iter()
+        .collect(),
         created_at: created,
         updated_at: rotated,
     };
@@ -615,6 +712,7 @@ fn tenants(out: &mut Fixtures) -> anyhow::Result<()> {
             signing_secret: None,
         },
         config: BTreeMap::new(),
+        environments: BTreeMap::new(),
         created_at: created.saturating_add(Duration::from_secs(3 * 86_400 + 4_321)),
         updated_at: created.saturating_add(Duration::from_secs(3 * 86_400 + 4_321)),
     };

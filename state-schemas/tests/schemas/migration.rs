@@ -6,6 +6,11 @@
 //! and a workflow keeps each repository's lineage (`heads`); (tenant record): each environment's
 //! config vars (`config`). All are optional, so a version 1 document is the version 2 document
 //! with the same fields.
+//!
+//! Version 2 to 3: the `rollback` signal, `provision`'s `from_snapshot`, a rollout task's `keep`
+//! and a database task's `restore_database`, a workflow's kept `releases` and a run's `keep`
+//! and `restore_database`; (tenant record): each environment's settings (`environments`). All
+//! are optional again, so an older document is the version 3 document with the same fields.
 
 use serde_json::{Value, json};
 use state_schemas::{HISTORY_ENTRY, QUEUE_ENVELOPE, TENANT_RECORD, WORKFLOW_RECORD};
@@ -19,8 +24,8 @@ use crate::common::{
 };
 
 #[test]
-fn version_1_documents_decode_as_version_2_with_nothing_lost() {
-    let mut checked = 0;
+fn older_documents_decode_as_the_current_version_with_nothing_lost() {
+    let mut checked = [0; 2];
     for stem in [
         QUEUE_ENVELOPE,
         WORKFLOW_RECORD,
@@ -29,22 +34,39 @@ fn version_1_documents_decode_as_version_2_with_nothing_lost() {
     ] {
         assert_eq!(
             current_version(stem),
-            2,
+            3,
             "{stem}: add the migration of the new version"
         );
-        let current = validator(stem, 2);
-        for path in fixtures(stem, 1) {
-            let mut expected = read_json(&path);
-            let migrated = round_trip(stem, &read(&path))
-                .unwrap_or_else(|e| panic!("{} does not decode: {e}", path.display()));
-            expected["schema_version"] = json!(2);
-            assert_eq!(migrated, expected, "{}", path.display());
-            let errors = schema_errors(&current, &migrated);
-            assert!(errors.is_empty(), "{}: {errors:#?}", path.display());
-            checked += 1;
+        let current = validator(stem, 3);
+        for (i, version) in [1, 2].into_iter().enumerate() {
+            for path in fixtures(stem, version) {
+                let mut expected = read_json(&path);
+                let migrated = round_trip(stem, &read(&path))
+                    .unwrap_or_else(|e| panic!("{} does not decode: {e}", path.display()));
+                expected["schema_version"] = json!(3);
+                assert_eq!(migrated, expected, "{}", path.display());
+                let errors = schema_errors(&current, &migrated);
+                assert!(errors.is_empty(), "{}: {errors:#?}", path.display());
+                checked[i] += 1;
+            }
         }
     }
-    assert!(checked >= 17, "only {checked} version 1 fixtures");
+    assert!(checked[0] >= 17, "only {} version 1 fixtures", checked[0]);
+    assert!(checked[1] >= 17, "only {} version 2 fixtures", checked[1]);
+}
+
+#[test]
+fn a_migrated_record_keeps_no_releases_until_its_next_deployment() {
+    let path = fixture(WORKFLOW_RECORD, 2, "live");
+    let record: WorkflowRecord = decode(&read(&path)).expect("a version 2 record decodes");
+    assert_eq!(record.schema_version, 3);
+    let w = record.workflow();
+    assert!(w.deployed.is_some() && w.releases.is_empty());
+    assert!(
+        w.rollback_target(None)
+            .expect_err("nothing kept")
+            .starts_with("no earlier release is kept"),
+    );
 }
 
 fn sha(n: u32) -> GitSha {
@@ -55,7 +77,7 @@ fn sha(n: u32) -> GitSha {
 fn a_migrated_record_starts_its_lineage_with_the_next_push() {
     let path = fixture(WORKFLOW_RECORD, 1, "live");
     let mut record: WorkflowRecord = decode(&read(&path)).expect("a version 1 record decodes");
-    assert_eq!(record.schema_version, 2);
+    assert_eq!(record.schema_version, 3);
     assert!(
         record.workflow().heads.is_empty(),
         "version 1 kept no lineage"

@@ -722,10 +722,15 @@ fn show_prints_state_run_steps_resources_and_pending_pushes() {
             "run",
             "resources",
             "deployed",
+            "releases",
             "pending"
         ])
     );
     assert_eq!(prod["key"], "acme#production");
+    // The releases kept for rollback end with the one deployed.
+    let releases = prod["releases"].as_array().expect("releases");
+    assert!(!releases.is_empty());
+    assert_eq!(releases[releases.len() - 1], prod["deployed"]);
     assert_eq!(prod["state"], "preparing");
     assert_eq!(prod["corrupt"], Value::Null);
     let run_v = &prod["run"];

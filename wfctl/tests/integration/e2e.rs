@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use testkit::moto::Moto;
 
-struct Env {
-    moto: Moto,
-    dir: tempfile::TempDir,
+pub(crate) struct Env {
+    pub(crate) moto: Moto,
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Env {
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         Self {
             moto: Moto::start().await,
             dir: tempfile::tempdir().expect("tempdir"),
@@ -58,15 +58,15 @@ impl Env {
         cmd.output().expect("runs")
     }
 
-    fn orchestrator(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+    pub(crate) fn orchestrator(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         self.run(testkit::binaries::sibling("orchestrator"), args, env)
     }
 
-    fn wfctl(&self, args: &[&str]) -> Output {
+    pub(crate) fn wfctl(&self, args: &[&str]) -> Output {
         self.run(env!("CARGO_BIN_EXE_wfctl"), args, &[])
     }
 
-    fn spawn(&self, args: &[&str], env: &[(&str, &str)], log: &str) -> Reaped {
+    pub(crate) fn spawn(&self, args: &[&str], env: &[(&str, &str)], log: &str) -> Reaped {
         let mut cmd = self.command(testkit::binaries::sibling("orchestrator"), args);
         cmd.envs(env.iter().copied()).stdout(Stdio::null()).stderr(
             std::fs::File::create(self.dir.path().join(log))
@@ -75,12 +75,12 @@ impl Env {
         Reaped(cmd.spawn().expect("starts"))
     }
 
-    fn log(&self, name: &str) -> String {
+    pub(crate) fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }
 
     /// `orchestrator init --sandbox`, its settings written to `orchestrator.toml`.
-    fn init(&self, source_url: &str) -> String {
+    pub(crate) fn init(&self, source_url: &str) -> String {
         let out = self.orchestrator(
             &[
                 "init",
@@ -100,7 +100,7 @@ impl Env {
 }
 
 /// A child process killed when dropped.
-struct Reaped(std::process::Child);
+pub(crate) struct Reaped(std::process::Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -109,11 +109,11 @@ impl Drop for Reaped {
     }
 }
 
-fn text(b: &[u8]) -> String {
+pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(["-c", "user.name=Test", "-c", "user.email=test@example.com"])
         .args(args)
@@ -125,7 +125,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A bare repository `<name>.git` under `dir` with one commit of `files`; returns the commit.
-fn repository(dir: &Path, name: &str, files: &[(&str, &str)]) -> String {
+pub(crate) fn repository(dir: &Path, name: &str, files: &[(&str, &str)]) -> String {
     let work = dir.join(format!("{name}-work"));
     std::fs::create_dir_all(&work).expect("mkdir");
     git(&work, &["init", "--quiet"]);

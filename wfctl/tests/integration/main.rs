@@ -2,7 +2,8 @@
 //! the embedded file (`commands`), on DynamoDB and SQS (`aws`), signals applied by an
 //! `orchestrator worker` (`signals`), dead letters handled beside a running engine
 //! (`redrive`), and the documented flows end to end (`flows`: `orchestrator dev` then
-//! `wfctl show`; GitLab payloads over HTTP to live on AWS). They run the workspace's
+//! `wfctl show`; GitLab payloads over HTTP to live on AWS), and a tenant's runtime on AWS
+//! through config, failing scripts, retention, rollback and scaling (`runtime`). They run the workspace's
 //! `orchestrator` binary, which `cargo test --workspace` builds.
 
 mod aws;
@@ -10,4 +11,5 @@ mod commands;
 mod e2e;
 mod flows;
 mod redrive;
+mod runtime;
 mod signals;

@@ -6,7 +6,7 @@
 use statig::Outcome::{self, Handled, Super, Transition};
 use statig::state_machine;
 
-use super::{Ctx, RunKind, State, Workflow, release_sha, set_release_sha};
+use super::{Ctx, RunKind, RunOptions, State, Workflow, release_sha, set_release_sha};
 use crate::event::{Event, Signal};
 
 #[state_machine(
@@ -36,6 +36,10 @@ impl Workflow {
                         "nothing has been deployed yet".to_owned()
                     }
                     Signal::Redeploy => "a run is active: cancel it first".to_owned(),
+                    Signal::Rollback { .. } if self.deployed.is_none() => {
+                        "nothing has been deployed yet".to_owned()
+                    }
+                    Signal::Rollback { .. } => "a run is active: cancel it first".to_owned(),
                     Signal::Decommission => unreachable!("matched above"),
                 };
                 context.refuse(reason)
@@ -56,7 +60,7 @@ impl Workflow {
                     self.start_run(RunKind::Deploy, &push.event_id, context)
                 }
             },
-            Event::Provision { event_id } => self.start_run(RunKind::Deploy, event_id, context),
+            Event::Provision { event_id, .. } => self.start_run(RunKind::Deploy, event_id, context),
             Event::Configure(_) => context.ignore(
                 "nothing is deployed yet: the first deployment gives the app the current config",
             ),
@@ -132,8 +136,21 @@ impl Workflow {
                 signal: Signal::Redeploy,
                 ..
             } => self.start_run(RunKind::Deploy, event_id, context),
+            Event::Signal {
+                event_id,
+                signal: Signal::Rollback { to },
+                ..
+            } => self.rollback(*to, event_id, context),
             // Only the rollout runs: the same release, the new config.
-            Event::Configure(change) => self.start_run(RunKind::Deploy, &change.event_id, context),
+            Event::Configure(change) => self.start_run_with(
+                RunKind::Deploy,
+                &change.event_id,
+                RunOptions {
+                    reroute: true,
+                    ..RunOptions::default()
+                },
+                context,
+            ),
             _ => Super,
         }
     }
@@ -170,7 +187,15 @@ impl Workflow {
                 }
             },
             // Like a push: the failed run is abandoned for a new one.
-            Event::Configure(change) => self.start_run(RunKind::Deploy, &change.event_id, context),
+            Event::Configure(change) => self.start_run_with(
+                RunKind::Deploy,
+                &change.event_id,
+                RunOptions {
+                    reroute: true,
+                    ..RunOptions::default()
+                },
+                context,
+            ),
             Event::Signal {
                 event_id,
                 signal: Signal::Cancel,
@@ -187,6 +212,11 @@ impl Workflow {
                 }
                 None => context.refuse("nothing has been deployed yet"),
             },
+            Event::Signal {
+                event_id,
+                signal: Signal::Rollback { to },
+                ..
+            } => self.rollback(*to, event_id, context),
             _ => Super,
         }
     }
@@ -211,17 +241,20 @@ impl Workflow {
     #[state(superstate = "workflow")]
     fn decommissioned(&mut self, context: &mut Ctx, event: &Event) -> Outcome<State> {
         match event {
-            Event::Push(_) | Event::Configure(_) => {
-                context.ignore("the environment is decommissioned")
-            }
+            Event::Push(_) | Event::Configure(_) => context.ignore(
+                "the environment is decommissioned: `wfctl provision` provisions it again",
+            ),
             Event::Signal {
                 signal: Signal::Decommission,
                 ..
             } => context.ignore("already decommissioned"),
-            Event::Signal { signal, .. } => {
-                context.refuse(format!("{signal}: the environment is decommissioned"))
-            }
-            Event::Provision { .. } => context.refuse("the environment is decommissioned"),
+            Event::Signal { signal, .. } => context.refuse(format!(
+                "{signal}: the environment is decommissioned (`wfctl provision` provisions it again)"
+            )),
+            Event::Provision {
+                event_id,
+                from_snapshot,
+            } => self.provision_again(*from_snapshot, event_id, context),
             // Reports and timers can only be stale here; the root says so.
             _ => Super,
         }

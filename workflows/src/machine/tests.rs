@@ -74,14 +74,20 @@ fn first_push_starts_a_run_with_independent_steps_concurrently() {
 fn provision_starts_a_run_without_commits() {
     let mut d = Driver::new(Environment::Dev);
     let id = d.fresh_id("provision");
-    let a = d.apply(&Event::Provision { event_id: id });
+    let a = d.apply(&Event::Provision {
+        event_id: id,
+        from_snapshot: false,
+    });
     assert_eq!(a.to, State::Preparing);
     assert_eq!(run_steps(&a.commands), [Network, Routing]);
     assert_eq!(status(&d, Image), Some(StepStatus::Skipped), "base image");
     d.run_to_quiescence();
     assert_eq!(d.state(), State::Live);
     let id = d.fresh_id("provision");
-    assert!(ignored(&d.apply(&Event::Provision { event_id: id })));
+    assert!(ignored(&d.apply(&Event::Provision {
+        event_id: id,
+        from_snapshot: false,
+    })));
 }
 
 #[test]
@@ -146,6 +152,7 @@ fn production_waits_for_approval_when_the_tenant_asks() {
         Environment::Production,
         Settings {
             production_approval: true,
+            ..Settings::default()
         },
     );
     d.push(App, 1);
@@ -168,6 +175,7 @@ fn other_environments_skip_approval() {
         Environment::Staging,
         Settings {
             production_approval: true,
+            ..Settings::default()
         },
     );
     d.push(App, 1);
@@ -511,6 +519,7 @@ fn cancel_of_an_awaited_approval_goes_back_to_live() {
         Environment::Production,
         Settings {
             production_approval: true,
+            ..Settings::default()
         },
     );
     d.push(App, 1);
@@ -551,9 +560,160 @@ fn decommission_releases_everything_and_is_final() {
     }
     assert!(ignored(&d.signal(Signal::Decommission)));
     assert!(ignored(&d.push(Infra, 9)));
-    let id = d.fresh_id("p");
-    assert!(refused(&d.apply(&Event::Provision { event_id: id })));
+    assert!(refused(&d.signal(Signal::Rollback { to: None })));
     assert_eq!(d.state(), State::Decommissioned);
+}
+
+#[test]
+fn a_decommissioned_environment_is_provisioned_again_with_its_last_commits() {
+    let mut d = live();
+    d.signal(Signal::Decommission);
+    d.complete(Decommission).expect("in flight");
+    let id = d.fresh_id("p");
+    let a = d.apply(&Event::Provision {
+        event_id: id,
+        from_snapshot: true,
+    });
+    assert_eq!((a.from, a.to), (State::Decommissioned, State::Preparing));
+    let w = d.record.workflow();
+    let run = w.active_run().expect("a run");
+    assert_eq!(run.release.infra, Some(sha(1)), "the last accepted commits");
+    assert_eq!(run.release.app, Some(sha(1)));
+    assert!(run.restore_database);
+    assert!(w.releases.is_empty(), "nothing kept from before");
+    // Everything is built again, and the database task restores the final snapshot.
+    assert_eq!(
+        run_steps(&a.commands),
+        [Network, SourceInfra, SourceApp, Routing]
+    );
+    d.complete(Network).expect("in flight");
+    let database = d.in_flight.iter().find_map(|m| match m {
+        InFlight::Step(t) if t.step == Database => Some(t.clone()),
+        _ => None,
+    });
+    assert!(database.expect("database dispatched").restore_database);
+    d.run_to_quiescence();
+    assert_eq!(d.state(), State::Live);
+}
+
+#[test]
+fn kept_releases_are_the_newest_distinct_ones_up_to_the_setting() {
+    let mut d = live();
+    for n in 2..=5 {
+        d.push(App, n);
+        d.run_to_quiescence();
+    }
+    let w = d.record.workflow();
+    let apps: Vec<_> = w.releases.iter().map(|r| r.release.app.clone()).collect();
+    assert_eq!(
+        apps,
+        [Some(sha(3)), Some(sha(4)), Some(sha(5))],
+        "the last 3"
+    );
+    assert_eq!(
+        w.releases.last().map(|r| r.run),
+        w.deployed.as_ref().map(|r| r.run)
+    );
+    // A rollout keeps its own release and the newest two before it.
+    d.push(App, 6);
+    let rollout = loop {
+        if let Some(t) = d.in_flight.iter().find_map(|m| match m {
+            InFlight::Step(t) if t.step == Rollout => Some(t.clone()),
+            _ => None,
+        }) {
+            break t;
+        }
+        let message = d.in_flight.remove(0);
+        let event = Driver::delivery(&message, |task| StepOutcome::Done {
+            output: crate::testing::output_for(task),
+        });
+        d.apply(&event);
+    };
+    let kept: Vec<_> = rollout.keep.iter().map(|r| r.app.clone()).collect();
+    assert_eq!(kept, [Some(sha(4)), Some(sha(5)), Some(sha(6))]);
+    assert!(rollout.keep.iter().all(|r| r.infra == Some(sha(1))));
+}
+
+#[test]
+fn rollback_rolls_out_the_release_before_or_a_named_one() {
+    let mut d = live();
+    d.push(App, 2);
+    d.run_to_quiescence();
+    d.push(App, 3);
+    d.run_to_quiescence();
+    let runs: Vec<_> = d.record.workflow().releases.iter().map(|r| r.run).collect();
+    assert_eq!(runs.len(), 3);
+    // Without --to: the release before what serves (app 2).
+    let a = d.signal(Signal::Rollback { to: None });
+    assert_eq!((a.from, a.to), (State::Live, State::Preparing));
+    // The image is the one serving; the kept app artifact is found by its step at once.
+    assert_eq!(run_steps(&a.commands), [SourceApp]);
+    d.run_to_quiescence();
+    let w = d.record.workflow();
+    assert_eq!(
+        w.deployed.as_ref().and_then(|x| x.release.app.clone()),
+        Some(sha(2))
+    );
+    assert_eq!(w.desired.app, Some(sha(2)));
+    // The rolled-back release moved to the end; the one it replaced is still kept.
+    let apps: Vec<_> = w.releases.iter().map(|r| r.release.app.clone()).collect();
+    assert_eq!(apps, [Some(sha(1)), Some(sha(3)), Some(sha(2))]);
+    // With --to: the first release, by its run.
+    let first = runs[0];
+    d.signal(Signal::Rollback { to: Some(first) });
+    d.run_to_quiescence();
+    let w = d.record.workflow();
+    assert_eq!(
+        w.deployed.as_ref().and_then(|x| x.release.app.clone()),
+        Some(sha(1))
+    );
+    // Refusals: a run that is not kept, the release serving, a busy workflow.
+    let a = d.signal(Signal::Rollback {
+        to: Some(crate::id::RunId::new(99).expect("run")),
+    });
+    assert!(
+        matches!(&a.verdict, Verdict::Refused(r) if r.starts_with("r99 is not a kept release (kept: ")),
+        "{:?}",
+        a.verdict
+    );
+    let serving = d.record.workflow().releases.last().map(|r| r.run);
+    let a = d.signal(Signal::Rollback { to: serving });
+    assert!(
+        matches!(&a.verdict, Verdict::Refused(r) if r.contains("is the release serving")),
+        "{:?}",
+        a.verdict
+    );
+    d.push(App, 9);
+    assert!(refused(&d.signal(Signal::Rollback { to: None })));
+}
+
+#[test]
+fn rollback_needs_a_deployment_and_goes_through_approval_in_production() {
+    let mut d = Driver::new(Environment::Dev);
+    assert!(refused(&d.signal(Signal::Rollback { to: None })));
+    let mut d = Driver::with_settings(
+        Environment::Production,
+        Settings {
+            production_approval: true,
+            ..Settings::default()
+        },
+    );
+    d.push(App, 1);
+    d.run_to_quiescence();
+    d.signal(Signal::Approve);
+    d.run_to_quiescence();
+    d.push(App, 2);
+    d.run_to_quiescence();
+    d.signal(Signal::Approve);
+    d.run_to_quiescence();
+    assert_eq!(d.state(), State::Live);
+    d.signal(Signal::Rollback { to: None });
+    d.run_to_quiescence();
+    assert_eq!(
+        d.state(),
+        State::AwaitingApproval,
+        "the same approval rules"
+    );
 }
 
 #[test]
@@ -703,8 +863,12 @@ fn a_config_change_of_a_live_workflow_rolls_out_the_same_release() {
     let event = d.configure_event(2);
     let a = d.apply(&event);
     assert_eq!(a.verdict, Verdict::Accepted);
-    assert_eq!((a.from, a.to), (State::Live, State::RollingOut));
-    assert_eq!(run_steps(&a.commands), [Rollout], "only the rollout runs");
+    assert_eq!((a.from, a.to), (State::Live, State::Preparing));
+    // Routing looks again (the tenant's domain may have changed), then the rollout runs.
+    assert_eq!(run_steps(&a.commands), [Routing]);
+    assert_eq!(status(&d, Image), Some(StepStatus::Skipped));
+    d.complete(Routing).expect("in flight");
+    assert_eq!(d.state(), State::RollingOut);
     d.run_to_quiescence();
     assert_eq!(d.state(), State::Live);
     let after = d.record.workflow().deployed.clone().expect("deployed");

@@ -275,6 +275,9 @@ impl Store for DynamoStore {
         }
         self.write_tenant(tenant, false, Some(read)).await
     }
+    async fn remove_tenant(&self, read: &Tenant) -> Result<(), Error> {
+        self.delete_tenant(read).await
+    }
     async fn tenant(&self, id: &TenantId) -> Result<Option<Tenant>, Error> {
         self.read_tenant(id).await
     }

@@ -9,6 +9,8 @@
 //!   A tenant taking a domain is also compared with the other tenants (a scan), since those
 //!   written before domain pointers existed have none.
 //! - **`tenant_by_project`**, **`tenant_by_domain`** read the pointer, then the tenant.
+//! - **`remove_tenant`** deletes the tenant item (conditional on the record read) and its
+//!   pointers that are still its own, in one transaction.
 //! - **`tenants`** scans for `tenant#` items (a few hundred tenants at most) and sorts them by
 //!   id.
 
@@ -175,6 +177,58 @@ impl DynamoStore {
                 "a project pointer of tenant {id} changed while it was being written; try again"
             ),
         ))
+    }
+
+    /// Deletes the tenant item, conditional on the record `read`, and its project and domain
+    /// pointers (those still its own), in one transaction.
+    pub(super) async fn delete_tenant(&self, read: &Tenant) -> Result<(), Error> {
+        let id = read.id.as_str();
+        let Some(old) = self.tenant_item(id).await? else {
+            return Ok(());
+        };
+        if tenant_of(&old).ok().as_ref() != Some(read) {
+            return Err(changed(id));
+        }
+        let mut items = vec![
+            TransactWriteItem::builder()
+                .delete(
+                    Delete::builder()
+                        .table_name(&self.tenants)
+                        .key("pk", s(format!("tenant#{id}")))
+                        .condition_expression("#r = :r")
+                        .expression_attribute_names("#r", "record")
+                        .expression_attribute_values(
+                            ":r",
+                            old.get("record").cloned().unwrap_or(s("")),
+                        )
+                        .build()
+                        .map_err(build_error)?,
+                )
+                .build(),
+        ];
+        for pk in [
+            format!("project#{}", read.infra_project),
+            format!("project#{}", read.app_project),
+            format!("domain#{}", read.domain),
+        ] {
+            let delete = Delete::builder()
+                .table_name(&self.tenants)
+                .key("pk", s(pk))
+                .condition_expression("attribute_not_exists(#pk) OR #t = :id")
+                .expression_attribute_names("#pk", "pk")
+                .expression_attribute_names("#t", "tenant_id")
+                .expression_attribute_values(":id", s(id))
+                .build()
+                .map_err(build_error)?;
+            items.push(TransactWriteItem::builder().delete(delete).build());
+        }
+        match self
+            .transact(&format!("tenant {id} (table {})", self.tenants), items)
+            .await?
+        {
+            Ok(()) => Ok(()),
+            Err(_) => Err(changed(id)),
+        }
     }
 
     pub(super) async fn read_tenant(&self, id: &TenantId) -> Result<Option<Tenant>, Error> {
