@@ -666,6 +666,9 @@ JSON output (-o json): a tenant object (list: an array of them) with
   production_approval         bool
   signing_secret_set          bool (the secret itself is never shown)
   previous_token_valid_until  instant until which the token before a rotation is accepted, or null
+  environments                object of environment -> its settings that are set: min_size,
+                              max_size, desired_size, instance_type, scaling ({\"cpu\": 60} or
+                              {\"requests_per_target\": 1000}), keep_releases, decommissioned
   created_at, updated_at";
 
 const TENANT_ADD_JSON: &str = "\

@@ -708,6 +708,32 @@ pub async fn show<S: Store>(store: &S, id: &TenantId, p: &mut Printer<'_>) -> Re
     }
     p.line("branches")?;
     p.table(&branches)?;
+    if !t.environments.is_empty() {
+        p.line("")?;
+        p.line("environment settings (unset: the platform's default)")?;
+        let mut envs = Table::new([
+            "ENV", "MIN", "MAX", "DESIRED", "TYPE", "SCALING", "KEEP", "STATE",
+        ])
+        .indent(2);
+        let or_dash = |v: Option<String>| v.unwrap_or_else(|| "-".to_owned());
+        for (env, s) in &t.environments {
+            envs.row([
+                Cell::from(env.as_str()),
+                Cell::from(or_dash(s.min_size.map(|n| n.to_string()))),
+                Cell::from(or_dash(s.max_size.map(|n| n.to_string()))),
+                Cell::from(or_dash(s.desired_size.map(|n| n.to_string()))),
+                Cell::from(or_dash(s.instance_type.clone())),
+                Cell::from(or_dash(s.scaling.map(|x| x.to_string()))),
+                Cell::from(or_dash(s.keep_releases.map(|n| n.to_string()))),
+                if s.decommissioned {
+                    Cell::styled("decommissioned", Style::Dim)
+                } else {
+                    Cell::from("-")
+                },
+            ]);
+        }
+        p.table(&envs)?;
+    }
     Ok(())
 }
 

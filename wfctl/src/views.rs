@@ -37,6 +37,10 @@ pub struct TenantView {
     pub signing_secret_set: bool,
     /// Until when the token before the last rotation is still accepted (`null`: it is not).
     pub previous_token_valid_until: Option<Timestamp>,
+    /// Each environment's settings that are not all defaults: `min_size`, `max_size`,
+    /// `desired_size`, `instance_type`, `scaling` (`{"cpu": 60}`, `{"requests_per_target":
+    /// 1000}`), `keep_releases`, `decommissioned`; an unset one is absent.
+    pub environments: BTreeMap<Environment, workflows::EnvSettings>,
     /// When it was registered.
     pub created_at: Timestamp,
     /// When it last changed.
@@ -58,6 +62,7 @@ impl TenantView {
             previous_token_valid_until: auth
                 .previous_valid_until
                 .filter(|until| auth.previous_token_sha256.is_some() && now < *until),
+            environments: tenant.environments.clone(),
             created_at: tenant.created_at,
             updated_at: tenant.updated_at,
         }

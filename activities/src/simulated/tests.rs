@@ -1372,3 +1372,53 @@ async fn a_failing_install_rolls_back_early_and_the_old_group_keeps_serving() {
         ["acme-staging-r1"]
     );
 }
+
+#[tokio::test]
+async fn an_image_built_for_one_environment_is_copied_by_another() {
+    let s = sim(SimConfig::default());
+    let build = task(
+        StepKind::Image,
+        1,
+        release(Some(1), None),
+        Resources::default(),
+    );
+    let built = s.until_done(&key("acme", Environment::Dev), &build).await;
+    let promoted = s
+        .until_done(&key("acme", Environment::Production), &build)
+        .await;
+    assert_eq!(
+        names(&s.cloud, ResourceKind::Image),
+        [
+            format!("acme-dev-{}", sha(1)),
+            format!("acme-production-{}", sha(1))
+        ]
+    );
+    assert_eq!(
+        s.cloud
+            .creations()
+            .expect("creations")
+            .iter()
+            .filter(|c| c.kind == ResourceKind::Builder)
+            .count(),
+        1,
+        "one build for both"
+    );
+    assert_eq!(
+        promoted.elapsed,
+        SimConfig::default().latency(StepKind::Image) / 4,
+        "a copy, not a build ({:?})",
+        built.elapsed
+    );
+    // Another tenant's image of the same commit is never copied.
+    s.until_done(&key("globex", Environment::Production), &build)
+        .await;
+    assert_eq!(
+        s.cloud
+            .creations()
+            .expect("creations")
+            .iter()
+            .filter(|c| c.kind == ResourceKind::Builder)
+            .count(),
+        2
+    );
+}

@@ -308,7 +308,7 @@ fn sorted(mut k: Vec<&str>) -> Vec<&str> {
     k
 }
 
-const TENANT_FIELDS: [&str; 10] = [
+const TENANT_FIELDS: [&str; 11] = [
     "id",
     "domain",
     "infra_project",
@@ -317,6 +317,7 @@ const TENANT_FIELDS: [&str; 10] = [
     "production_approval",
     "signing_secret_set",
     "previous_token_valid_until",
+    "environments",
     "created_at",
     "updated_at",
 ];

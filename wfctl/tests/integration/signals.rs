@@ -298,3 +298,144 @@ async fn signals_are_checked_sent_applied_and_reported() {
         text(&out.stderr)
     );
 }
+
+/// An environment's lifecycle with a worker: a tenant with a live environment cannot be
+/// removed; decommissioned, the environment is marked so in the tenant (the ingress then
+/// answers its pushes as ignored); provisioned again from its snapshot it goes live at the same
+/// commits; a sizing change is checked and rolls out; `tenant remove --decommission`
+/// decommissions it and removes the tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environments_are_decommissioned_provisioned_again_and_tenants_removed() {
+    let e = Env {
+        dir: tempfile::tempdir().expect("tempdir"),
+    };
+    let add = e.wfctl(&[
+        "tenant",
+        "add",
+        "acme",
+        "--domain",
+        "acme.example",
+        "--infra-project",
+        "1",
+        "--app-project",
+        "2",
+    ]);
+    assert!(add.status.success(), "{}", text(&add.stderr));
+    let sha = "3".repeat(40);
+    let out = e.orchestrator(&[
+        "inject", "push", "--tenant", "acme", "--env", "dev", "--repo", "app", "--sha", &sha,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let _worker = Reaped(e.worker());
+    e.until_state("dev", "live").await;
+
+    let refused = e.wfctl(&["tenant", "remove", "acme"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stdout));
+    assert!(
+        text(&refused.stderr).contains("not decommissioned: dev (live)"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    let out = e.wfctl(&["decommission", "acme", "--env", "dev", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let tenant = |e: &Env| -> Value {
+        let out = e.wfctl(&["tenant", "show", "acme", "-o", "json"]);
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    assert_eq!(tenant(&e)["environments"]["dev"]["decommissioned"], true);
+    // Decommissioned: pushes are ignored by the workflow too.
+    let rollback = e.wfctl(&["rollback", "acme", "--env", "dev"]);
+    assert_eq!(rollback.status.code(), Some(1));
+
+    let out = e.wfctl(&[
+        "provision",
+        "acme",
+        "--env",
+        "dev",
+        "--from-snapshot",
+        "--wait",
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["settled"], "live", "{v}");
+    assert!(
+        tenant(&e)["environments"]["dev"].is_null(),
+        "the mark is cleared"
+    );
+    let shown = e.wfctl(&["show", "acme", "--env", "dev", "-o", "json"]);
+    let shown: Value = serde_json::from_slice(&shown.stdout).expect("json");
+    assert_eq!(shown[0]["deployed"]["release"]["app"], sha.as_str());
+    // One release kept since: nothing earlier to roll back to.
+    let rollback = e.wfctl(&["rollback", "acme", "--env", "dev"]);
+    assert_eq!(rollback.status.code(), Some(1));
+    assert!(
+        text(&rollback.stderr).contains("no earlier release is kept"),
+        "{}",
+        text(&rollback.stderr)
+    );
+
+    // Sizing: checked as a whole, then rolled out.
+    let bad = e.wfctl(&["tenant", "set", "acme", "--env", "dev", "--desired", "3"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad.stderr).contains("desired_size 3 is not within min_size 1 and max_size 1"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let before = shown[0]["deployed"]["run"].clone();
+    let set = e.wfctl(&[
+        "tenant",
+        "set",
+        "acme",
+        "--env",
+        "dev",
+        "--max",
+        "3",
+        "--desired",
+        "2",
+    ]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    assert!(text(&set.stderr).contains("acme#dev: rolling out with the new settings"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let shown = e.wfctl(&["show", "acme", "--env", "dev", "-o", "json"]);
+        let shown: Value = serde_json::from_slice(&shown.stdout).expect("json");
+        if shown[0]["state"] == "live" && shown[0]["deployed"]["run"] != before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rollout of the new sizing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let out = e.wfctl(&[
+        "tenant",
+        "remove",
+        "acme",
+        "--decommission",
+        "--timeout",
+        "60s",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("tenant acme removed"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(e.wfctl(&["tenant", "show", "acme"]).status.code(), Some(1));
+    // Its domain and projects are free again.
+    let again = e.wfctl(&[
+        "tenant",
+        "add",
+        "globex",
+        "--domain",
+        "acme.example",
+        "--infra-project",
+        "1",
+        "--app-project",
+        "2",
+    ]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+}
