@@ -13,6 +13,7 @@ pub mod backend;
 pub mod config;
 pub mod dlq;
 pub mod error;
+pub mod help;
 pub mod logs;
 pub mod output;
 pub mod signal;

@@ -1,6 +1,7 @@
 //! `decommission`: releases everything the environment holds, in an order the services
 //! accept: groups (and so instances), launch template, listener rule (and its priority),
-//! target group, builders and images with their snapshots, the database (with a final snapshot), then the
+//! target group, builders and images with their snapshots, the environment's source artifacts
+//! and script reports in the artifact bucket, the database (with a final snapshot), then the
 //! security groups once nothing uses them, and the instance role and profile. Each invocation deletes what it can and waits for
 //! what is still going; the step is done when nothing is left.
 
@@ -74,6 +75,9 @@ pub(super) async fn reconcile(
             .await?
             .1,
     );
+    // Its source artifacts and script reports: a provision from scratch fetches again.
+    super::retention::prune_objects(cloud, &names.artifact_prefix()).await?;
+    super::retention::prune_objects(cloud, &names.logs_prefix()).await?;
 
     let db = names.database();
     if let Some(instance) = database::find(cloud, &db).await?

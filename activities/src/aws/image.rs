@@ -101,6 +101,14 @@ pub(super) async fn reconcile(
             copy_image(cloud, names, invocation, &source, &image_name).await?;
             return Ok(cloud.progress(format!("image {image_name} copied from {from}")));
         }
+        // Another environment is building the commit: its image is copied once it is there
+        // (if that build fails, its builder goes and this one builds).
+        if let Some(sibling) = sibling_build(cloud, names, sha).await? {
+            return Ok(cloud.progress(format!(
+                "waiting for {sibling}'s build of {}, to copy its image",
+                sha.short()
+            )));
+        }
         launch_builder(cloud, names, invocation, sha).await?;
         return Ok(cloud.progress("builder launched"));
     };
@@ -229,6 +237,64 @@ async fn promotable(cloud: &AwsCloud, names: &Names, sha: &GitSha) -> Result<Opt
                 && tagged(TAG_TENANT, key.tenant.as_str())
         })
         .cloned())
+}
+
+/// The name of a builder of `sha` that another of the tenant's environments runs, if any.
+async fn sibling_build(
+    cloud: &AwsCloud,
+    names: &Names,
+    sha: &GitSha,
+) -> Result<Option<String>, Error> {
+    let tagged = |key: &str, value: &str| {
+        Filter::builder()
+            .name(format!("tag:{key}"))
+            .values(value)
+            .build()
+    };
+    let tenant = names.key().tenant.as_str();
+    let out = cloud
+        .clients
+        .ec2
+        .describe_instances()
+        .filters(tagged(TAG_INFRA_SHA, sha.as_str()))
+        .filters(tagged(TAG_TENANT, tenant))
+        .filters(tagged(TAG_MANAGED_BY, MANAGED_BY))
+        .filters(
+            Filter::builder()
+                .name("instance-state-name")
+                .values("pending")
+                .values("running")
+                .values("stopping")
+                .values("stopped")
+                .build(),
+        )
+        .send()
+        .await
+        .map_err(|e| classify("ec2:DescribeInstances", &names.builder(sha), &e))?;
+    let env = names.key().env.as_str();
+    Ok(out
+        .reservations()
+        .iter()
+        .flat_map(|r| r.instances())
+        .filter(|i| {
+            let tag = |k: &str| {
+                i.tags()
+                    .iter()
+                    .find(|t| t.key() == Some(k))
+                    .and_then(|t| t.value())
+            };
+            tag(TAG_TENANT) == Some(tenant)
+                && tag(TAG_MANAGED_BY) == Some(MANAGED_BY)
+                && tag(TAG_INFRA_SHA) == Some(sha.as_str())
+                && tag(TAG_ENV).is_some_and(|e| e != env)
+        })
+        .find_map(|i| {
+            i.tags()
+                .iter()
+                .find(|t| t.key() == Some(TAG_ENV))
+                .and_then(|t| t.value())
+                .map(|e| format!("{}#{e}", names.key().tenant))
+        }))
 }
 
 /// Copies `source` (another environment's image of the commit) as this environment's image

@@ -133,6 +133,12 @@ pub(super) async fn deregister_images(
     Ok((snapshots, deregistered))
 }
 
+/// Deletes every object under `prefix` (a decommissioned environment's artifacts or
+/// reports); returns how many.
+pub(super) async fn prune_objects(cloud: &AwsCloud, prefix: &str) -> Result<usize, Error> {
+    delete_objects(cloud, prefix, &BTreeSet::new()).await
+}
+
 /// Deletes the environment's artifacts of `repo` whose keys are not in `kept`; returns how
 /// many.
 async fn delete_artifacts(
@@ -141,8 +147,17 @@ async fn delete_artifacts(
     repo: RepoKind,
     kept: &BTreeSet<String>,
 ) -> Result<usize, Error> {
-    let bucket = &cloud.infra.artifact_bucket;
     let prefix = format!("{}{repo}/", names.artifact_prefix());
+    delete_objects(cloud, &prefix, kept).await
+}
+
+/// Deletes the objects under `prefix` whose keys are not in `kept`; returns how many.
+async fn delete_objects(
+    cloud: &AwsCloud,
+    prefix: &str,
+    kept: &BTreeSet<String>,
+) -> Result<usize, Error> {
+    let bucket = &cloud.infra.artifact_bucket;
     let mut deleted = 0;
     let mut next: Option<String> = None;
     loop {
@@ -151,11 +166,11 @@ async fn delete_artifacts(
             .s3
             .list_objects_v2()
             .bucket(bucket)
-            .prefix(&prefix)
+            .prefix(prefix)
             .set_continuation_token(next.clone())
             .send()
             .await
-            .map_err(|e| classify("s3:ListObjectsV2", &prefix, &e))?;
+            .map_err(|e| classify("s3:ListObjectsV2", prefix, &e))?;
         for key in out.contents().iter().filter_map(|o| o.key()) {
             if kept.contains(key) {
                 continue;

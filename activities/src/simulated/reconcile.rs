@@ -327,6 +327,16 @@ fn image(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
                     }
                     continue;
                 }
+                if let Some(sibling) = sibling_build(conn, cx, sha)? {
+                    // Its image is requested when the builder is done and takes the rest.
+                    let done = sibling.ready_at_ms.max(cx.now_ms)
+                        + i64::try_from(cx.config.scaled(latency - builder_share).as_millis())
+                            .unwrap_or(i64::MAX);
+                    return Ok(cx.progress(
+                        done,
+                        format!("waiting for {}'s build, to copy its image", sibling.name),
+                    ));
+                }
                 let builder = store::create(
                     conn,
                     cx.new_resource(
@@ -412,6 +422,20 @@ fn promotable(conn: &Connection, cx: &Cx<'_>, sha: &GitSha) -> Result<Option<Row
         if let Some(row) = store::find(conn, ResourceKind::Image, &name)?
             && cx.is_ready(&row)
         {
+            return Ok(Some(row));
+        }
+    }
+    Ok(None)
+}
+
+/// A builder of `sha` of another of the tenant's environments.
+fn sibling_build(conn: &Connection, cx: &Cx<'_>, sha: &GitSha) -> Result<Option<Row>, Error> {
+    for env in workflows::Environment::ALL {
+        if env == cx.key.env {
+            continue;
+        }
+        let key = WorkflowKey::new(cx.key.tenant.clone(), env);
+        if let Some(row) = store::find(conn, ResourceKind::Builder, &builder_name(&key, sha))? {
             return Ok(Some(row));
         }
     }

@@ -1138,9 +1138,10 @@ async fn a_closure_is_a_clock() {
 async fn peaks_count_the_resources_that_existed_at_once() {
     let s = sim(SimConfig::default());
     let rel = release(Some(1), Some(2));
+    // Three tenants: environments of one tenant would copy one build's image.
     let keys = [
         key("acme", Environment::Dev),
-        key("acme", Environment::Staging),
+        key("initech", Environment::Staging),
         key("globex", Environment::Dev),
     ];
     let mut images = Vec::new();
@@ -1421,4 +1422,39 @@ async fn an_image_built_for_one_environment_is_copied_by_another() {
             .count(),
         2
     );
+}
+
+#[tokio::test]
+async fn a_build_under_way_in_another_environment_is_waited_for_then_copied() {
+    let s = sim(SimConfig::default());
+    let build = task(
+        StepKind::Image,
+        1,
+        release(Some(1), None),
+        Resources::default(),
+    );
+    let (dev, production) = (
+        key("acme", Environment::Dev),
+        key("acme", Environment::Production),
+    );
+    assert!(matches!(
+        s.invoke(&dev, &build).await,
+        Outcome::Progress { .. }
+    ));
+    match s.invoke(&production, &build).await {
+        Outcome::Progress { note, .. } => {
+            assert!(note.starts_with("waiting for acme-dev-builder-"), "{note}")
+        }
+        other => panic!("{other:?}"),
+    }
+    s.until_done(&dev, &build).await;
+    s.until_done(&production, &build).await;
+    let builders = s
+        .cloud
+        .creations()
+        .expect("creations")
+        .iter()
+        .filter(|c| c.kind == ResourceKind::Builder)
+        .count();
+    assert_eq!(builders, 1, "built once for both");
 }

@@ -847,6 +847,24 @@ async fn two_tenants_two_environments_on_moto() {
         .collect();
     assert_eq!(manual.len(), 1, "a final snapshot was taken: {manual:?}");
     assert!(manual[0].starts_with("acme-production-final"), "{manual:?}");
+    // Its artifacts and script reports are gone; another environment's stay.
+    let listed = |prefix: &'static str| {
+        c.s3.list_objects_v2()
+            .bucket(&w.infra.artifact_bucket)
+            .prefix(prefix)
+            .send()
+    };
+    for prefix in ["acme/production/", "_logs/acme/production/"] {
+        let out = listed(prefix).await.expect("list");
+        assert!(out.contents().is_empty(), "{prefix}: {:?}", out.contents());
+    }
+    let dev = listed("acme/dev/").await.expect("list");
+    let keys: Vec<&str> = dev.contents().iter().filter_map(|o| o.key()).collect();
+    assert!(
+        keys.iter().any(|k| k.starts_with("acme/dev/infra/"))
+            && keys.iter().any(|k| k.starts_with("acme/dev/app/")),
+        "acme#dev keeps its artifacts: {keys:?}"
+    );
     assert_eq!(
         w.backend
             .allocation_of(&w.cloud.priority_pool(), &acme_prod.to_string())

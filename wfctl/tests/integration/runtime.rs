@@ -3,7 +3,9 @@
 //! fails at once with the script's output in `wfctl show` and `wfctl logs`), its fix, a failing
 //! `install.sh` (the rollout fails fast, the old group keeps serving, the output is in
 //! `wfctl logs`), its fix, three more releases (only the last three images, their snapshots and
-//! artifacts remain), a rollback to an earlier release, and a scaling change.
+//! artifacts remain), a rollback to an earlier release, a scaling change, a secret of another
+//! tenant refused, a new domain, production promoted from dev's image, and a decommission
+//! followed by a provision that restores the database from the final snapshot.
 //!
 //! The instances' user data runs on this machine (`testkit::instances`): the provisioning
 //! scripts and `install.sh` below are real scripts, run by the real start-up scripts.
@@ -538,5 +540,201 @@ async fn a_tenant_runtime_through_failures_retention_rollback_and_scaling() {
             .target_tracking_configuration()
             .and_then(|c| c.target_value()),
         Some(50.0)
+    );
+
+    // A secret that is not the tenant's is refused at `config set`, nothing changed.
+    let secrets = aws_sdk_secretsmanager::Client::new(&story.sdk);
+    let foreign = secrets
+        .create_secret()
+        .name("globex/stripe")
+        .secret_string("sk_globex")
+        .tags(
+            aws_sdk_secretsmanager::types::Tag::builder()
+                .key("tenant")
+                .value("globex")
+                .build(),
+        )
+        .send()
+        .await
+        .expect("secret");
+    let arn = foreign.arn().expect("arn");
+    let refused = story.wfctl(&[
+        "config",
+        "set",
+        "acme",
+        "--env",
+        "dev",
+        "--secret",
+        &format!("STRIPE_KEY={arn}"),
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stdout));
+    let err = text(&refused.stderr);
+    assert!(
+        err.contains("--secret STRIPE_KEY") && err.contains("not tenant acme's"),
+        "{err}"
+    );
+    let listed = text(
+        &story
+            .wfctl(&["config", "list", "acme", "--env", "dev"])
+            .stdout,
+    );
+    assert!(!listed.contains("STRIPE_KEY"), "{listed}");
+
+    // The artifact bucket's lifecycle rules.
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&story.sdk)
+            .force_path_style(true)
+            .build(),
+    );
+    let lifecycle = s3
+        .get_bucket_lifecycle_configuration()
+        .bucket(&bucket)
+        .send()
+        .await
+        .expect("lifecycle");
+    let ids: Vec<&str> = lifecycle.rules().iter().filter_map(|r| r.id()).collect();
+    assert_eq!(ids, ["expire-script-reports", "abort-incomplete-uploads"]);
+
+    // A new domain: the environment's rule moves to the new host.
+    let live_run = story.show()["deployed"]["run"].clone();
+    let set = story.wfctl(&["tenant", "set", "acme", "--domain", "acme-shop.example"]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let moved = story
+        .until("rerouted", |v| {
+            v["state"] == "live" && v["deployed"]["run"] != live_run
+        })
+        .await;
+    assert_eq!(moved["resources"]["host"], "dev.acme-shop.example");
+    let elb = aws_sdk_elasticloadbalancingv2::Client::new(&story.sdk);
+    let rule = elb
+        .describe_rules()
+        .rule_arns(moved["resources"]["rule_arn"].as_str().expect("rule"))
+        .send()
+        .await
+        .expect("rule");
+    let hosts: Vec<String> = rule.rules()[0]
+        .conditions()
+        .iter()
+        .flat_map(|c| {
+            c.values()
+                .iter()
+                .chain(
+                    c.host_header_config()
+                        .map(|h| h.values())
+                        .unwrap_or_default(),
+                )
+                .cloned()
+        })
+        .collect();
+    assert_eq!(hosts, ["dev.acme-shop.example"]);
+
+    // Build once, promote: production takes dev's image of the commit as a copy.
+    let infra_live = moved["deployed"]["release"]["infra"]
+        .as_str()
+        .expect("infra")
+        .to_owned();
+    for (repo, sha) in [("infra", infra_live.as_str()), ("app", app_3.as_str())] {
+        let out = story.env.orchestrator(
+            &[
+                "--config",
+                "orchestrator.toml",
+                "inject",
+                "push",
+                "--tenant",
+                "acme",
+                "--env",
+                "production",
+                "--repo",
+                repo,
+                "--sha",
+                sha,
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let out = story.wfctl(&["show", "acme", "--env", "production", "-o", "json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if v[0]["state"] == "live" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "production not live: {v:#}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let builders = story
+        .ec2()
+        .describe_instances()
+        .filters(tag("env", "production"))
+        .filters(tag("infra-sha", &infra_live))
+        .send()
+        .await
+        .expect("builders");
+    assert!(
+        builders
+            .reservations()
+            .iter()
+            .all(|r| r.instances().is_empty()),
+        "production built nothing"
+    );
+
+    // Decommissioned, then provisioned again with its database restored from the snapshot.
+    let out = story.wfctl(&[
+        "decommission",
+        "acme",
+        "--env",
+        "dev",
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(story.images().await.is_empty(), "dev's images are gone");
+    assert!(story.objects(&bucket, "acme/dev/").await.is_empty());
+    let out = story.wfctl(&[
+        "provision",
+        "acme",
+        "--env",
+        "dev",
+        "--from-snapshot",
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let again = story.show();
+    assert_eq!(again["state"], "live");
+    // From scratch, at the branches' newest commits (not the release rolled back to).
+    assert_eq!(again["deployed"]["release"]["infra"], infras[2].as_str());
+    assert_eq!(again["deployed"]["release"]["app"], app_3.as_str());
+    let logs = story.wfctl(&["logs", "acme", "--env", "dev", "--step", "database"]);
+    let logged = text(&logs.stdout);
+    assert!(
+        logged.contains("database acme-dev restoring from acme-dev-final-r"),
+        "{logged}"
+    );
+    let rds = aws_sdk_rds::Client::new(&story.sdk);
+    let snapshots = rds
+        .describe_db_snapshots()
+        .snapshot_type("manual")
+        .send()
+        .await
+        .expect("snapshots");
+    assert!(
+        snapshots.db_snapshots().iter().any(|s| s
+            .db_snapshot_identifier()
+            .is_some_and(|id| id.starts_with("acme-dev-final"))),
+        "the final snapshot it was restored from"
     );
 }
