@@ -245,56 +245,67 @@ async fn sibling_build(
     names: &Names,
     sha: &GitSha,
 ) -> Result<Option<String>, Error> {
-    let tagged = |key: &str, value: &str| {
-        Filter::builder()
-            .name(format!("tag:{key}"))
-            .values(value)
-            .build()
-    };
     let tenant = names.key().tenant.as_str();
-    let out = cloud
-        .clients
-        .ec2
-        .describe_instances()
-        .filters(tagged(TAG_INFRA_SHA, sha.as_str()))
-        .filters(tagged(TAG_TENANT, tenant))
-        .filters(tagged(TAG_MANAGED_BY, MANAGED_BY))
-        .filters(
+    let found = builders_tagged(
+        cloud,
+        &[
+            (TAG_INFRA_SHA, sha.as_str()),
+            (TAG_TENANT, tenant),
+            (TAG_MANAGED_BY, MANAGED_BY),
+        ],
+        &names.builder(sha),
+    )
+    .await?;
+    let env = names.key().env.as_str();
+    Ok(found.iter().find_map(|i| {
+        let tag = |k: &str| {
+            i.tags()
+                .iter()
+                .find(|t| t.key() == Some(k))
+                .and_then(|t| t.value())
+        };
+        let theirs = tag(TAG_ENV).filter(|e| *e != env)?;
+        (tag(TAG_TENANT) == Some(tenant)
+            && tag(TAG_MANAGED_BY) == Some(MANAGED_BY)
+            && tag(TAG_INFRA_SHA) == Some(sha.as_str()))
+        .then(|| format!("{tenant}#{theirs}"))
+    }))
+}
+
+/// The instances that are not terminated or being terminated and carry every tag of `tags`
+/// (as far as the endpoint applies the filters: callers check the tags again).
+async fn builders_tagged(
+    cloud: &AwsCloud,
+    tags: &[(&str, &str)],
+    what: &str,
+) -> Result<Vec<Instance>, Error> {
+    let mut request = cloud.clients.ec2.describe_instances().filters(
+        Filter::builder()
+            .name("instance-state-name")
+            .values("pending")
+            .values("running")
+            .values("stopping")
+            .values("stopped")
+            .build(),
+    );
+    for (key, value) in tags {
+        request = request.filters(
             Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .values("stopping")
-                .values("stopped")
+                .name(format!("tag:{key}"))
+                .values(*value)
                 .build(),
-        )
+        );
+    }
+    let out = request
         .send()
         .await
-        .map_err(|e| classify("ec2:DescribeInstances", &names.builder(sha), &e))?;
-    let env = names.key().env.as_str();
+        .map_err(|e| classify("ec2:DescribeInstances", what, &e))?;
     Ok(out
         .reservations()
         .iter()
         .flat_map(|r| r.instances())
-        .filter(|i| {
-            let tag = |k: &str| {
-                i.tags()
-                    .iter()
-                    .find(|t| t.key() == Some(k))
-                    .and_then(|t| t.value())
-            };
-            tag(TAG_TENANT) == Some(tenant)
-                && tag(TAG_MANAGED_BY) == Some(MANAGED_BY)
-                && tag(TAG_INFRA_SHA) == Some(sha.as_str())
-                && tag(TAG_ENV).is_some_and(|e| e != env)
-        })
-        .find_map(|i| {
-            i.tags()
-                .iter()
-                .find(|t| t.key() == Some(TAG_ENV))
-                .and_then(|t| t.value())
-                .map(|e| format!("{}#{e}", names.key().tenant))
-        }))
+        .cloned()
+        .collect())
 }
 
 /// Copies `source` (another environment's image of the commit) as this environment's image
@@ -373,39 +384,22 @@ async fn find_builder(
     names: &Names,
     name: &str,
 ) -> Result<Option<Instance>, Error> {
-    let tagged = |key: &str, value: &str| {
-        Filter::builder()
-            .name(format!("tag:{key}"))
-            .values(value)
-            .build()
-    };
-    let out = cloud
-        .clients
-        .ec2
-        .describe_instances()
-        .filters(tagged(TAG_NAME, name))
-        .filters(tagged(TAG_MANAGED_BY, MANAGED_BY))
-        .filters(tagged(TAG_TENANT, names.key().tenant.as_str()))
-        .filters(tagged(TAG_ENV, names.key().env.as_str()))
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .values("pending")
-                .values("running")
-                .values("stopping")
-                .values("stopped")
-                .build(),
-        )
-        .send()
-        .await
-        .map_err(|e| classify("ec2:DescribeInstances", name, &e))?;
+    let key = names.key();
+    let found = builders_tagged(
+        cloud,
+        &[
+            (TAG_NAME, name),
+            (TAG_MANAGED_BY, MANAGED_BY),
+            (TAG_TENANT, key.tenant.as_str()),
+            (TAG_ENV, key.env.as_str()),
+        ],
+        name,
+    )
+    .await?;
     // The tags are checked here as well: not every endpoint applies every filter.
-    Ok(out
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .find(|i| ownership::is_ours(names, ec2_pairs(i.tags())))
-        .cloned())
+    Ok(found
+        .into_iter()
+        .find(|i| ownership::is_ours(names, ec2_pairs(i.tags()))))
 }
 
 /// The key stem of `builder`'s script report (its `report` tag; builders of earlier versions
