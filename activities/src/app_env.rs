@@ -166,6 +166,7 @@ mod tests {
                 target_group_arn: "tg".into(),
                 rule_arn: "rule".into(),
                 priority: 3,
+                dns_zone: None,
             }),
             ..Resources::default()
         };

@@ -56,6 +56,10 @@ pub struct Infrastructure {
     /// Production databases cannot be deleted while this holds; decommission lifts it as its
     /// last act before the final snapshot.
     pub production_db_deletion_protection: bool,
+    /// The platform's Route 53 hosted zone: an environment whose host is a name in it gets its
+    /// alias record there (a tenant domain elsewhere needs a zone of that name tagged
+    /// `tenant=<id>`). Unset: only such tenant zones.
+    pub hosted_zone_id: Option<String>,
     /// Instances per Auto Scaling group: the desired size of every environment that does not
     /// set its own (`wfctl tenant set --desired`).
     pub group_size: i32,
@@ -105,6 +109,7 @@ impl Default for Infrastructure {
             production_db_backup_days: 7,
             production_db_multi_az: true,
             production_db_deletion_protection: true,
+            hosted_zone_id: None,
             group_size: 1,
             min_size: None,
             max_size: None,

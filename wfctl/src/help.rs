@@ -222,7 +222,7 @@ JSON output (-o json): an array with one object per environment:
               next_attempt_at, last_error, note}]}
   resources   {instance_security_group, database_security_group, infra_artifact,
               app_artifact, image_id, image_infra_sha, database_instance_id, database_endpoint,
-              database_secret_arn, host, target_group_arn, rule_arn, rule_priority,
+              database_secret_arn, host, target_group_arn, rule_arn, rule_priority, dns_zone,
               auto_scaling_group, serving_image_id}
   deployed    null, or {release: {infra, app}, run, at}
   releases    the releases kept for rollback, oldest first: [{release, run, at}]

@@ -259,6 +259,8 @@ pub struct ResourcesView {
     pub rule_arn: Option<String>,
     /// The listener rule's priority.
     pub rule_priority: Option<u32>,
+    /// The Route 53 hosted zone holding the host's alias record (`null`: none written).
+    pub dns_zone: Option<String>,
     /// The serving Auto Scaling group.
     pub auto_scaling_group: Option<String>,
     /// The image the serving group runs.
@@ -287,6 +289,7 @@ impl From<&Resources> for ResourcesView {
             target_group_arn: r.routing.as_ref().map(|x| x.target_group_arn.clone()),
             rule_arn: r.routing.as_ref().map(|x| x.rule_arn.clone()),
             rule_priority: r.routing.as_ref().map(|x| x.priority),
+            dns_zone: r.routing.as_ref().and_then(|x| x.dns_zone.clone()),
             auto_scaling_group: r.deployment.as_ref().map(|d| d.group_name.clone()),
             serving_image_id: r.deployment.as_ref().map(|d| d.image_id.clone()),
         }

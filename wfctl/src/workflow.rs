@@ -461,6 +461,13 @@ fn render_workflow(
         res.row(["target group", &x.target_group_arn]);
         res.row(["listener rule", &x.rule_arn]);
         res.row(["rule priority".to_owned(), x.priority.to_string()]);
+        res.row([
+            "dns record".to_owned(),
+            match &x.dns_zone {
+                Some(zone) => format!("{} (alias in zone {zone})", x.host),
+                None => "none: no hosted zone takes the host".to_owned(),
+            },
+        ]);
     }
     if let Some(d) = &r.deployment {
         res.row(["auto scaling group".to_owned(), d.group_name.clone()]);

@@ -265,6 +265,10 @@ pub struct RoutingOutput {
     pub rule_arn: String,
     /// The rule's priority, held by no other rule.
     pub priority: u32,
+    /// The Route 53 hosted zone holding the host's alias record (absent: none was written,
+    /// no zone takes the host; and in records before schema version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_zone: Option<String>,
 }
 
 /// The Auto Scaling group currently serving.

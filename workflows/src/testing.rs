@@ -64,6 +64,7 @@ pub fn output_for(task: &StepTask) -> StepOutput {
             target_group_arn: format!("arn:aws:elasticloadbalancing:tg/{run}"),
             rule_arn: format!("arn:aws:elasticloadbalancing:rule/{run}"),
             priority: 7,
+            dns_zone: None,
         }),
         StepKind::Rollout => StepOutput::Rollout(DeploymentOutput {
             group_name: format!("acme-{run}"),

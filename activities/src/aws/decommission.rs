@@ -1,6 +1,6 @@
 //! `decommission`: releases everything the environment holds, in an order the services
 //! accept: groups (and so instances), launch template, listener rule (and its priority),
-//! target group, builders and images with their snapshots, the environment's source artifacts
+//! target group, the alias record, builders and images with their snapshots, the environment's source artifacts
 //! and script reports in the artifact bucket, the database (with a final snapshot), then the
 //! security groups once nothing uses them, and the instance role and profile. Each invocation deletes what it can and waits for
 //! what is still going; the step is done when nothing is left.
@@ -11,7 +11,8 @@ use workflows::StepOutput;
 use super::error::{classify, code};
 use super::names::{TAG_ENV, TAG_MANAGED_BY, TAG_TENANT};
 use super::{
-    AwsCloud, Error, MANAGED_BY, Names, database, identity, network, ownership, rollout, routing,
+    AwsCloud, Error, MANAGED_BY, Names, database, dns, identity, network, ownership, rollout,
+    routing,
 };
 use crate::{Invocation, Outcome};
 
@@ -32,6 +33,16 @@ pub(super) async fn reconcile(
     delete_launch_templates(cloud, names).await?;
 
     let host = format!("{}.{}", names.key().env, invocation.domain);
+    // Its alias record: in the zone the routing step wrote it to, else where it would go now.
+    let recorded = invocation.task.resources.routing.as_ref();
+    let zone = match recorded.and_then(|r| r.dns_zone.clone()) {
+        Some(zone) => Some(zone),
+        None => dns::zone_for(cloud, names, &host, invocation.domain.as_str()).await?,
+    };
+    if let Some(zone) = zone {
+        let recorded_host = recorded.map_or(host.as_str(), |r| r.host.as_str());
+        dns::delete(cloud, &zone, recorded_host).await?;
+    }
     // A rule or a target group of the same host or name that is not ours stays as it is.
     if let Some(rule) = routing::find_rule(cloud, &host).await?
         && let Some(arn) = rule.rule_arn()

@@ -34,6 +34,7 @@ use crate::{Activities, Invocation, Outcome};
 
 mod database;
 mod decommission;
+mod dns;
 pub mod error;
 pub mod identity;
 mod image;
@@ -196,6 +197,8 @@ pub struct Clients {
     pub rds: aws_sdk_rds::Client,
     /// S3.
     pub s3: aws_sdk_s3::Client,
+    /// Route 53.
+    pub route53: aws_sdk_route53::Client,
     /// Secrets Manager.
     pub secrets: aws_sdk_secretsmanager::Client,
     /// IAM (read at start-up only).
@@ -216,6 +219,7 @@ impl Clients {
             elb: aws_sdk_elasticloadbalancingv2::Client::new(sdk),
             rds: aws_sdk_rds::Client::new(sdk),
             s3: aws_sdk_s3::Client::from_conf(s3),
+            route53: aws_sdk_route53::Client::new(sdk),
             secrets: aws_sdk_secretsmanager::Client::new(sdk),
             iam: aws_sdk_iam::Client::new(sdk),
         }

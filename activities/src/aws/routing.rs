@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use workflows::{RoutingOutput, StepOutput};
 
 use super::error::{classify, code};
-use super::{AwsCloud, Error, Names, ownership, tags};
+use super::{AwsCloud, Error, Names, dns, ownership, tags};
 use crate::{Invocation, Outcome};
 
 /// Listener rule priorities range from 1 to 50,000.
@@ -60,7 +60,7 @@ pub(super) async fn reconcile(
                 .await
                 .map_err(|e| classify("elasticloadbalancing:ModifyRule", &arn, &e))?;
         }
-        return Ok(done(host, target_group, arn, priority));
+        return finish(cloud, names, invocation, host, target_group, arn, priority).await;
     }
     // The tenant's domain changed: the environment's rule is moved to the new host (it keeps
     // its priority), rather than a second rule made beside it.
@@ -90,7 +90,16 @@ pub(super) async fn reconcile(
             .await
             .map_err(|e| classify("elasticloadbalancing:ModifyRule", arn, &e))?;
         tracing::info!(from = %recorded.host, to = %host, rule = %arn, "listener rule moved to the new host");
-        return Ok(done(host, target_group, arn.clone(), recorded.priority));
+        return finish(
+            cloud,
+            names,
+            invocation,
+            host,
+            target_group,
+            arn.clone(),
+            recorded.priority,
+        )
+        .await;
     }
     let priority = acquire(cloud, &owner).await?;
     let created = cloud
@@ -113,7 +122,7 @@ pub(super) async fn reconcile(
                 .map(str::to_owned)
                 .ok_or_else(|| Error::Retryable("CreateRule returned no rule".to_owned()))?;
             tracing::info!(host = %host, priority, "listener rule created");
-            Ok(done(host, target_group, arn, priority))
+            finish(cloud, names, invocation, host, target_group, arn, priority).await
         }
         Err(e) if code(&e) == Some("PriorityInUse") => {
             // Held by a rule we do not manage: keep it marked as such, free ours, try another.
@@ -142,13 +151,28 @@ pub(super) async fn reconcile(
     }
 }
 
-fn done(host: String, target_group: String, rule: String, priority: u32) -> Outcome {
-    Outcome::Done(StepOutput::Routing(RoutingOutput {
+/// The step's end once the rule serves `host`: the alias record written where a zone takes
+/// it (see `dns`), then the output.
+async fn finish(
+    cloud: &AwsCloud,
+    names: &Names,
+    invocation: Invocation<'_>,
+    host: String,
+    target_group: String,
+    rule: String,
+    priority: u32,
+) -> Result<Outcome, Error> {
+    let zone = dns::zone_for(cloud, names, &host, invocation.domain.as_str()).await?;
+    if let Some(zone) = &zone {
+        dns::upsert(cloud, zone, &host).await?;
+    }
+    Ok(Outcome::Done(StepOutput::Routing(RoutingOutput {
         host,
         target_group_arn: target_group,
         rule_arn: rule,
         priority,
-    }))
+        dns_zone: zone,
+    })))
 }
 
 pub(super) fn elb_tags(names: &Names, run: workflows::RunId) -> Vec<Tag> {

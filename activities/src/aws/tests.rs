@@ -79,6 +79,20 @@ struct Mocks {
     s3: Option<aws_sdk_s3::Client>,
 }
 
+/// A Route 53 client that knows no hosted zone: no alias record is written.
+fn no_zones() -> aws_sdk_route53::Client {
+    let zones = mock!(aws_sdk_route53::Client::list_hosted_zones_by_name).then_output(|| {
+        aws_sdk_route53::operation::list_hosted_zones_by_name::ListHostedZonesByNameOutput::builder(
+        )
+        .set_hosted_zones(Some(Vec::new()))
+        .is_truncated(false)
+        .max_items(10)
+        .build()
+        .expect("output")
+    });
+    mock_client!(aws_sdk_route53, RuleMode::MatchAny, [&zones])
+}
+
 /// An S3 client whose every listing holds reports with these keys.
 fn reports(keys: &'static [&'static str]) -> aws_sdk_s3::Client {
     let list = mock!(aws_sdk_s3::Client::list_objects_v2).then_output(|| {
@@ -109,6 +123,7 @@ fn cloud_with(m: Mocks, clock: &ManualClock, allocations: MemoryAllocations) -> 
             .unwrap_or_else(|| idle(aws_sdk_elasticloadbalancingv2::Client::new)),
         rds: m.rds.unwrap_or_else(|| idle(aws_sdk_rds::Client::new)),
         s3: m.s3.unwrap_or_else(|| idle(aws_sdk_s3::Client::new)),
+        route53: no_zones(),
         secrets: idle(aws_sdk_secretsmanager::Client::new),
         iam: m.iam.unwrap_or_else(|| idle(aws_sdk_iam::Client::new)),
     };
@@ -138,6 +153,7 @@ fn task(step: StepKind, run: u32) -> StepTask {
             target_group_arn: "arn:tg".into(),
             rule_arn: "arn:rule".into(),
             priority: 7,
+            dns_zone: None,
         }),
         ..Resources::default()
     };

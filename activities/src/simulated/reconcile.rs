@@ -569,6 +569,7 @@ fn routing(conn: &Connection, cx: &Cx<'_>) -> Result<Outcome, Error> {
         target_group_arn: target_group.id,
         rule_arn: rule.id,
         priority: attrs.priority,
+        dns_zone: None,
     })))
 }
 

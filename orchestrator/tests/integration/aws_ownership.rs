@@ -654,3 +654,174 @@ fn decode_base64(text: &str) -> String {
         .unwrap_or_else(|e| panic!("{text:?} is not base64: {e}"));
     String::from_utf8(bytes).expect("UTF-8")
 }
+
+/// The alias record of an environment's host goes into a zone the tenant owns (named as its
+/// domain and tagged with its id), points at the listener's load balancer, and goes with the
+/// environment; a zone of another tenant's domain tagged for someone else is never written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alias_records_go_into_the_tenants_own_zone_and_with_the_environment() {
+    let s = Sandbox::new().await;
+    let r53 = aws_sdk_route53::Client::new(&s.moto.sdk_config());
+    let zone = |name: &'static str, owner: &'static str| {
+        let r53 = r53.clone();
+        async move {
+            let made = r53
+                .create_hosted_zone()
+                .name(name)
+                .caller_reference(format!("{name}-{owner}"))
+                .send()
+                .await
+                .expect("zone");
+            let id = made
+                .hosted_zone()
+                .map(|z| z.id().trim_start_matches("/hostedzone/").to_owned())
+                .expect("id");
+            r53.change_tags_for_resource()
+                .resource_type(aws_sdk_route53::types::TagResourceType::Hostedzone)
+                .resource_id(&id)
+                .add_tags(
+                    aws_sdk_route53::types::Tag::builder()
+                        .key("tenant")
+                        .value(owner)
+                        .build(),
+                )
+                .send()
+                .await
+                .expect("tags");
+            id
+        }
+    };
+    let acme_zone = zone("acme.example", "acme").await;
+    // A zone named as globex's domain, but tagged as acme's: not globex's to write to.
+    let _ = zone("globex.example", "acme").await;
+    let records = |id: String| {
+        let r53 = r53.clone();
+        async move {
+            r53.list_resource_record_sets()
+                .hosted_zone_id(id)
+                .send()
+                .await
+                .expect("records")
+                .resource_record_sets()
+                .iter()
+                .filter(|r| r.r#type() == &aws_sdk_route53::types::RrType::A)
+                .map(|r| {
+                    (
+                        r.name().trim_end_matches('.').to_owned(),
+                        r.alias_target().map(|a| a.dns_name().to_owned()),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+
+    let routed = s
+        .invoke(
+            "acme",
+            "acme.example",
+            StepKind::Routing,
+            1,
+            Resources::default(),
+        )
+        .await;
+    let Outcome::Done(StepOutput::Routing(acme)) = routed else {
+        panic!("acme's routing: {routed:?}");
+    };
+    assert_eq!(acme.dns_zone.as_deref(), Some(acme_zone.as_str()));
+    let lb = s
+        .clients
+        .elb
+        .describe_load_balancers()
+        .send()
+        .await
+        .expect("load balancers");
+    let lb_name = lb.load_balancers()[0]
+        .dns_name()
+        .expect("dns name")
+        .to_owned();
+    let written = records(acme_zone.clone()).await;
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert_eq!(written[0].0, "dev.acme.example");
+    assert!(
+        written[0]
+            .1
+            .as_deref()
+            .is_some_and(|target| target.trim_end_matches('.') == lb_name.trim_end_matches('.')),
+        "{written:?} to {lb_name}"
+    );
+
+    let routed = s
+        .invoke(
+            "globex",
+            "globex.example",
+            StepKind::Routing,
+            1,
+            Resources::default(),
+        )
+        .await;
+    let Outcome::Done(StepOutput::Routing(globex)) = routed else {
+        panic!("globex's routing: {routed:?}");
+    };
+    assert_eq!(globex.dns_zone, None, "no zone of globex's takes its host");
+
+    s.decommission("acme", "acme.example").await;
+    assert!(
+        records(acme_zone).await.is_empty(),
+        "the record went with it"
+    );
+
+    // The platform's zone takes a host that is a name in it, for any tenant.
+    let platform = r53
+        .create_hosted_zone()
+        .name("apps.example")
+        .caller_reference("platform")
+        .send()
+        .await
+        .expect("zone")
+        .hosted_zone()
+        .map(|z| z.id().trim_start_matches("/hostedzone/").to_owned())
+        .expect("id");
+    let infra = Infrastructure {
+        hosted_zone_id: Some(platform.clone()),
+        ..s.infra.clone()
+    };
+    let cloud = AwsCloud::new(
+        s.clients.clone(),
+        infra,
+        MemoryAllocations::default(),
+        Arc::new(SystemClock),
+    )
+    .expect("cloud");
+    let key = WorkflowKey::new(TenantId::new("initech").expect("id"), Environment::Dev);
+    let domain = Domain::new("initech.apps.example").expect("domain");
+    let task = StepTask {
+        run: RunId::FIRST,
+        step: StepKind::Routing,
+        token: 1,
+        attempt: 1,
+        first_attempt_at: Timestamp::from_unix_millis(1_000),
+        delay: Duration::ZERO,
+        release: Release::default(),
+        resources: Resources::default(),
+        keep: Vec::new(),
+        restore_database: false,
+    };
+    let routed = cloud
+        .invoke(Invocation {
+            key: &key,
+            domain: &domain,
+            task: &task,
+            config: &activities::NO_CONFIG,
+            settings: &activities::NO_SETTINGS,
+        })
+        .await;
+    let Outcome::Done(StepOutput::Routing(initech)) = routed else {
+        panic!("initech's routing: {routed:?}");
+    };
+    assert_eq!(initech.dns_zone.as_deref(), Some(platform.as_str()));
+    let written = records(platform).await;
+    assert_eq!(
+        written.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["dev.initech.apps.example"]
+    );
+}

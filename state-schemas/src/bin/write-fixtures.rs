@@ -282,6 +282,7 @@ fn output_of(key: &WorkflowKey, task: &StepTask) -> anyhow::Result<StepOutput> {
                 Environment::Staging => 1206,
                 Environment::Production => 1207,
             },
+            dns_zone: Some("Z04173852QJ8XAMPLE7HK".into()),
         }),
         StepKind::Rollout => StepOutput::Rollout(DeploymentOutput {
             group_name: format!("{name}-{}", task.run),

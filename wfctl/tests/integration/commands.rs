@@ -796,6 +796,7 @@ fn show_prints_state_run_steps_resources_and_pending_pushes() {
             "target_group_arn",
             "rule_arn",
             "rule_priority",
+            "dns_zone",
             "auto_scaling_group",
             "serving_image_id"
         ])
