@@ -410,6 +410,21 @@ impl AwsCloud {
                 )),
             },
         );
+        if let Some(zone) = &i.hosted_zone_id {
+            let found = c
+                .route53
+                .get_hosted_zone()
+                .id(zone.trim_start_matches("/hostedzone/"))
+                .send()
+                .await;
+            note(
+                "hosted_zone_id",
+                zone,
+                found
+                    .err()
+                    .map(|e| error::classify("route53:GetHostedZone", zone, &e)),
+            );
+        }
         if problems.is_empty() {
             return Ok(());
         }

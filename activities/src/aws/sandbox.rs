@@ -1,7 +1,8 @@
 //! A sandbox of the shared infrastructure the reconcilers need, for trials and tests (on
 //! moto, or an empty AWS account): a VPC with two subnets in two zones, a load balancer with
-//! its security group and an HTTP listener (404 unless a rule matches), an artifact bucket,
-//! a DB subnet group, and the newest Amazon Linux 2023 image as the base image (instance roles
+//! its security group and an HTTP listener (404 unless a rule matches), an artifact bucket
+//! (with its lifecycle rules), a DB subnet group, a hosted zone `<name>.example` for the
+//! platform's hosts, and the newest Amazon Linux 2023 image as the base image (instance roles
 //! are per environment, made by the workflows). Every piece is looked up by name before it is created, so running it
 //! again returns the same [`Infrastructure`].
 
@@ -46,7 +47,9 @@ pub async fn create(
     let db_subnet_group = prefix.to_owned();
     db_subnets(&clients, &db_subnet_group, &subnet_ids).await?;
     let base_image_id = base_image(&clients).await?;
+    let hosted_zone_id = Some(hosted_zone(&clients, &format!("{prefix}.example")).await?);
     Ok(Infrastructure {
+        hosted_zone_id,
         vpc_id,
         subnet_ids,
         listener_arn,
@@ -340,6 +343,38 @@ pub async fn lifecycle(clients: &Clients, bucket: &str) -> Result<(), Error> {
         .await
         .map_err(|e| classify("s3:PutBucketLifecycleConfiguration", bucket, &e))?;
     Ok(())
+}
+
+/// The platform's hosted zone `name` (found by name, else created): hosts under it get their
+/// alias records there.
+async fn hosted_zone(clients: &Clients, name: &str) -> Result<String, Error> {
+    let bare = |id: &str| id.trim_start_matches("/hostedzone/").to_owned();
+    let out = clients
+        .route53
+        .list_hosted_zones_by_name()
+        .dns_name(name)
+        .max_items(1)
+        .send()
+        .await
+        .map_err(|e| classify("route53:ListHostedZonesByName", name, &e))?;
+    if let Some(zone) = out
+        .hosted_zones()
+        .iter()
+        .find(|z| z.name().trim_end_matches('.') == name)
+    {
+        return Ok(bare(zone.id()));
+    }
+    let out = clients
+        .route53
+        .create_hosted_zone()
+        .name(name)
+        .caller_reference(name)
+        .send()
+        .await
+        .map_err(|e| classify("route53:CreateHostedZone", name, &e))?;
+    out.hosted_zone()
+        .map(|z| bare(z.id()))
+        .ok_or_else(|| Error::Retryable(format!("CreateHostedZone {name} returned no zone")))
 }
 
 async fn db_subnets(clients: &Clients, name: &str, subnets: &[String]) -> Result<(), Error> {

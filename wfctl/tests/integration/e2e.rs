@@ -206,6 +206,7 @@ async fn a_worker_checks_the_infrastructure_settings_at_start_up() {
                 r#"["subnet-0000nope"]"#,
             ),
             ("ORCHESTRATOR__INFRASTRUCTURE__DB_SUBNET_GROUP", "nope"),
+            ("ORCHESTRATOR__INFRASTRUCTURE__HOSTED_ZONE_ID", "Z0000NOPE"),
         ],
     );
     assert!(!out.status.success());
@@ -216,6 +217,10 @@ async fn a_worker_checks_the_infrastructure_settings_at_start_up() {
     );
     assert!(
         err.contains("db_subnet_group") && err.contains("nope"),
+        "{err}"
+    );
+    assert!(
+        err.contains("hosted_zone_id") && err.contains("Z0000NOPE"),
         "{err}"
     );
     assert!(!err.contains("vpc_id ="), "the VPC is fine: {err}");
