@@ -13,11 +13,8 @@ use workflows::{
 
 use crate::Error;
 use crate::output::{Printer, Style, absolute, sanitize};
-use crate::workflow::missing_workflow;
+use crate::workflow::{PAGE, missing_workflow};
 use orchestrator::ports::Store;
-
-/// How many history entries one store call fetches.
-const PAGE: usize = 500;
 
 /// Which captured output `logs` shows.
 #[derive(Debug, Clone, PartialEq, Eq)]

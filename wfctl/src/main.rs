@@ -597,20 +597,8 @@ macro_rules! with_queue {
 async fn run(cli: &Cli, p: &mut Printer<'_>) -> Result<(), Error> {
     let config = cli.backend.config()?;
     if let Command::Dlq(command) = &cli.command {
-        return match config.backend {
-            Backend::Embedded => {
-                let backend = open_backend(&config, false)?;
-                run_dlq(command, &backend, &backend, p).await
-            }
-            #[cfg(not(feature = "aws"))]
-            Backend::Aws => Err(aws_not_built()),
-            #[cfg(feature = "aws")]
-            Backend::Aws => {
-                let store = connect_aws_store(&config).await?;
-                let queue = connect_aws_queue(&config).await?;
-                run_dlq(command, &store, &queue, p).await
-            }
-        };
+        return with_queue!(config, |store, queue| run_dlq(command, store, queue, p)
+            .await);
     }
     if let Some((tenant, env, change)) = config_change_of(&cli.command) {
         let actor = actor();

@@ -18,7 +18,7 @@ use crate::{Error, list_some};
 use orchestrator::ports::{self, Store, WorkflowFilter, WorkflowSummary};
 
 /// How many workflows or history entries one store call fetches.
-const PAGE: usize = 500;
+pub(crate) const PAGE: usize = 500;
 
 /// Every workflow matching `filter`, paging through the store.
 pub async fn all_workflows<S: Store>(

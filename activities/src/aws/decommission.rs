@@ -80,7 +80,9 @@ pub(super) async fn reconcile(
     }
 
     going.extend(terminate_instances(cloud, names).await?);
-    let snapshots = deregister_images(cloud, names).await?;
+    // Every image goes; the snapshots of those made before snapshots were tagged are found
+    // only through their image.
+    let (snapshots, _) = super::retention::deregister_images(cloud, names, |_| false).await?;
     going.extend(
         delete_snapshots(cloud, names, snapshots, |_| false)
             .await?
@@ -263,14 +265,6 @@ async fn terminate_instances(cloud: &AwsCloud, names: &Names) -> Result<Vec<Stri
         Err(e) => return Err(classify("ec2:TerminateInstances", names.base(), &e)),
     }
     Ok(ids.into_iter().map(|id| format!("instance {id}")).collect())
-}
-
-/// Deregisters the environment's images; returns the ids of their EBS snapshots, which an
-/// image does not take with it (images made before snapshots were tagged are found only so).
-async fn deregister_images(cloud: &AwsCloud, names: &Names) -> Result<Vec<String>, Error> {
-    Ok(super::retention::deregister_images(cloud, names, |_| false)
-        .await?
-        .0)
 }
 
 /// Deletes the snapshots of the environment's images: those tagged as its own (unless `kept`)

@@ -16,7 +16,7 @@ use super::names::TAG_TENANT;
 use super::{AwsCloud, Error, Names};
 
 /// A hosted zone's id without the `/hostedzone/` prefix.
-fn bare(id: &str) -> &str {
+pub(super) fn bare(id: &str) -> &str {
     id.trim_start_matches("/hostedzone/")
 }
 

@@ -411,12 +411,7 @@ impl AwsCloud {
             },
         );
         if let Some(zone) = &i.hosted_zone_id {
-            let found = c
-                .route53
-                .get_hosted_zone()
-                .id(zone.trim_start_matches("/hostedzone/"))
-                .send()
-                .await;
+            let found = c.route53.get_hosted_zone().id(dns::bare(zone)).send().await;
             note(
                 "hosted_zone_id",
                 zone,

@@ -79,7 +79,8 @@ pub(super) async fn reconcile(
         if group_named(cloud, names, &name).await? {
             return Ok(cloud.progress(format!("group {name} created; not listed yet")));
         }
-        let template = ensure_template(cloud, names, invocation, &image_id).await?;
+        let template =
+            ensure_template(cloud, names, invocation, &image_id, &sizing.instance_type).await?;
         create_group(
             cloud,
             names,
@@ -295,6 +296,7 @@ async fn ensure_template(
     names: &Names,
     invocation: Invocation<'_>,
     image_id: &str,
+    instance_type: &str,
 ) -> Result<String, Error> {
     let template = names.launch_template(invocation.task.run);
     if check_template(cloud, names, &template).await? {
@@ -310,7 +312,14 @@ async fn ensure_template(
         }
         None => None,
     };
-    let data = template_data(cloud, names, invocation, image_id, app_key.as_deref())?;
+    let data = template_data(
+        cloud,
+        names,
+        invocation,
+        image_id,
+        instance_type,
+        app_key.as_deref(),
+    )?;
     let created = cloud
         .clients
         .ec2
@@ -395,6 +404,7 @@ fn template_data(
     names: &Names,
     invocation: Invocation<'_>,
     image_id: &str,
+    instance_type: &str,
     app_key: Option<&str>,
 ) -> Result<RequestLaunchTemplateData, Error> {
     let task = invocation.task;
@@ -419,9 +429,7 @@ fn template_data(
     let group = names.group(task.run);
     Ok(RequestLaunchTemplateData::builder()
         .image_id(image_id)
-        .instance_type(aws_sdk_ec2::types::InstanceType::from(
-            scaling::sizing(cloud, invocation)?.instance_type.as_str(),
-        ))
+        .instance_type(aws_sdk_ec2::types::InstanceType::from(instance_type))
         .security_group_ids(&network.instance_security_group)
         .iam_instance_profile(
             LaunchTemplateIamInstanceProfileSpecificationRequest::builder()

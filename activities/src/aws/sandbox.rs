@@ -348,7 +348,6 @@ pub async fn lifecycle(clients: &Clients, bucket: &str) -> Result<(), Error> {
 /// The platform's hosted zone `name` (found by name, else created): hosts under it get their
 /// alias records there.
 async fn hosted_zone(clients: &Clients, name: &str) -> Result<String, Error> {
-    let bare = |id: &str| id.trim_start_matches("/hostedzone/").to_owned();
     let out = clients
         .route53
         .list_hosted_zones_by_name()
@@ -362,7 +361,7 @@ async fn hosted_zone(clients: &Clients, name: &str) -> Result<String, Error> {
         .iter()
         .find(|z| z.name().trim_end_matches('.') == name)
     {
-        return Ok(bare(zone.id()));
+        return Ok(super::dns::bare(zone.id()).to_owned());
     }
     let out = clients
         .route53
@@ -373,7 +372,7 @@ async fn hosted_zone(clients: &Clients, name: &str) -> Result<String, Error> {
         .await
         .map_err(|e| classify("route53:CreateHostedZone", name, &e))?;
     out.hosted_zone()
-        .map(|z| bare(z.id()))
+        .map(|z| super::dns::bare(z.id()).to_owned())
         .ok_or_else(|| Error::Retryable(format!("CreateHostedZone {name} returned no zone")))
 }
 

@@ -131,16 +131,7 @@ impl DynamoStore {
             .map(|p| format!("project#{p}"))
             .chain(old_domain.map(|d| format!("domain#{d}")));
         for pk in freed {
-            let delete = Delete::builder()
-                .table_name(&self.tenants)
-                .key("pk", s(pk))
-                .condition_expression("attribute_not_exists(#pk) OR #t = :id")
-                .expression_attribute_names("#pk", "pk")
-                .expression_attribute_names("#t", "tenant_id")
-                .expression_attribute_values(":id", s(id))
-                .build()
-                .map_err(build_error)?;
-            items.push(TransactWriteItem::builder().delete(delete).build());
+            items.push(self.free_pointer(pk, id)?);
         }
         let reasons = match self
             .transact(&format!("tenant {id} (table {})", self.tenants), items)
@@ -211,16 +202,7 @@ impl DynamoStore {
             format!("project#{}", read.app_project),
             format!("domain#{}", read.domain),
         ] {
-            let delete = Delete::builder()
-                .table_name(&self.tenants)
-                .key("pk", s(pk))
-                .condition_expression("attribute_not_exists(#pk) OR #t = :id")
-                .expression_attribute_names("#pk", "pk")
-                .expression_attribute_names("#t", "tenant_id")
-                .expression_attribute_values(":id", s(id))
-                .build()
-                .map_err(build_error)?;
-            items.push(TransactWriteItem::builder().delete(delete).build());
+            items.push(self.free_pointer(pk, id)?);
         }
         match self
             .transact(&format!("tenant {id} (table {})", self.tenants), items)
@@ -229,6 +211,20 @@ impl DynamoStore {
             Ok(()) => Ok(()),
             Err(_) => Err(changed(id)),
         }
+    }
+
+    /// The deletion of pointer item `pk`, if it is tenant `id`'s (or gone already).
+    fn free_pointer(&self, pk: impl Into<String>, id: &str) -> Result<TransactWriteItem, Error> {
+        let delete = Delete::builder()
+            .table_name(&self.tenants)
+            .key("pk", s(pk))
+            .condition_expression("attribute_not_exists(#pk) OR #t = :id")
+            .expression_attribute_names("#pk", "pk")
+            .expression_attribute_names("#t", "tenant_id")
+            .expression_attribute_values(":id", s(id))
+            .build()
+            .map_err(build_error)?;
+        Ok(TransactWriteItem::builder().delete(delete).build())
     }
 
     pub(super) async fn read_tenant(&self, id: &TenantId) -> Result<Option<Tenant>, Error> {
